@@ -1,0 +1,198 @@
+"""Diffusion processes: schedules, conversions between eps / x0 / velocity / x_t, timestep grids.
+
+Two teacher types:
+- ``VPProcess``: DiT's discrete variance-preserving process. Linear betas 1e-4..0.02 over 1000
+  steps, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, model predicts eps, times are the integer
+  indices 0..999 (the model sees the original index even after respacing, as in DiT).
+- ``FlowProcess``: rectified flow / flow matching (SiT, SD3-style). x_t = (1 - t) x0 + t eps with
+  t in [0, 1], model predicts the velocity v = eps - x0. The model sees ``t * 1000`` so the same
+  DiT timestep embedder serves both.
+
+Glossary: abar = alpha-bar (cumulative product of 1 - beta); sigma = sqrt((1 - abar) / abar) is the
+noise level of the scaled state x / sqrt(abar), in which DDIM is exactly Euler's method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------------------------
+# Timestep respacing (guided-diffusion's space_timesteps, as DiT uses it: "25" -> 25 timesteps)
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list[int]:
+    """Timesteps kept from the original process, ascending; DiT's ``space_timesteps``.
+
+    "25" keeps 25 evenly strided steps (0, 42, 83, ..., 999 for 1000); "ddim25" uses DDIM's integer
+    stride; "10,15,20" splits the range into sections with that many steps each.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return sorted(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps: list[int] = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        taken = []
+        for _ in range(section_count):
+            taken.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken
+        start_idx += size
+    return sorted(set(all_steps))
+
+
+def _expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class VPProcess:
+    """DiT's discrete VP process (linear betas, eps prediction)."""
+
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    kind: str = "vp"
+    prediction: str = "eps"
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        # DiT scales by 1000 / T so other lengths keep the same endpoints ("linear" schedule).
+        scale = 1000 / self.num_timesteps
+        betas = np.linspace(scale * self.beta_start, scale * self.beta_end, self.num_timesteps, dtype=np.float64)
+        return np.cumprod(1.0 - betas)
+
+    def abar(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha-bar at integer timesteps t (float64)."""
+        table = torch.from_numpy(self.alphas_cumprod)
+        return table[t.long().cpu()].to(t.device)
+
+    def timesteps(self, steps: int | str) -> list[int]:
+        """Sampling grid, descending (first = noisiest), DiT's respacing."""
+        return sorted(space_timesteps(self.num_timesteps, str(steps)), reverse=True)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's time input: the original integer timestep."""
+        return t.long()
+
+    # conversions; t are integer timesteps (B,)
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a = self.abar(t)
+        return _expand(a.sqrt(), x0) * x0 + _expand((1 - a).sqrt(), x0) * eps
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a = self.abar(t)
+        return _expand((1 / a).sqrt(), x_t) * x_t - _expand((1 / a - 1).sqrt(), x_t) * eps
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        a = self.abar(t)
+        return (_expand((1 / a).sqrt(), x_t) * x_t - x0) / _expand((1 / a - 1).sqrt(), x_t)
+
+    def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.x0_from_eps(x_t, t, out)
+
+    def eps_from_output(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return eps
+
+    def sample_train_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator).to(device)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.abar(t)
+        return ((1 - a) / a).sqrt()
+
+
+@dataclass(frozen=True)
+class FlowProcess:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, velocity prediction v = eps - x0, t in [0, 1]."""
+
+    time_scale: float = 1000.0  # the network sees t * time_scale
+    shift: float = 1.0  # SD3-style timestep shift of the sampling grid (1 = uniform)
+    kind: str = "flow"
+    prediction: str = "velocity"
+
+    def timesteps(self, steps: int | str) -> list[float]:
+        """Sampling grid t_0 = 1 > ... > t_{n-1} > 0 (the final t = 0 is implicit), descending."""
+        n = int(steps)
+        t = np.linspace(1.0, 0.0, n + 1)[:-1]
+        t = self.shift * t / (1 + (self.shift - 1) * t)
+        return [float(v) for v in t]
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's time input: t * time_scale (float32)."""
+        return (t * self.time_scale).float()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        t = _expand(t.double(), x0)
+        return (1 - t) * x0 + t * eps
+
+    def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return x_t - _expand(t.double(), x_t) * v
+
+    def eps_from_output(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return x_t + (1 - _expand(t.double(), x_t)) * v
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return eps - x0
+
+    def sample_train_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        return torch.rand(n, generator=generator, dtype=torch.float64).to(device)
+
+
+Process = VPProcess | FlowProcess
+
+
+def make_process(kind: str, **kw) -> Process:
+    """'vp' (DiT) or 'flow' (rectified flow)."""
+    if kind == "vp":
+        return VPProcess(**kw)
+    if kind == "flow":
+        return FlowProcess(**kw)
+    raise ValueError(f"unknown process {kind!r}; choose 'vp' or 'flow'")
+
+
+def process_for(prediction: str) -> Process:
+    """The default process for a teacher's prediction type ('eps' -> VP, 'velocity' -> flow)."""
+    return VPProcess() if prediction == "eps" else FlowProcess()
+
+
+def student_grid(teacher_steps: int, num_steps: int, kind: str = "ard") -> list[int]:
+    """Positions (0 = noise, teacher_steps = final sample) of the student's S + 1 states on the teacher grid.
+
+    ``"ard"``: the public ARD code's choice. For T = 25, S = 4 it keeps the DDIM indices 15, 10, 5
+    (ascending indexing; t = 624, 416, 208), i.e. positions 0, 9, 14, 19, 25 in sampling order. The
+    public code is hard-coded to S = 4; our generalisation keeps indices k * (T // (S + 1)),
+    k = S-1..1, which gives exactly 15, 10, 5 there.
+    ``"uniform"``: positions round(T * s / S).
+    """
+    T, S = teacher_steps, num_steps
+    if not 1 <= S <= T:
+        raise ValueError(f"student steps {S} must be in [1, teacher steps {T}]")
+    if kind == "ard":
+        stride = T // (S + 1)
+        pos = [0] + [T - 1 - k * stride for k in range(S - 1, 0, -1)] + [T]
+    elif kind == "uniform":
+        pos = [int(np.floor(T * s / S + 0.5)) for s in range(S + 1)]
+    else:
+        raise ValueError(f"unknown grid kind {kind!r}; choose 'ard' or 'uniform'")
+    if sorted(set(pos)) != pos:
+        raise ValueError(f"grid {kind!r} with {S} of {T} steps has repeated positions {pos}")
+    return pos

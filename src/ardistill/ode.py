@@ -1,0 +1,126 @@
+"""Deterministic samplers for the teacher's probability-flow ODE, written as plain functions.
+
+A solver walks a grid of ``steps + 1`` positions (0 = initial noise, ``steps`` = final sample) and
+can return the states and the teacher's x0-predictions at any subset of positions (``record_at``):
+that is what the trajectory recorder stores.
+
+VP process (DiT): with abar_i at grid time t_i, the scaled state xh = x / sqrt(abar) follows
+d xh / d sigma = eps(x, t), sigma = sqrt((1 - abar) / abar). DDIM (eta = 0) is Euler's method in
+this parameterisation; Heun adds the trapezoidal correction (skipped on the last step, where
+sigma = 0, as in EDM). The last step ends at abar = 1 (the clean sample), as in DiT's DDIM.
+Flow process: d x / d t = v(x, t), t from 1 to 0; Euler or Heun.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ardistill.diffusion import FlowProcess, Process, VPProcess
+from ardistill.guidance import ModelFn
+
+SOLVERS = ("ddim", "euler", "heun")
+CLEAN_TIME = -1.0  # time label of the ODE's clean end point (abar = 1 / t = 0 reached)
+
+
+def randn_from_seeds(seeds: list[int] | torch.Tensor, shape: tuple[int, ...], device=None,
+                     dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise (len(seeds), *shape); sample i depends only on seeds[i] (EDM style)."""
+    out = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32) for s in seeds]
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+@dataclass
+class ODEResult:
+    """Final sample, plus states and x0-predictions at the recorded grid positions."""
+
+    sample: torch.Tensor  # (B, C, H, W)
+    positions: list[int]  # recorded grid positions
+    times: list[float]  # grid time at each recorded position (CLEAN_TIME for the end point)
+    states: torch.Tensor | None = None  # (B, K, C, H, W)
+    x0_preds: torch.Tensor | None = None  # (B, K, C, H, W); at the end point, the sample itself
+    nfe: int = 0  # model evaluations per sample (a guided evaluation counts once)
+
+
+def grid_times(process: Process, steps: int) -> list[float]:
+    """steps + 1 grid times: the process's sampling grid and CLEAN_TIME at the end."""
+    return [float(t) for t in process.timesteps(steps)] + [CLEAN_TIME]
+
+
+@torch.no_grad()
+def solve(model_fn: ModelFn, process: Process, noise: torch.Tensor, y: torch.Tensor, steps: int,
+          solver: str = "ddim", record_at: list[int] | None = None) -> ODEResult:
+    """Integrate the probability-flow ODE from ``noise`` over ``steps`` grid intervals.
+
+    Args:
+        model_fn: (x, t_model, y) -> eps (VP) or velocity (flow), guidance included (see guidance.py);
+            t_model is ``process.model_time(t)``.
+        process: VPProcess or FlowProcess.
+        noise: initial state (B, C, H, W), e.g. from ``randn_from_seeds``.
+        y: labels (B,).
+        steps: number of grid intervals (teacher steps).
+        solver: "ddim" (VP only), "euler" or "heun".
+        record_at: grid positions (0..steps) whose states and x0-predictions are returned.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+    if solver == "ddim" and not isinstance(process, VPProcess):
+        raise ValueError("solver 'ddim' is for the VP process; use 'euler' or 'heun' for flow")
+    record_at = sorted(set(record_at or []))
+    if record_at and not (0 <= record_at[0] and record_at[-1] <= steps):
+        raise ValueError(f"record_at positions must lie in [0, {steps}], got {record_at}")
+    times = grid_times(process, steps)
+    states, x0s = {}, {}
+    x = noise
+    nfe = 0
+    B = x.shape[0]
+
+    def evaluate(x_cur: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.full((B,), times[i], device=x.device, dtype=torch.float64)
+        out = model_fn(x_cur, process.model_time(t), y)
+        return out, process.x0_from_output(x_cur, t, out).to(x_cur.dtype)
+
+    for i in range(steps):
+        out, x0 = evaluate(x, i)
+        nfe += 1
+        if i in record_at:
+            states[i], x0s[i] = x, x0
+        x_next, extra = _step(process, solver, x, out, x0, times, i, evaluate)
+        nfe += extra
+        x = x_next
+    if steps in record_at:
+        states[steps], x0s[steps] = x, x
+    result = ODEResult(sample=x, positions=record_at, times=[times[i] for i in record_at], nfe=nfe)
+    if record_at:
+        result.states = torch.stack([states[i] for i in record_at], dim=1)
+        result.x0_preds = torch.stack([x0s[i] for i in record_at], dim=1)
+    return result
+
+
+def _step(process, solver, x, out, x0, times, i, evaluate):
+    """One solver step from grid position i to i + 1; returns (x_next, extra model evaluations)."""
+    if isinstance(process, VPProcess):
+        t_cur = torch.tensor([times[i]])
+        a_cur = process.abar(t_cur).item()
+        a_next = 1.0 if times[i + 1] == CLEAN_TIME else process.abar(torch.tensor([times[i + 1]])).item()
+        eps = out
+        if solver == "ddim":
+            # DDIM, eta = 0: x_{i+1} = sqrt(abar') x0 + sqrt(1 - abar') eps
+            return (a_next ** 0.5) * x0 + ((1 - a_next) ** 0.5) * eps, 0
+        s_cur, s_next = ((1 - a_cur) / a_cur) ** 0.5, ((1 - a_next) / a_next) ** 0.5
+        xh = x / a_cur ** 0.5
+        xh_next = xh + (s_next - s_cur) * eps  # Euler in (xh, sigma)
+        if solver == "heun" and s_next > 0:
+            x_pred = xh_next * a_next ** 0.5
+            eps2, _ = evaluate(x_pred, i + 1)
+            xh_next = xh + (s_next - s_cur) * 0.5 * (eps + eps2)
+            return xh_next * a_next ** 0.5, 1
+        return xh_next * a_next ** 0.5, 0
+    # flow: dx/dt = v
+    t_cur, t_next = times[i], (0.0 if times[i + 1] == CLEAN_TIME else times[i + 1])
+    x_next = x + (t_next - t_cur) * out
+    if solver == "heun" and t_next > 0:
+        v2, _ = evaluate(x_next, i + 1)
+        return x + (t_next - t_cur) * 0.5 * (out + v2), 1
+    return x_next, 0
