@@ -1,0 +1,279 @@
+"""The ARD student: one DiT over the whole few-step trajectory.
+
+The S input states x_{tau_S}, ..., x_{tau_1} (block 0 = the initial noise) are patch-embedded with the
+teacher's shared embedder and the same 2-D position embedding, and concatenated into one sequence of
+S*N tokens. Every block carries its own time (token-wise time embedding): the adaLN conditioning is
+c_k = t_emb(tau_k) + y_emb(y), computed once per block. The lower ``history_layers`` layers attend
+with a block mask (M4 by default: each block sees all earlier ones); the layers above see only their
+own block (M1), so they are computed per block, without a mask. Block k predicts state k + 1.
+With ``history_layers = 0`` (or mask M1) this is exactly step distillation.
+
+Glossary: S num_steps (blocks), N tokens per block, D width, N_h history_layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ardistill.dit import DiT, DiTConfig
+from ardistill.kv_cache import KVCache
+from ardistill.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
+                              get_2d_sincos_pos_embed, unpatchify)
+from ardistill.masks import check_mask, token_mask
+
+TARGETS = ("state", "x0")  # ODE states (paper figure) or the teacher's x0-predictions (public code)
+TIME_LABELS = ("true", "uniform")  # true grid times, or the public code's k/S labels
+HEADS = ("shared", "per_step")
+OUTPUTS = ("direct", "ode_step")  # head output is the target itself, or the teacher-style eps/velocity of one ODE jump
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Everything that defines an ARD student; saved inside every checkpoint."""
+
+    teacher: DiTConfig
+    num_steps: int = 4
+    history_layers: int = 6
+    mask: str = "M4"
+    target: str = "state"
+    time_labels: str = "true"
+    heads: str = "shared"
+    block_times: tuple[float, ...] = ()  # the network's time input for each of the S input blocks
+    output: str = "direct"
+    step_coeffs: tuple[tuple[float, float], ...] = ()  # (A_k, B_k): prediction = A_k x_k + B_k head_k ("ode_step")
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory at scale)
+
+    def __post_init__(self):
+        if isinstance(self.teacher, dict):
+            object.__setattr__(self, "teacher", DiTConfig.from_dict(self.teacher))
+        object.__setattr__(self, "block_times", tuple(float(t) for t in self.block_times))
+        if self.num_steps < 1:
+            raise ValueError(f"StudentConfig: num_steps must be >= 1, got {self.num_steps}")
+        if not 0 <= self.history_layers <= self.teacher.depth:
+            raise ValueError(f"StudentConfig: history_layers must be in [0, depth={self.teacher.depth}], "
+                             f"got {self.history_layers}")
+        check_mask(self.mask)
+        object.__setattr__(self, "step_coeffs", tuple((float(a), float(b)) for a, b in self.step_coeffs))
+        for name, choices in (("target", TARGETS), ("time_labels", TIME_LABELS), ("heads", HEADS), ("output", OUTPUTS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"StudentConfig: {name} must be one of {choices}, got {getattr(self, name)!r}")
+        if len(self.block_times) != self.num_steps:
+            raise ValueError(f"StudentConfig: block_times has {len(self.block_times)} entries, "
+                             f"expected num_steps = {self.num_steps}")
+
+        if self.output == "ode_step":
+            if self.target != "state":
+                raise ValueError("StudentConfig: output 'ode_step' needs target 'state' (inputs must be ODE states)")
+            if len(self.step_coeffs) != self.num_steps:
+                raise ValueError(f"StudentConfig: step_coeffs has {len(self.step_coeffs)} entries, "
+                                 f"expected num_steps = {self.num_steps}")
+
+    @property
+    def uses_history(self) -> bool:
+        return self.history_layers > 0 and self.mask != "M1" and self.num_steps > 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_times"] = list(self.block_times)
+        d["step_coeffs"] = [list(c) for c in self.step_coeffs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"StudentConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def block_times_for(grid_times: list[float], num_steps: int, time_labels: str, model_time=None) -> tuple[float, ...]:
+    """Time inputs of the S blocks.
+
+    Args:
+        grid_times: the true times of the student's states on the teacher grid (S + 1 values, the last
+            is the clean end point), e.g. a recording manifest's ``times``.
+        time_labels: "true" -> the true times of the S input states; "uniform" -> the public code's
+            labels t_0 * (S - k) / S (999, 749.25, 499.5, 249.75 for DiT with S = 4).
+        model_time: maps a process time to the network's input (FlowProcess.model_time); None = identity.
+    """
+    if len(grid_times) != num_steps + 1:
+        raise ValueError(f"grid has {len(grid_times)} times, expected num_steps + 1 = {num_steps + 1}")
+    mt = (lambda t: float(model_time(torch.tensor([t], dtype=torch.float64))[0])) if model_time else float
+    if time_labels == "true":
+        return tuple(mt(t) for t in grid_times[:num_steps])
+    if time_labels == "uniform":
+        t0 = mt(grid_times[0])
+        return tuple(t0 * (num_steps - k) / num_steps for k in range(num_steps))
+    raise ValueError(f"time_labels must be one of {TIME_LABELS}, got {time_labels!r}")
+
+
+def ode_step_coeffs(process, grid_times: list[float]) -> tuple[tuple[float, float], ...]:
+    """(A_k, B_k) so that A_k x_k + B_k * eps (VP) or velocity (flow) is one Euler/DDIM jump t_k -> t_{k+1}.
+
+    With ``output="ode_step"`` the student starts as the teacher taking S big DDIM steps (without
+    guidance) and learns corrections from there; a parameterisation beyond the paper.
+    """
+    from ardistill.diffusion import VPProcess
+    from ardistill.ode import CLEAN_TIME
+    out = []
+    for t, t_next in zip(grid_times[:-1], grid_times[1:]):
+        if isinstance(process, VPProcess):
+            a = float(process.abar(torch.tensor([t]))[0])
+            a2 = 1.0 if t_next == CLEAN_TIME else float(process.abar(torch.tensor([t_next]))[0])
+            A = (a2 / a) ** 0.5
+            out.append((A, (1 - a2) ** 0.5 - A * (1 - a) ** 0.5))
+        else:
+            out.append((1.0, (0.0 if t_next == CLEAN_TIME else t_next) - t))
+    return tuple(out)
+
+
+class ARDStudent(nn.Module):
+    """Few-step student that reads its own trajectory history (ARD); names follow DiT's."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        tc = cfg.teacher
+        D = tc.hidden_size
+        self.in_channels = tc.in_channels
+        self.patch_size = tc.patch_size
+        self.x_embedder = PatchEmbed(tc.patch_size, tc.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        # Same table shape as the teacher's (null row included) so weights copy; never dropped here.
+        self.y_embedder = LabelEmbedder(tc.num_classes, D, tc.class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, tc.num_patches, D), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(D, tc.num_heads, tc.mlp_ratio) for _ in range(tc.depth)])
+        num_heads = cfg.num_steps if cfg.heads == "per_step" else 1
+        self.heads = nn.ModuleList([FinalLayer(D, tc.patch_size, tc.in_channels) for _ in range(num_heads)])
+        self.register_buffer("block_times", torch.tensor(cfg.block_times, dtype=torch.float32), persistent=False)
+        coeffs = cfg.step_coeffs or ((1.0, 1.0),) * cfg.num_steps
+        self.register_buffer("step_coeffs", torch.tensor(coeffs, dtype=torch.float32), persistent=False)
+        grid = int(tc.num_patches ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0))
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_teacher(cls, teacher: DiT, cfg: StudentConfig) -> "ARDStudent":
+        """A student whose every weight starts from the teacher's (heads from its final layer)."""
+        if teacher.cfg != cfg.teacher:
+            raise ValueError(f"teacher config {teacher.cfg} differs from the student's teacher config {cfg.teacher}")
+        student = cls(cfg)
+        sd = teacher.state_dict()
+        own = {k: v for k, v in sd.items() if not k.startswith("final_layer.")}
+        missing, unexpected = student.load_state_dict(own, strict=False)
+        assert not unexpected, unexpected
+        assert all(k.startswith("heads.") for k in missing), missing
+        head_sd = _head_from_final_layer(teacher.final_layer.state_dict(), cfg.teacher)
+        for head in student.heads:
+            head.load_state_dict(head_sd)
+        return student
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _condition(self, y: torch.Tensor, blocks: slice) -> torch.Tensor:
+        """Per-block adaLN conditioning (B, K, D): computed once per block, not per token."""
+        t = self.block_times[blocks]  # (K,)
+        t_emb = self.t_embedder(t)  # (K, D)
+        y_emb = self.y_embedder(y, train=False)  # (B, D)
+        return t_emb.unsqueeze(0) + y_emb.unsqueeze(1)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (M, C, H, W) -> tokens (M, N, D)."""
+        return self.x_embedder(x) + self.pos_embed
+
+    def _history_mask(self, K: int, N: int, device) -> torch.Tensor:
+        key = (K, N, str(device))
+        if key not in self._mask_cache:  # built once per shape
+            self._mask_cache[key] = token_mask(self.cfg.mask, K, N, device=device)
+        return self._mask_cache[key]
+
+    def _head(self, h: torch.Tensor, c: torch.Tensor, first_block: int, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, K*N, D) -> predictions (B, K, C, H, W) through the shared or per-step heads.
+
+        ``x`` (B, K, C, H, W) are the blocks' inputs, used by the "ode_step" output.
+        """
+        B, K = c.shape[:2]
+        N = h.shape[1] // K
+        if len(self.heads) == 1:
+            out = self.heads[0](h, c).view(B * K, N, -1)
+        else:
+            hb = h.view(B, K, N, -1)
+            out = torch.stack([self.heads[first_block + k](hb[:, k], c[:, k:k + 1]) for k in range(K)], dim=1)
+            out = out.view(B * K, N, -1)
+        img = unpatchify(out, self.patch_size, self.in_channels)
+        img = img.view(B, K, *img.shape[1:])
+        if self.cfg.output == "ode_step":
+            ab = self.step_coeffs[first_block:first_block + K].to(img.dtype)  # (K, 2)
+            A, Bc = ab[:, 0].view(1, K, 1, 1, 1), ab[:, 1].view(1, K, 1, 1, 1)
+            img = A * x + Bc * img
+        return img
+
+    def _run_block(self, block: DiTBlock, *args, **kw) -> torch.Tensor:
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kw)
+        return block(*args, **kw)
+
+    # ---- teacher-forced forward -----------------------------------------------------------------
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced pass: inputs (B, K, C, H, W) for blocks 0..K-1 -> predictions of states 1..K.
+
+        K <= num_steps; usually K = num_steps (the whole recorded trajectory, one pass).
+        """
+        B, K = x.shape[:2]
+        if K > self.cfg.num_steps:
+            raise ValueError(f"got {K} blocks, the student has num_steps = {self.cfg.num_steps}")
+        h = self._embed(x.flatten(0, 1))  # (B*K, N, D)
+        N, D = h.shape[1:]
+        c = self._condition(y, slice(0, K))  # (B, K, D)
+        c_flat = c.reshape(B * K, 1, D)
+        history = self.cfg.uses_history and K > 1
+        for i, block in enumerate(self.blocks):
+            if history and i < self.cfg.history_layers:
+                mask = self._history_mask(K, N, h.device)
+                h = self._run_block(block, h.reshape(B, K * N, D), c, attn_mask=mask).view(B * K, N, D)
+            else:  # own block only: attention per block, no mask
+                h = self._run_block(block, h, c_flat)
+        return self._head(h.reshape(B, K * N, D), c, 0, x)
+
+    # ---- KV-cached autoregressive sampling ------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, y: torch.Tensor, return_all: bool = False):
+        """Few-step sampling: step s runs one block; the lower history_layers read the KV cache.
+
+        Returns the final state (B, C, H, W), or with ``return_all`` all S predictions (B, S, C, H, W).
+        """
+        S, Nh = self.cfg.num_steps, (self.cfg.history_layers if self.cfg.uses_history else 0)
+        cache = KVCache(Nh, self.cfg.mask)
+        x, outs = noise, []
+        for s in range(S):
+            h = self._embed(x)  # (B, N, D)
+            c = self._condition(y, slice(s, s + 1))  # (B, 1, D)
+            for i, block in enumerate(self.blocks):
+                h = block(h, c, kv_cache=cache.layer(i) if i < Nh else None)
+            if Nh:
+                cache.advance()
+            x = self._head(h, c, s, x.unsqueeze(1))[:, 0]
+            outs.append(x)
+        return torch.stack(outs, dim=1) if return_all else x
+
+
+def _head_from_final_layer(sd: dict, tc: DiTConfig) -> dict:
+    """Teacher final layer -> a student head predicting in_channels (drops learned-sigma outputs)."""
+    if not tc.learn_sigma:
+        return dict(sd)
+    p, C, D = tc.patch_size, tc.in_channels, tc.hidden_size
+    w = sd["linear.weight"].view(p * p, 2 * C, D)[:, :C].reshape(p * p * C, D)
+    b = sd["linear.bias"].view(p * p, 2 * C)[:, :C].reshape(p * p * C)
+    out = dict(sd)
+    out["linear.weight"], out["linear.bias"] = w.clone(), b.clone()
+    return out
+
+
+def build_student(teacher: DiT, **kw) -> ARDStudent:
+    """Convenience: StudentConfig(teacher=teacher.cfg, **kw) initialised from the teacher."""
+    return ARDStudent.from_teacher(teacher, StudentConfig(teacher=teacher.cfg, **kw))
