@@ -24,7 +24,7 @@ from ardistill.dit import DiT, DiTConfig
 from ardistill.kv_cache import KVCache
 from ardistill.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                               get_2d_sincos_pos_embed, unpatchify)
-from ardistill.masks import check_mask, token_mask
+from ardistill.masks import MASKS, token_mask
 
 TARGETS = ("state", "x0")  # ODE states (paper figure) or the teacher's x0-predictions (public code)
 TIME_LABELS = ("true", "uniform")  # true grid times, or the public code's k/S labels
@@ -57,7 +57,8 @@ class StudentConfig:
         if not 0 <= self.history_layers <= self.teacher.depth:
             raise ValueError(f"StudentConfig: history_layers must be in [0, depth={self.teacher.depth}], "
                              f"got {self.history_layers}")
-        check_mask(self.mask)
+        if self.mask not in MASKS:
+            raise ValueError(f"StudentConfig: mask must be one of {MASKS}, got {self.mask!r}")
         object.__setattr__(self, "step_coeffs", tuple((float(a), float(b)) for a, b in self.step_coeffs))
         for name, choices in (("target", TARGETS), ("time_labels", TIME_LABELS), ("heads", HEADS), ("output", OUTPUTS)):
             if getattr(self, name) not in choices:
