@@ -15,6 +15,7 @@ noise level of the scaled state x / sqrt(abar), in which DDIM is exactly Euler's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class VPProcess:
     kind: str = "vp"
     prediction: str = "eps"
 
-    @property
+    @cached_property
     def alphas_cumprod(self) -> np.ndarray:
         # DiT scales by 1000 / T so other lengths keep the same endpoints ("linear" schedule).
         scale = 1000 / self.num_timesteps
@@ -79,8 +80,11 @@ class VPProcess:
 
     def abar(self, t: torch.Tensor) -> torch.Tensor:
         """alpha-bar at integer timesteps t (float64)."""
-        table = torch.from_numpy(self.alphas_cumprod)
-        return table[t.long().cpu()].to(t.device)
+        return self._abar_table[t.long().cpu()].to(t.device)
+
+    @cached_property
+    def _abar_table(self) -> torch.Tensor:
+        return torch.from_numpy(self.alphas_cumprod)
 
     def timesteps(self, steps: int | str) -> list[int]:
         """Sampling grid, descending (first = noisiest), DiT's respacing."""

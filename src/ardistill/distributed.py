@@ -77,6 +77,8 @@ def broadcast_object(obj, src: int = 0):
 
 def cleanup() -> None:
     if is_distributed():
+        # A barrier last: gloo may abort at interpreter exit if an object collective was the final call.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,0 +1,266 @@
+"""The recording job: run the teacher's ODE from per-sample seeds and store trajectories on the student grid.
+
+Trajectory i has seed ``base_seed + i`` and label ``classes[i % len(classes)]`` (class-balanced).
+Shard k holds the fixed index range [k * shard_size, (k + 1) * shard_size) and is computed in
+micro-batches of ``batch_size`` aligned to the shard's start, so its bytes depend only on k and the
+recording's settings, never on the number of processes: rank r records the shards with
+k % world_size == r. Resuming skips the shards already listed in the progress files.
+
+What is exact: the same settings (batch size included), device type and torch build give
+byte-identical shards for any number of processes, killed and resumed or not. A different batch
+size can change the last bits (CPU and GPU matmuls are not batch-invariant), so ``batch_size`` is
+part of the recording's settings and a resume with another one is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ardistill import distributed as dist
+from ardistill.diffusion import process_for, student_grid
+from ardistill.guidance import make_model_fn
+from ardistill.ode import SOLVERS, grid_times, randn_from_seeds, solve
+from ardistill.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, finalize, labels_for,
+                                    num_shards, prepare_output, read_progress, seeds_for, shard_range, verify)
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """Settings of a recording; all of them are stored in the manifest."""
+
+    count: int  # number of trajectories
+    num_steps: int = 4  # S, student steps
+    teacher_steps: int = 25  # T
+    grid: str = "ard"  # diffusion.student_grid kind, unless positions is given
+    positions: tuple[int, ...] | None = None  # explicit student grid on the teacher grid (0 and T included)
+    solver: str = "ddim"
+    cfg_scale: float = 1.5  # ARD / DiT-XL/2 setting
+    guidance_channels: int | None = None  # None = all channels; 3 = DiT's legacy forward_with_cfg
+    base_seed: int = 0
+    classes: tuple[int, ...] | None = None  # labels cycle through these; None = all teacher classes
+    dtype: str = "float16"
+    shard_size: int = 1024
+    batch_size: int = 64
+    x0_preds: bool = True  # store the teacher's x0-predictions (needed for target "x0")
+
+    def __post_init__(self):
+        for name in ("count", "num_steps", "teacher_steps", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RecordConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"RecordConfig: solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"RecordConfig: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.base_seed < 0:
+            raise ValueError(f"RecordConfig: base_seed must be >= 0, got {self.base_seed}")
+        if self.positions is not None:
+            pos = tuple(int(p) for p in self.positions)
+            object.__setattr__(self, "positions", pos)
+            T, S = self.teacher_steps, self.num_steps
+            if len(pos) != S + 1 or pos[0] != 0 or pos[-1] != T or list(pos) != sorted(set(pos)):
+                raise ValueError(f"RecordConfig: positions must be {S + 1} strictly increasing grid positions "
+                                 f"from 0 to teacher_steps {T}, got {list(pos)}")
+        else:
+            student_grid(self.teacher_steps, self.num_steps, self.grid)  # validates grid kind and sizes
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+            if not self.classes:
+                raise ValueError("RecordConfig: classes must not be empty")
+
+    def grid_positions(self) -> list[int]:
+        return list(self.positions) if self.positions is not None else student_grid(self.teacher_steps, self.num_steps, self.grid)
+
+
+@dataclass
+class RecordSummary:
+    """What a recording run did (over all processes)."""
+
+    out: str
+    count: int
+    recorded: int  # trajectories recorded by this run (the rest were already on disk)
+    shards: int
+    total_bytes: int
+    bytes_per_trajectory: float
+    seconds: float
+    status: str  # "fresh", "resume" or "complete" (nothing left to do)
+
+    @property
+    def trajectories_per_second(self) -> float:
+        return self.recorded / self.seconds if self.seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return (f"{self.out}: {self.count} trajectories in {self.shards} shard(s), {self.total_bytes / 2**20:.1f} MiB "
+                f"({self.bytes_per_trajectory:.0f} bytes/trajectory); this run recorded {self.recorded} "
+                f"in {self.seconds:.1f} s ({self.trajectories_per_second:.1f} trajectories/s)")
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict in sorted key order: name, dtype, shape, then the raw bytes of each tensor."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_plan(teacher: nn.Module, cfg: RecordConfig, device: torch.device) -> dict:
+    """Everything that determines the recorded bytes: the manifest without its shard list."""
+    tcfg = teacher.cfg
+    process = process_for(tcfg.prediction)
+    positions = cfg.grid_positions()
+    times = grid_times(process, cfg.teacher_steps)
+    classes = list(cfg.classes) if cfg.classes is not None else list(range(tcfg.num_classes))
+    bad = [c for c in classes if not 0 <= c < tcfg.num_classes]
+    if bad:
+        raise ValueError(f"RecordConfig: classes {bad[:5]} are outside the teacher's {tcfg.num_classes} classes")
+    layout = Layout(num_steps=cfg.num_steps, shape=(tcfg.in_channels, tcfg.input_size, tcfg.input_size),
+                    dtype=cfg.dtype, x0_preds=cfg.x0_preds)
+    plan = {
+        "format": FORMAT,
+        "version": VERSION,
+        "count": cfg.count,
+        "shard_size": cfg.shard_size,
+        "layout": layout.to_dict(),
+        "grid": {"kind": "explicit" if cfg.positions is not None else cfg.grid, "teacher_steps": cfg.teacher_steps,
+                 "num_steps": cfg.num_steps, "positions": positions, "times": [times[p] for p in positions]},
+        "teacher": {"config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
+        "sampler": {"process": asdict(process), "solver": cfg.solver, "teacher_steps": cfg.teacher_steps,
+                    "cfg_scale": cfg.cfg_scale, "guidance_channels": cfg.guidance_channels},
+        "seeds": {"base_seed": cfg.base_seed, "rule": "seed = base_seed + index"},
+        "labels": {"classes": classes, "rule": "label = classes[index % len(classes)]"},
+        # the bits also depend on these (batch composition changes matmul rounding)
+        "numerics": {"batch_size": cfg.batch_size, "device": device.type, "torch": torch.__version__},
+    }
+    return json.loads(json.dumps(plan))  # JSON types (lists, not tuples), so it compares equal to the file
+
+
+@torch.inference_mode()
+def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device: str | torch.device = "cpu",
+           progress: bool = True) -> RecordSummary:
+    """Record (or finish recording) ``cfg.count`` teacher trajectories into the folder ``out``.
+
+    Args:
+        teacher: a DiT (``teacher.cfg`` is its DiTConfig); moved to ``device`` and put in eval mode.
+        out: output folder; rerunning with the same settings resumes an interrupted recording.
+        cfg: what to record.
+        device: where the teacher runs (each torchrun process passes its own).
+        progress: show a progress bar (rank 0) with trajectories per second.
+    Works in one process or under torchrun (call ``distributed.init`` first); rank r records the
+    shards k with k % world_size == r.
+    """
+    t0 = time.perf_counter()
+    out, device = Path(out), torch.device(device)
+    rank, world = dist.rank(), dist.world_size()
+    teacher = teacher.to(device).eval()
+    plan = build_plan(teacher, cfg, device)
+    layout = Layout.from_dict(plan["layout"])
+
+    status = _on_main(lambda: prepare_output(out, plan))  # rank 0 checks/creates the folder
+    todo: list[int] = []
+    recorded = 0
+    if status != "complete":
+        done = read_progress(out)
+        todo = [k for k in range(num_shards(cfg.count, cfg.shard_size)) if k % world == rank and k not in done]
+        # what this run records over all ranks (rank 0 read the progress before anything was written)
+        recorded = cfg.count - sum(s.count for s in done.values())
+    mine = sum(len(shard_range(k, cfg.shard_size, cfg.count)) for k in todo)
+
+    model_fn = make_model_fn(teacher, cfg.cfg_scale, cfg.guidance_channels)
+    process = process_for(teacher.cfg.prediction)
+    positions = plan["grid"]["positions"]
+    classes = plan["labels"]["classes"]
+    writer = ShardWriter(out, rank) if todo else None
+    bar = _progress_bar(mine, enabled=progress and dist.is_main() and mine > 0, world=world)
+    try:
+        for k in todo:
+            idx = np.asarray(shard_range(k, cfg.shard_size, cfg.count), dtype=np.int64)
+            seeds, labels = seeds_for(idx, cfg.base_seed), labels_for(idx, classes)
+            states, x0s = [], []
+            for i in range(0, len(idx), cfg.batch_size):  # micro-batches aligned to the shard start
+                s, y = seeds[i:i + cfg.batch_size], torch.from_numpy(labels[i:i + cfg.batch_size]).to(device)
+                noise = randn_from_seeds(s.tolist(), layout.shape, device=device)
+                res = solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver, record_at=positions)
+                states.append(res.states.to(_TORCH_DTYPE[cfg.dtype]).cpu())
+                if cfg.x0_preds:
+                    x0s.append(res.x0_preds[:, :-1].to(_TORCH_DTYPE[cfg.dtype]).cpu())  # end point = the sample
+                bar.update(len(s))
+            writer.submit(k, int(idx[0]), layout, seeds, labels, torch.cat(states),
+                          torch.cat(x0s) if cfg.x0_preds else None)
+    finally:
+        if writer is not None:
+            writer.close()
+        bar.close()
+
+    # Only barriers from here on: a gloo object collective as the last call can abort the process at
+    # exit (its work object, freed late on gloo's thread, needs the GIL during interpreter shutdown).
+    dist.barrier()  # every shard is written and listed
+    if dist.is_main() and status != "complete":
+        finalize(out, plan)
+    dist.barrier()  # the manifest is written (an error on rank 0 ends the job through torchrun)
+    manifest = verify(out, checksums=False)
+    return RecordSummary(out=str(out), count=cfg.count, recorded=recorded, shards=len(manifest["shards"]),
+                         total_bytes=manifest["total_bytes"], bytes_per_trajectory=manifest["total_bytes"] / cfg.count,
+                         seconds=time.perf_counter() - t0, status=status)
+
+
+def _on_main(fn):
+    """Run fn on rank 0 and hand its result, or its error, to every rank (so no rank waits forever)."""
+    result = None
+    if dist.is_main():
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError) as e:
+            result = e
+    result = dist.broadcast_object(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32}
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool, world: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    desc = "record" if world == 1 else f"record (rank 0 of {world})"
+    return tqdm(total=total, desc=desc, unit="traj", dynamic_ncols=True, smoothing=0.1)
+
+
+def record_command(teacher_path: str, out: str, cfg: RecordConfig, device: str | None = None,
+                   verify_after: bool = False, progress: bool = True) -> RecordSummary | None:
+    """`ardistill record`: load the teacher, start the process group under torchrun, record, optionally verify.
+
+    Returns the summary on rank 0 and None on the other ranks.
+    """
+    from ardistill.checkpoints import load_any_teacher
+
+    dev = dist.init(device)
+    try:
+        teacher = load_any_teacher(teacher_path)
+        summary = record(teacher, out, cfg, device=dev, progress=progress)
+        if verify_after and dist.is_main():
+            verify(out, checksums=True)
+        dist.barrier()
+        return summary if dist.is_main() else None
+    finally:
+        dist.cleanup()
