@@ -1,0 +1,362 @@
+"""Teacher vs step distillation vs ARD on one recording: the paper's comparison, end to end.
+
+``compare()`` records the teacher's trajectories (train and a held-out evaluation set with disjoint
+seeds), distils every student variant with the same budget for every training seed, evaluates all of
+them from the same noise and labels, and writes a report. ``ardistill demo`` is ``compare()`` with
+two variants (step distillation = history_layers 0, and ARD); ``ardistill sweep`` runs the
+ablations. Every stage resumes: rerunning the same command skips finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ardistill.fileio import atomic_write_json
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """One comparison: recording, training budget, evaluation. Saved as config.json in ``out``."""
+
+    out: str = "runs/demo"
+    teacher: str | None = None  # None = the shipped digits teacher
+    # recording (teacher DDIM-25, guidance 1.5, S = 4 on the public code's grid)
+    train_count: int = 2048
+    eval_count: int = 1000
+    num_steps: int = 4
+    teacher_steps: int = 25
+    grid: str = "ard"
+    solver: str = "ddim"
+    cfg_scale: float = 1.5
+    record_batch: int = 256
+    # training: the same budget for every variant
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    ema_decay: float = 0.999
+    seeds: tuple[int, ...] = (0,)
+    student: dict = field(default_factory=dict)  # DistillConfig fields shared by all variants
+    # evaluation
+    latency_batch: int = 64
+    latency_repeats: int = 5
+    grid_columns: int = 10
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        for name in ("train_count", "eval_count", "num_steps", "teacher_steps", "steps", "batch_size",
+                     "latency_batch", "latency_repeats", "record_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CompareConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("CompareConfig.seeds must name at least one training seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"CompareConfig.seeds has repeats: {self.seeds}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        return d
+
+
+# Named presets of ``ardistill demo``. "quick" fits 10 minutes on a 2-core CPU; "full" is the
+# documented comparison in docs/results.md (longer training, three training seeds).
+DEMO_PRESETS: dict[str, dict] = {
+    "quick": dict(),
+    "full": dict(out="runs/full", train_count=8192, eval_count=2000, steps=3000, seeds=(0, 1, 2)),
+}
+
+
+def demo_variants(depth: int, history_layers: int | None = None) -> dict[str, dict]:
+    """Step distillation and ARD: identical except for history_layers."""
+    from ardistill.train import default_history_layers
+    nh = default_history_layers(depth) if history_layers is None else history_layers
+    return {"step distillation": {"history_layers": 0}, f"ARD (N_h={nh})": {"history_layers": nh}}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+def record_sets(cfg: CompareConfig, teacher_path: Path) -> tuple[Path, Path]:
+    """Train and evaluation recordings (disjoint seeds); resumable, skipped when complete."""
+    from ardistill.checkpoints import load_any_teacher
+    from ardistill.record import RecordConfig, record
+
+    teacher = load_any_teacher(teacher_path)
+    out = Path(cfg.out)
+    common = dict(num_steps=cfg.num_steps, teacher_steps=cfg.teacher_steps, grid=cfg.grid, solver=cfg.solver,
+                  cfg_scale=cfg.cfg_scale, batch_size=cfg.record_batch, dtype="float32")
+    paths = []
+    for name, count, base_seed in (("train", cfg.train_count, 0), ("eval", cfg.eval_count, 1_000_000_000)):
+        rc = RecordConfig(count=count, base_seed=base_seed, shard_size=max(cfg.record_batch, 1024), **common)
+        path = out / "recordings" / name
+        s = record(teacher, path, rc, device=cfg.device or "cpu", progress=cfg.progress)
+        print(f"[record {name}] {s}", flush=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def train_variant(cfg: CompareConfig, name: str, overrides: dict, seed: int, recording: Path, teacher_path: Path):
+    """Distil one variant with one training seed (resumes an interrupted run, skips a finished one)."""
+    from ardistill.train import DistillConfig, distill
+
+    run_dir = Path(cfg.out) / "students" / f"{slug(name)}-seed{seed}"
+    opts = dict(recording=str(recording), teacher=str(teacher_path), run_dir=str(run_dir), steps=cfg.steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
+                seed=seed, device=cfg.device, progress=cfg.progress, ckpt_every=max(cfg.steps // 4, 1),
+                tensorboard=False)
+    opts.update(cfg.student)
+    opts.update(overrides)
+    t0 = time.perf_counter()
+    result = distill(DistillConfig(**opts), resume=True)
+    done = "already finished" if math.isnan(result.loss) else f"loss {result.loss:.4g}"
+    print(f"[distill {name} seed {seed}] {result.step} steps, {done}, {time.perf_counter() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def load_eval_set(path: Path):
+    """The evaluation recording as EvalTrajectories (states and x0-predictions, S + 1 points)."""
+    from ardistill.evaluate import EvalTrajectories
+    from ardistill.trajectories import TrajectoryDataset
+
+    ds = TrajectoryDataset(path)
+    rec = ds.records(np.arange(len(ds)))
+    states = torch.from_numpy(np.ascontiguousarray(rec["states"])).float()
+    if "x0_preds" in rec.dtype.names:
+        x0 = torch.from_numpy(np.ascontiguousarray(rec["x0_preds"])).float()
+        x0 = torch.cat([x0, states[:, -1:]], dim=1)  # the end point's "x0-prediction" is the sample
+    else:
+        x0 = states.clone()
+    return EvalTrajectories(states=states, x0_preds=x0, labels=torch.from_numpy(rec["label"].astype(np.int64)),
+                            seeds=torch.from_numpy(rec["seed"].astype(np.int64))), ds.manifest
+
+
+def summarize(rows: list[dict], names: list[str], teacher_fd: float) -> dict:
+    """Mean and standard deviation over training seeds, and the FD-degradation ratio."""
+    from ardistill.evaluate import fd_degradation_ratio
+    out = {}
+    for name in names:
+        rs = [r for r in rows if r["variant"] == name]
+        entry = {"seeds": [r["seed"] for r in rs]}
+        for key in ("fd", "inception_score", "precision", "recall"):
+            vals = np.array([r[key] for r in rs], dtype=np.float64)
+            entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        out[name] = entry
+    if len(names) >= 2:
+        sd, ard = names[0], names[1]
+        out["fd_degradation_ratio"] = fd_degradation_ratio(teacher_fd, out[sd]["fd"]["mean"], out[ard]["fd"]["mean"])
+        per_seed = []
+        for s in {r["seed"] for r in rows}:
+            a = [r for r in rows if r["seed"] == s and r["variant"] == sd]
+            b = [r for r in rows if r["seed"] == s and r["variant"] == ard]
+            if a and b:
+                per_seed.append(fd_degradation_ratio(teacher_fd, a[0]["fd"], b[0]["fd"]))
+        out["fd_degradation_ratio_per_seed"] = sorted(per_seed)
+    return out
+
+
+def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher vs step distillation vs ARD") -> Path:
+    """Record, distil every variant for every seed, evaluate all from the same noise, write the report.
+
+    Args:
+        cfg: recording, training budget and evaluation settings.
+        variants: report name -> DistillConfig overrides (e.g. {"history_layers": 0}). The first two
+            are the pair whose FD-degradation ratio is reported (step distillation first).
+    Returns the path of report.md.
+    """
+    from ardistill.assets import DIGITS_TEACHER, shipped
+    from ardistill.checkpoints import load_any_teacher
+    from ardistill.data import load_digits_split
+    from ardistill.evaluate import (ImageMetrics, ModelResult, image_metrics, median_latency, run_sampler,
+                                    trajectory_errors, write_report)
+    from ardistill.features import get_feature_network
+    from ardistill.flops import sampling_flops
+    from ardistill.guidance import make_model_fn
+    from ardistill.diffusion import process_for
+    from ardistill.ode import solve
+    from ardistill.student_io import load_student
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {"compare": cfg.to_dict(), "variants": variants})
+    teacher_path = shipped(DIGITS_TEACHER, "digits teacher") if cfg.teacher is None else Path(cfg.teacher)
+    device = torch.device(cfg.device or "cpu")
+
+    train_rec, eval_rec = record_sets(cfg, teacher_path)
+    t_record = time.perf_counter() - t_start
+    runs = {(name, seed): train_variant(cfg, name, ov, seed, train_rec, teacher_path)
+            for name, ov in variants.items() for seed in cfg.seeds}
+    t_train = time.perf_counter() - t_start - t_record
+
+    # ---- evaluation: same noise and labels for every model
+    ev, manifest = load_eval_set(eval_rec)
+    teacher = load_any_teacher(teacher_path).to(device).eval()
+    net = get_feature_network("digits", device=device)
+    real = net.features(load_digits_split("heldout").images.to(device)).float().cpu()
+    process = process_for(teacher.cfg.prediction)
+    model_fn = make_model_fn(teacher, cfg.cfg_scale)
+    lat_noise, lat_y = ev.noise[:cfg.latency_batch].to(device), ev.labels[:cfg.latency_batch].to(device)
+
+    def teacher_sampler(noise, y):
+        return solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver).sample
+
+    flops = lambda nh: sampling_flops(teacher.cfg, cfg.teacher_steps, cfg.num_steps, nh, cfg_scale=cfg.cfg_scale)
+    t_metrics = image_metrics(ev.teacher_samples, real, net)
+    teacher_row = ModelResult(name=f"teacher ({cfg.solver.upper()}, cfg {cfg.cfg_scale})", steps=cfg.teacher_steps,
+                              metrics=t_metrics, flops=flops(0).teacher,
+                              latency_ms=1e3 * median_latency(teacher_sampler, lat_noise, lat_y, cfg.latency_repeats))
+    real_row = ModelResult(name="held-out real digits (vs train split)", steps=0,
+                           metrics=image_metrics(load_digits_split("train").images, real, net))
+    rows, results, grids = [], [real_row, teacher_row], {"teacher": ev.teacher_samples[:cfg.grid_columns]}
+    for name in variants:
+        per_seed = []
+        for seed in cfg.seeds:
+            student = load_student(runs[(name, seed)], device=device)
+            samples = run_sampler(student.sample, ev.noise, ev.labels, desc=f"sample {name} seed {seed}"
+                                  if cfg.progress else None, device=device)
+            m = image_metrics(samples, real, net)
+            errs = trajectory_errors(student, ev, device=device)
+            per_seed.append((seed, student, m, errs, samples))
+            rows.append({"variant": name, "seed": seed, **m.__dict__, "trajectory_errors": errs})
+        seed0, student, m, errs, samples = per_seed[0]
+        nh = student.cfg.history_layers if student.cfg.uses_history else 0
+        lat = 1e3 * median_latency(student.sample, lat_noise, lat_y, cfg.latency_repeats)
+        mean = {k: float(np.mean([getattr(p[2], k) for p in per_seed])) for k in m.__dict__}
+        mean_errs = {k: np.mean([p[3][k] for p in per_seed], axis=0).tolist() for k in errs}
+        label = name if len(cfg.seeds) == 1 else f"{name} (mean of {len(cfg.seeds)} seeds)"
+        results.append(ModelResult(name=label, steps=student.cfg.num_steps, metrics=ImageMetrics(**mean),
+                                   latency_ms=lat, flops=flops(nh).ard, errors=mean_errs))
+        grids[name] = samples[:cfg.grid_columns]
+
+    summary = summarize(rows, list(variants), t_metrics.fd)
+    summary.update({"per_seed": rows, "wall_seconds": {"record": t_record, "train": t_train,
+                                                        "total": time.perf_counter() - t_start},
+                    "recording": {"train": str(train_rec), "eval": str(eval_rec), "grid": manifest["grid"]},
+                    "machine": _machine()})
+    notes = _notes(cfg, summary, list(variants))
+    path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids)
+    print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")
+    return path
+
+
+def _machine() -> str:
+    import os
+    import platform
+    return f"{platform.machine()} {os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+
+
+def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
+    notes = [f"teacher {cfg.solver.upper()}-{cfg.teacher_steps}, guidance {cfg.cfg_scale}; students S = {cfg.num_steps} "
+             f"on the '{cfg.grid}' grid, {cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr}, seeds {list(cfg.seeds)}; "
+             f"{cfg.train_count} training / {cfg.eval_count} evaluation trajectories",
+             "FD, precision/recall (k = 3) are on the shipped digits classifier's features against the held-out "
+             "split (359 images); IS uses its logits. Every model starts from the same noise and labels.",
+             "latency: median wall time per image of one batch of "
+             f"{cfg.latency_batch} on this machine ({summary['machine']})."]
+    if "fd_degradation_ratio" in summary:
+        r = summary["fd_degradation_ratio"]
+        notes.append(f"FD degradation ratio (({names[0]} - teacher) / ({names[1]} - teacher)): "
+                     f"{r:.2f}" + (f"; per seed {', '.join(f'{x:.2f}' for x in summary['fd_degradation_ratio_per_seed'])}"
+                                   if len(cfg.seeds) > 1 else "") + " (paper, ImageNet-256: 5.1)")
+    if len(cfg.seeds) > 1:
+        for n in names:
+            e = summary[n]["fd"]
+            notes.append(f"{n}: FD {e['mean']:.2f} ± {e['std']:.2f} (std over {len(cfg.seeds)} training seeds)")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+SWEEP_AXES = ("history_layers", "mask", "target", "heads", "on_policy", "num_steps")
+
+
+def sweep_variants(axis: str, depth: int) -> dict[str, dict]:
+    """The paper's ablations (plus on-policy history) as variants of one comparison; first = baseline."""
+    from ardistill.train import default_history_layers
+    nh = default_history_layers(depth)
+    if axis == "history_layers":
+        return {f"N_h={n}": {"history_layers": n} for n in sorted({0, 1, nh, max(nh, depth // 2), depth})}
+    if axis == "mask":
+        return {f"mask {m}": {"history_layers": nh, "mask": m} for m in ("M1", "M2", "M3", "M4")}
+    if axis == "target":
+        return {f"{name} target={t}": {"history_layers": n, "target": t}
+                for t in ("state", "x0") for name, n in (("SD", 0), ("ARD", nh))}
+    if axis == "heads":
+        return {f"{name} heads={h}": {"history_layers": n, "heads": h}
+                for h in ("shared", "per_step") for name, n in (("SD", 0), ("ARD", nh))}
+    if axis == "on_policy":
+        return {f"{name} on-policy p={p}": {"history_layers": n, "on_policy_prob": p}
+                for p in (0.0, 0.5) for name, n in (("SD", 0), ("ARD", nh))}
+    raise ValueError(f"unknown sweep axis {axis!r}; choose from {SWEEP_AXES}")
+
+
+def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
+    """One comparison per axis (per S for ``num_steps``); all rows merged into sweep.md / sweep.json."""
+    from ardistill.checkpoints import load_any_teacher
+    from ardistill.assets import DIGITS_TEACHER, shipped
+
+    teacher_path = shipped(DIGITS_TEACHER, "digits teacher") if cfg.teacher is None else Path(cfg.teacher)
+    depth = load_any_teacher(teacher_path).cfg.depth
+    root = Path(cfg.out)
+    shared_rec = root / "recordings"
+    table = []
+    for axis in axes:
+        if axis not in SWEEP_AXES:
+            raise ValueError(f"unknown sweep axis {axis!r}; choose from {SWEEP_AXES}")
+        runs = []
+        if axis == "num_steps":
+            for S in (2, 3, 4, 5):
+                runs.append((f"S={S}", replace(cfg, out=str(root / f"steps-{S}"), num_steps=S),
+                             demo_variants(depth)))
+        else:
+            runs.append(("", replace(cfg, out=str(root / axis)), sweep_variants(axis, depth)))
+        for prefix, c, variants in runs:
+            _link_recordings(shared_rec if c.num_steps == cfg.num_steps else None, Path(c.out))
+            report = compare(c, variants, title=f"Sweep: {axis} {prefix}".strip())
+            m = json.loads((report.parent / "metrics.json").read_text())
+            teacher_fd = m["models"][1]["fd"]
+            for name in variants:
+                s = m["summary"][name]
+                table.append({"axis": axis, "variant": f"{prefix} {name}".strip(), "fd": s["fd"]["mean"],
+                              "fd_std": s["fd"]["std"], "precision": s["precision"]["mean"],
+                              "recall": s["recall"]["mean"], "teacher_fd": teacher_fd,
+                              "final_step_mse": next(r["trajectory_errors"]["free_running"][-1] for r in m["models"]
+                                                     if r["name"].startswith(name))})
+    lines = ["# Ablation sweep on the embedded default", "",
+             f"Each axis is one comparison (same recording, {cfg.steps} steps x batch {cfg.batch_size}, "
+             f"seeds {list(cfg.seeds)}); FD on the digits classifier's features vs held-out digits.", "",
+             "| axis | variant | FD (mean ± std) | precision | recall | final-step MSE | teacher FD |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['axis']} | {r['variant']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['final_step_mse']:.4f} | {r['teacher_fd']:.2f} |")
+    atomic_write_json(root / "sweep.json", {"rows": table, "config": cfg.to_dict(), "axes": list(axes)})
+    from ardistill.fileio import atomic_write_bytes
+    atomic_write_bytes(root / "sweep.md", ("\n".join(lines) + "\n").encode())
+    print(f"sweep table: {root / 'sweep.md'}")
+    return root / "sweep.md"
+
+
+def _link_recordings(shared: Path | None, out: Path) -> None:
+    """Axes with the same S share one recording: point out/recordings at the shared folder."""
+    if shared is None:
+        return
+    target = out / "recordings"
+    shared.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(shared.resolve(), target_is_directory=True)

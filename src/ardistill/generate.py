@@ -1,0 +1,113 @@
+"""Few-step sampling from a distilled student: PNG grids and ADM-style .npz sample batches.
+
+Every sample has its own seed (noise depends only on it) and a class-balanced label, so results do
+not depend on batch size or process count. Under torchrun each rank samples the indices i with
+i % world == rank into its own file (rank-local shards); rank 0 then merges them in index order into
+one ADM .npz (uint8 NHWC ``arr_0``). Latent students decode through a VAE folder (``--vae``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ardistill import distributed as dist
+from ardistill.ode import randn_from_seeds
+
+
+def balanced_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Label of sample i: i % num_classes (class-balanced for any count that is a multiple)."""
+    return (np.asarray(indices) % num_classes).astype(np.int64)
+
+
+@torch.no_grad()
+def sample_student(student, seeds: list[int], labels: torch.Tensor, batch_size: int = 64, codec=None,
+                   device="cpu", progress: bool = False) -> torch.Tensor:
+    """Final samples (N, C, H, W) in [-1, 1] image space (decoded when ``codec`` is given), on CPU."""
+    shape = (student.cfg.teacher.in_channels, student.cfg.teacher.input_size, student.cfg.teacher.input_size)
+    out = []
+    for i in tqdm(range(0, len(seeds), batch_size), disable=not progress, desc="generate", leave=False):
+        noise = randn_from_seeds(seeds[i:i + batch_size], shape, device=device)
+        x = student.sample(noise, labels[i:i + batch_size].to(device))
+        if codec is not None:
+            x = codec.decode(x)
+        out.append(x.float().clamp(-1, 1).cpu())
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+def generate(student_path: str | Path, out: str | Path, num_samples: int, base_seed: int = 0,
+             batch_size: int = 64, vae: str | None = None, device: str | None = None,
+             progress: bool = True) -> Path | None:
+    """Sample ``num_samples`` images into an ADM .npz (``out``); works under torchrun.
+
+    Args:
+        student_path: student weights, checkpoint folder or run folder.
+        out: the merged .npz (``arr_0`` uint8 NHWC, ``arr_1`` labels); rank files sit beside it.
+        num_samples: sample i has seed base_seed + i and label i % num_classes.
+        vae: a diffusers AutoencoderKL folder for latent students (None = pixel space).
+    Returns the merged file on rank 0 (None on other ranks).
+    """
+    from ardistill.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz
+    from ardistill.student_io import load_student
+
+    dev = dist.init(device)
+    out = Path(out)
+    try:
+        student = load_student(student_path, device=dev)
+        codec = None
+        if vae is not None:
+            from ardistill.vae import load_codec
+            codec = load_codec(vae, device=dev)
+        rank, world = dist.rank(), dist.world_size()
+        idx = np.arange(rank, num_samples, world)
+        part = out.with_name(f"{out.stem}.rank{rank:03d}-of-{world:03d}.npz")
+        if not part.exists():  # a finished rank file is kept on rerun
+            labels = torch.from_numpy(balanced_labels(idx, student.cfg.teacher.num_classes))
+            t0 = time.perf_counter()
+            imgs = sample_student(student, (base_seed + idx).tolist(), labels, batch_size, codec, dev,
+                                  progress and dist.is_main())
+            write_adm_npz(part, to_uint8_nhwc(imgs), labels=labels.numpy())
+            if dist.is_main():
+                print(f"rank 0: {len(idx)} samples in {time.perf_counter() - t0:.1f} s")
+        dist.barrier()
+        if not dist.is_main():
+            return None
+        parts = [read_adm_npz(out.with_name(f"{out.stem}.rank{r:03d}-of-{world:03d}.npz"), require_images=True)
+                 for r in range(world)]
+        n = sum(p.num_images for p in parts)
+        images = np.empty((n, *parts[0].image_shape[1:]), dtype=np.uint8)  # image_shape is (N, H, W, C)
+        labels = np.empty(n, dtype=np.int64)
+        for r, p in enumerate(parts):  # back to index order: sample i came from rank i % world
+            images[r::world] = p.images()
+            labels[r::world] = p.labels
+        write_adm_npz(out, images, labels=labels)
+        for r in range(world):
+            out.with_name(f"{out.stem}.rank{r:03d}-of-{world:03d}.npz").unlink()
+        return out
+    finally:
+        dist.cleanup()
+
+
+def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int], labels: list[int] | None = None,
+                     nrow: int | None = None, scale: int = 8, vae: str | None = None, device: str = "cpu") -> Path:
+    """A PNG grid of student samples (labels default to balanced)."""
+    from ardistill.images import save_image_grid
+    from ardistill.student_io import load_student
+
+    student = load_student(student_path, device=device)
+    codec = None
+    if vae is not None:
+        from ardistill.vae import load_codec
+        codec = load_codec(vae, device=device)
+    nc = student.cfg.teacher.num_classes
+    y = torch.tensor(labels if labels else balanced_labels(np.arange(len(seeds)), nc).tolist())
+    if len(y) != len(seeds):
+        y = y.repeat((len(seeds) + len(y) - 1) // len(y))[:len(seeds)]
+    imgs = sample_student(student, list(seeds), y, codec=codec, device=device)
+    if imgs.shape[1] not in (1, 3):
+        raise ValueError(f"{student_path}: samples have {imgs.shape[1]} channels (latents?); pass --vae to decode")
+    return save_image_grid(imgs, out, nrow=nrow or min(nc, 16), padding=max(1, scale // 4), scale=scale)
