@@ -1,0 +1,427 @@
+"""`ardistill distill`: train an ARD (or step-distillation) student on a trajectory recording.
+
+One loop for 1..N processes (torchrun; DDP over gloo on CPU, NCCL on GPU). Each optimizer step:
+a global batch of trajectories (seeded epoch order, split over ranks and ``grad_accum``
+micro-batches) -> teacher-forced student pass over all S blocks at once -> per-step MSE against the
+teacher's next states, averaged over steps with optional weights -> AdamW with gradient clipping
+-> EMA update. Optionally (``on_policy_prob``) the inputs of blocks 1..S-1 are replaced by the
+student's own free-running rollout from the same noise (targets stay the teacher's).
+
+Run folder::
+
+    config.json                 resolved DistillConfig + StudentConfig + recording summary
+    log.jsonl, log.csv, tb/     scalars every log_every steps (rank 0)
+    checkpoints/latest.json     pointer to the newest complete checkpoint
+    checkpoints/step_XXXXXXXX/  student.safetensors, ema.safetensors, state.pt
+    student.safetensors, ema.safetensors   final weights (load with student_io.load_student)
+
+The infrastructure (data order, DDP, EMA, checkpoints, RNG, NaN guard, logging) lives in
+train_utils.py and ema.py so that other trainers (GAN fine-tuning) reuse it; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from ardistill import distributed as dist
+from ardistill.checkpoints import load_any_teacher
+from ardistill.diffusion import make_process
+from ardistill.ema import EMA
+from ardistill.fileio import atomic_write_json, read_json
+from ardistill.masks import check_mask
+from ardistill.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
+from ardistill.record import weights_sha256
+from ardistill.student_io import read_student_file, save_student
+from ardistill.train_utils import (PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
+                                   check_finite, lr_at, progress, resolve_precision, restore_rng, setup_backends,
+                                   sync_gradients, wrap_ddp)
+from ardistill.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
+
+ROLLOUT_MODELS = ("student", "ema")
+# Fields that may change when a run is resumed. Most decide where and how long or loudly it runs, not
+# what a step computes (the LR schedule is warm-up + constant, so extending ``steps`` is exact); the
+# recording is identified by content, the teacher by its sha256. ``lr`` may be lowered to recover from
+# a divergence (the run then differs from an uninterrupted one, by choice).
+RUNTIME_FIELDS = ("recording", "teacher", "run_dir", "steps", "lr", "ckpt_every", "keep_every", "log_every",
+                  "tensorboard", "progress")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that determines a distillation run; saved in config.json and in every checkpoint."""
+
+    recording: str  # trajectory recording folder (ardistill record)
+    teacher: str  # the teacher the recording was made with (initialises the student; sha256-checked)
+    run_dir: str
+    # student (S, the grid times and the image shape come from the recording)
+    target: str = "state"  # "state": ODE states (paper figure); "x0": teacher x0-predictions (public code)
+    history_layers: int | None = None  # N_h; None = round(depth * 6 / 28), the paper's 6 of DiT-XL/2's 28
+    mask: str = "M4"
+    time_labels: str = "true"
+    heads: str = "shared"
+    output: str = "direct"
+    grad_checkpointing: bool = False
+    # optimisation (paper: AdamW lr 1e-4, wd 0, clip 1.0, EMA 0.9999, global batch 64)
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 64  # global batch = micro-batch * processes * grad_accum
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    warmup_steps: int = 0  # linear learning-rate warm-up, then constant
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)): useful for short runs
+    loss_weights: tuple[float, ...] = ()  # one weight per student step; () = equal (public code)
+    # on-policy history (issue 5): blocks 1..S-1 from the student's own rollout, with this probability
+    on_policy_prob: float = 0.0
+    on_policy_start: int = 0  # optimizer steps of pure teacher forcing before on-policy batches begin
+    on_policy_model: str = "student"  # weights that roll out: the current "student" or its "ema"
+    # run
+    seed: int = 0
+    device: str | None = None  # "cpu", "cuda" or None (cuda when available)
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CPU is deterministic without it)
+    ckpt_every: int = 500
+    keep_every: int = 0  # keep checkpoints whose step is a multiple of this (0: only the latest)
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        for name, choices in (("target", TARGETS), ("time_labels", TIME_LABELS), ("heads", HEADS),
+                              ("output", OUTPUTS), ("on_policy_model", ROLLOUT_MODELS), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"DistillConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_mask(self.mask)
+        for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "on_policy_start", "keep_every", "weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.history_layers is not None and self.history_layers < 0:
+            raise ValueError(f"DistillConfig.history_layers must be >= 0, got {self.history_layers}")
+        if not (self.lr > 0 and self.adam_eps > 0):
+            raise ValueError(f"DistillConfig: lr and adam_eps must be > 0, got {self.lr}, {self.adam_eps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"DistillConfig.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"DistillConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not 0 <= self.on_policy_prob <= 1:
+            raise ValueError(f"DistillConfig.on_policy_prob must be in [0, 1], got {self.on_policy_prob}")
+        if any(w < 0 for w in self.loss_weights) or (self.loss_weights and sum(self.loss_weights) == 0):
+            raise ValueError(f"DistillConfig.loss_weights must be >= 0 and not all zero, got {self.loss_weights}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"DistillConfig.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"], d["loss_weights"] = list(self.betas), list(self.loss_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"DistillConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class DistillResult:
+    """What a finished run left behind."""
+
+    run_dir: Path
+    step: int
+    loss: float  # mean training loss over the last logging window
+    ema_path: Path
+    student_path: Path
+
+
+def default_history_layers(depth: int) -> int:
+    """The paper's N_h = 6 of DiT-XL/2's 28 layers, scaled to ``depth`` (at least 1)."""
+    return max(1, round(depth * 6 / 28))
+
+
+def distill_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-step MSE (S,)); loss = mean_k w_k * MSE_k (plain mean of per-step MSEs for w = 1)."""
+    per_step = (pred.float() - target.float()).pow(2).mean(dim=(0, 2, 3, 4))
+    return (per_step * weights).mean(), per_step
+
+
+@torch.no_grad()
+def on_policy_inputs(model: ARDStudent, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Inputs whose blocks 1..S-1 are ``model``'s own KV-cached rollout from the same noise (block 0).
+
+    Eval mode, no gradient; for target "x0" the rollout's outputs are x0-predictions, as the inputs.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        outs = model.sample(inputs[:, 0], y, return_all=True)  # (B, S, C, H, W)
+    finally:
+        model.train(was_training)
+    return torch.cat([inputs[:, :1], outs[:, :-1].to(inputs.dtype)], dim=1)
+
+
+def build_distill_student(cfg: DistillConfig, teacher, manifest: dict) -> ARDStudent:
+    """The student a config asks for, initialised from the teacher, with S and grid times from the recording."""
+    S = int(manifest["layout"]["num_steps"])
+    times = [float(t) for t in manifest["grid"]["times"]]
+    proc = dict(manifest["sampler"]["process"])
+    process = make_process(proc.pop("kind"), **proc)
+    depth = teacher.cfg.depth
+    nh = default_history_layers(depth) if cfg.history_layers is None else cfg.history_layers
+    if nh > depth:
+        raise ValueError(f"DistillConfig.history_layers = {nh} exceeds the teacher's depth {depth}")
+    scfg = StudentConfig(teacher=teacher.cfg, num_steps=S, history_layers=nh, mask=cfg.mask, target=cfg.target,
+                         time_labels=cfg.time_labels, heads=cfg.heads,
+                         block_times=block_times_for(times, S, cfg.time_labels, process.model_time),
+                         output=cfg.output, step_coeffs=ode_step_coeffs(process, times) if cfg.output == "ode_step" else (),
+                         grad_checkpointing=cfg.grad_checkpointing)
+    return ARDStudent.from_teacher(teacher, scfg)
+
+
+def _open_data(cfg: DistillConfig, teacher):
+    manifest = load_manifest(cfg.recording)
+    tc = teacher.cfg
+    spec = StudentDataSpec(num_steps=int(manifest["layout"]["num_steps"]), target=cfg.target,
+                           shape=(tc.in_channels, tc.input_size, tc.input_size), num_classes=tc.num_classes,
+                           teacher_sha256=weights_sha256(teacher))
+    return TrajectoryDataset(cfg.recording, expect=spec), manifest
+
+
+def recording_id(manifest: dict) -> str:
+    """Content identity of a recording: sha256 over its shards' checksums (survives moving the folder)."""
+    return hashlib.sha256("".join(sh["sha256"] for sh in manifest["shards"]).encode()).hexdigest()
+
+
+def _check_resume_config(saved: DistillConfig, cfg: DistillConfig, where: Path) -> DistillConfig:
+    """The saved config with ``cfg``'s runtime fields; any other difference is an error naming the fields."""
+    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(DistillConfig)
+            if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise ValueError(f"cannot resume {where} with other settings ({'; '.join(diff)}); "
+                         f"only {', '.join(RUNTIME_FIELDS)} may change")
+    return replace(saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+
+
+def load_run_config(run_dir: str | Path) -> DistillConfig:
+    """The DistillConfig of an existing run (from its latest checkpoint, else config.json)."""
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints").latest()
+    if ckpt is not None:
+        return DistillConfig.from_dict(Checkpointer.load_state(ckpt)["config"])
+    return DistillConfig.from_dict(read_json(Path(run_dir) / "config.json", "run config")["distill"])
+
+
+def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
+    """Train a student as ``cfg`` says; with ``resume``, continue the run in ``cfg.run_dir`` exactly.
+
+    Args:
+        cfg: the run's settings. On resume they must equal the saved ones except RUNTIME_FIELDS.
+        resume: continue from the latest checkpoint of ``cfg.run_dir`` (a fresh start if it has none).
+    Works in one process or under torchrun (the process group is started here if needed).
+    """
+    owns_group = not dist.is_distributed()
+    device = dist.init(cfg.device)
+    try:
+        return _Distiller(cfg, device, resume).run()
+    finally:
+        if owns_group:
+            dist.cleanup()
+
+
+def distill_command(options: dict, resume: bool = False) -> DistillResult:
+    """`ardistill distill`: ``options`` are the DistillConfig fields given on the command line.
+
+    With ``resume`` and no ``recording``, the settings come from the run folder (``run_dir``), and
+    only the given options are applied on top (runtime fields only; others must match).
+    """
+    if resume and "recording" not in options:
+        if "run_dir" not in options:
+            raise ValueError("--resume needs --run-dir (the run to continue)")
+        cfg = replace(load_run_config(options["run_dir"]), **options)
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k in ("recording", "teacher", "run_dir") if k not in options]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        cfg = DistillConfig(**options)
+    result = distill(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{result.run_dir}: {result.step} steps, loss {result.loss:.4g}; EMA weights {result.ema_path}")
+    return result
+
+
+class _Distiller:
+    """State of one distillation run; ``run()`` is the loop."""
+
+    def __init__(self, cfg: DistillConfig, device: torch.device, resume: bool):
+        self.device = device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_every)
+        latest = self.ckpt.latest()
+        state = None
+        if latest is not None:
+            if not resume:
+                raise ValueError(f"{self.run_dir} already holds a run (checkpoint {latest.name}); "
+                                 f"pass --resume to continue it or choose another --run-dir")
+            state = Checkpointer.load_state(latest)
+            cfg = _check_resume_config(DistillConfig.from_dict(state["config"]), cfg, latest)
+        self.cfg, self.last_ckpt = cfg, latest
+        world = dist.world_size()
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ValueError(f"DistillConfig.batch_size {cfg.batch_size} is not divisible by processes ({world}) "
+                             f"x grad_accum ({cfg.grad_accum})")
+        self.precision = resolve_precision(cfg.precision, device)
+        setup_backends(device, cfg.deterministic)
+        torch.manual_seed(cfg.seed + dist.rank())
+
+        teacher = load_any_teacher(cfg.teacher)
+        self.data, manifest = _open_data(cfg, teacher)
+        student = build_distill_student(cfg, teacher, manifest)
+        del teacher
+        self.scfg, self.recording_id = student.cfg, recording_id(manifest)
+        S = self.scfg.num_steps
+        if cfg.loss_weights and len(cfg.loss_weights) != S:
+            raise ValueError(f"DistillConfig.loss_weights has {len(cfg.loss_weights)} entries, the recording has "
+                             f"S = {S} steps")
+        self.weights = torch.tensor(cfg.loss_weights or [1.0] * S, device=device)
+
+        self.student = student.to(device).train()
+        self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
+        self.model = wrap_ddp(self.student, device)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+        self.order = EpochBatches(len(self.data), cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum, cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # on-policy coin flips; the same on every rank
+        self.step = 0
+        if state is not None:
+            self._restore(latest, state)
+        elif dist.is_main():
+            atomic_write_json(self.run_dir / "config.json", {
+                "distill": cfg.to_dict(), "student": self.scfg.to_dict(), "world_size": world,
+                "recording": {"count": len(self.data), "grid": manifest["grid"], "sampler": manifest["sampler"]}})
+        self.logger = RunLogger(self.run_dir, cfg.tensorboard, resume_step=self.step if state is not None else None)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _restore(self, folder: Path, state: dict) -> None:
+        if state["recording_id"] != self.recording_id:
+            raise ValueError(f"{folder} was trained on another recording than {self.cfg.recording} (content differs)")
+        if StudentConfig.from_dict(state["student_config"]) != self.scfg:
+            raise ValueError(f"{folder}: the student config saved there differs from the one this run builds")
+        for module, name in ((self.student, "student"), (self.ema.module, "ema")):
+            _, weights, _ = read_student_file(folder / f"{name}.safetensors")
+            module.load_state_dict(weights, strict=True)
+        self.ema.num_updates = int(state["ema_updates"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.order.load_state_dict(state["data"])
+        restore_rng(state["rng"], {"on_policy": self.gen})
+        self.step = int(state["step"])
+
+    def _save(self) -> None:
+        """Checkpoint the state after ``self.step`` optimizer steps (all ranks call; rank 0 writes)."""
+        norms = torch.stack(torch._foreach_norm(self.params))
+        if not bool(torch.isfinite(norms).all()):  # never overwrite a good checkpoint with broken weights
+            check_finite(norms.sum().reshape(1), self.step - 1, "parameter norm", self.last_ckpt)
+        state = {"step": self.step, "optimizer": self.opt.state_dict(), "ema_updates": self.ema.num_updates,
+                 "data": self.order.state_dict(), "rng": capture_rng({"on_policy": self.gen}),
+                 "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
+                 "recording_id": self.recording_id, "world_size": dist.world_size()}
+        meta = {"step": self.step}
+        files = {"student.safetensors": lambda p: save_student(p, self.student, meta),
+                 "ema.safetensors": lambda p: save_student(p, self.ema.module, meta)}
+        self.last_ckpt = self.ckpt.save(self.step, files, state)
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def _on_policy(self) -> bool:
+        cfg = self.cfg
+        if cfg.on_policy_prob <= 0 or self.step < cfg.on_policy_start:
+            return False
+        return bool(torch.rand((), generator=self.gen) < cfg.on_policy_prob)
+
+    def _train_step(self) -> tuple[torch.Tensor, float, int]:
+        """One optimizer step; returns (global per-step MSE (S,), gradient norm, on-policy micro-batches)."""
+        cfg, dev = self.cfg, self.device
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        micro = self.order.next_step()
+        per_step_sum = torch.zeros(self.scfg.num_steps, device=dev)
+        n_on_policy = 0
+        for m, idx in enumerate(micro):
+            b = self.data.batch(idx)
+            x, target, y = (b[k].to(dev, non_blocking=True) for k in ("inputs", "targets", "label"))
+            if self._on_policy():
+                roller = self.student if cfg.on_policy_model == "student" else self.ema.module
+                with autocast(dev, self.precision):
+                    x = on_policy_inputs(roller, x, y)
+                n_on_policy += 1
+            with sync_gradients(self.model, m == len(micro) - 1):
+                with autocast(dev, self.precision):
+                    pred = self.model(x, y)
+                loss, per_step = distill_loss(pred, target, self.weights)
+                (loss / len(micro)).backward()
+            per_step_sum += per_step.detach()
+        # global mean over ranks and micro-batches; the guard runs before any weight changes
+        stats = dist.all_reduce_sum(per_step_sum / (len(micro) * dist.world_size()))
+        check_finite(stats, self.step, "loss per step", self.last_ckpt)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        check_finite(grad_norm.reshape(1), self.step, "gradient norm", self.last_ckpt)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.student)
+        self.step += 1
+        return stats, float(grad_norm), n_on_policy
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> DistillResult:
+        cfg = self.cfg
+        S = self.scfg.num_steps
+        bar = progress(cfg.steps, self.step, cfg.progress)
+        window, n, n_policy, n_micro, busy = torch.zeros(S, device=self.device), 0, 0, 0, 0.0
+        last_loss = float("nan")
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                stats, grad_norm, on_policy = self._train_step()
+                busy += time.perf_counter() - t0  # throughput counts training steps, not checkpoint writes
+                window += stats
+                n, n_policy, n_micro = n + 1, n_policy + on_policy, n_micro + cfg.grad_accum
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    per_step = (window / n).tolist()
+                    last_loss = float((torch.tensor(per_step) * self.weights.cpu()).mean())
+                    scalars = {"loss": last_loss, **{f"loss/step_{k + 1}": v for k, v in enumerate(per_step)},
+                               "lr": self.opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                               "samples_per_s": n * self.order.global_batch / busy,
+                               "on_policy_frac": n_policy / n_micro,
+                               "epoch": self.order.position.epoch + self.order.position.offset / len(self.data)}
+                    self.logger.log(self.step, scalars)
+                    bar.set_postfix(loss=f"{last_loss:.4g}")
+                    window.zero_()
+                    n, n_policy, n_micro, busy = 0, 0, 0, 0.0
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self._save()
+        finally:
+            bar.close()
+            self.logger.close()
+        final = {"step": self.step}
+        if dist.is_main():  # the finished run's weights beside the checkpoints, for load_student(run_dir)
+            save_student(self.run_dir / "student.safetensors", self.student, final)
+            save_student(self.run_dir / "ema.safetensors", self.ema.module, final)
+        dist.barrier()
+        return DistillResult(run_dir=self.run_dir, step=self.step, loss=last_loss,
+                             ema_path=self.run_dir / "ema.safetensors", student_path=self.run_dir / "student.safetensors")

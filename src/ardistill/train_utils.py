@@ -1,0 +1,386 @@
+"""Training infrastructure shared by every trainer (``distill`` now, ``finetune-gan`` later).
+
+Each piece is independent of the model and the loss:
+- ``EpochBatches``: seeded epoch permutation of item indices, split over ranks and micro-batches,
+  with a position (epoch, offset) that is saved and restored exactly;
+- ``setup_backends`` / ``autocast``: TF32 and bf16 autocast on CUDA, plain fp32 on CPU;
+- ``wrap_ddp`` / ``sync_gradients``: DDP when running under torchrun, no-ops in one process;
+- ``capture_rng`` / ``restore_rng``: every rank's global RNG states plus named generators;
+- ``Checkpointer``: numbered checkpoint folders written atomically, a ``latest.json`` pointer;
+- ``check_finite``: the NaN/inf guard (all ranks stop together);
+- ``RunLogger``: JSONL + CSV + TensorBoard scalars (rank 0), truncated on resume;
+- ``lr_at``: linear warm-up then constant learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ardistill import distributed as dist
+from ardistill.fileio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+
+
+# ------------------------------------------------------------------------------------------------
+# data order
+
+
+@dataclass
+class DataPosition:
+    """Where the data order stands: ``offset`` items of epoch ``epoch``'s permutation consumed."""
+
+    epoch: int = 0
+    offset: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+class EpochBatches:
+    """Deterministic batches: one seeded permutation of ``num_items`` per epoch, cut into global batches.
+
+    A global batch of ``micro_batch * world * grad_accum`` indices is split so that rank r's
+    micro-batch m is slice ((m * world + r) * micro_batch) of it; the tail of an epoch that does not
+    fill a global batch is skipped (every step sees a full batch). Only (epoch, offset) is state.
+    """
+
+    def __init__(self, num_items: int, micro_batch: int, grad_accum: int = 1, seed: int = 0,
+                 rank: int | None = None, world: int | None = None):
+        self.rank = dist.rank() if rank is None else rank
+        self.world = dist.world_size() if world is None else world
+        self.num_items, self.micro_batch, self.grad_accum, self.seed = num_items, micro_batch, grad_accum, seed
+        self.global_batch = micro_batch * self.world * grad_accum
+        if num_items < self.global_batch:
+            raise ValueError(f"the data has {num_items} items, fewer than one global batch of {self.global_batch}")
+        self.position = DataPosition()
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_items // self.global_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The item order of an epoch: depends on (seed, epoch) only."""
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.num_items, generator=g))
+        return self._perm[1]
+
+    def next_step(self) -> list[list[int]]:
+        """This rank's ``grad_accum`` micro-batches of item indices for the next optimizer step."""
+        pos = self.position
+        if pos.offset + self.global_batch > self.num_items:
+            pos.epoch, pos.offset = pos.epoch + 1, 0
+        batch = self.permutation(pos.epoch)[pos.offset:pos.offset + self.global_batch]
+        pos.offset += self.global_batch
+        mb = self.micro_batch
+        return [batch[(m * self.world + self.rank) * mb:(m * self.world + self.rank + 1) * mb].tolist()
+                for m in range(self.grad_accum)]
+
+    def state_dict(self) -> dict:
+        return {**self.position.state_dict(), "num_items": self.num_items, "global_batch": self.global_batch,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_items", "global_batch", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume the data order: checkpoint has {key} = {state[key]}, "
+                                 f"this run has {getattr(self, key)}")
+        self.position = DataPosition(int(state["epoch"]), int(state["offset"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# devices, precision, DDP
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def setup_backends(device: torch.device, deterministic: bool = False) -> None:
+    """TF32 matmuls/convolutions on CUDA (the paper's fp32/TF32); optional deterministic algorithms."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        import os
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA, fp32 on CPU; bf16 autocast is refused on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("precision 'bf16' (autocast) is for CUDA; CPU training runs in fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast context on CUDA, a no-op otherwise; ``precision`` as resolved."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel under torchrun; the module itself in one process."""
+    if not dist.is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module)."""
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def sync_gradients(model: nn.Module, sync: bool):
+    """Context for one micro-batch's backward: DDP all-reduces only when ``sync`` (the last one)."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def lr_at(step: int, lr: float, warmup_steps: int = 0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every rank's global RNG states (torch CPU, CUDA, Python) and this rank's named generators.
+
+    Collective under torchrun (all ranks must call it); only tensors and primitives inside, so the
+    result loads with ``torch.load(weights_only=True)``.
+    """
+    own = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "python": _python_state_to_list(random.getstate())}
+    return {"ranks": dist.all_gather_object(own),
+            "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of ``capture_rng``; each rank takes its own states (world size must match)."""
+    ranks = state["ranks"]
+    if len(ranks) != dist.world_size():
+        warnings.warn(f"checkpoint RNG states are for {len(ranks)} processes, this run has {dist.world_size()}: "
+                      "global RNG states are not restored (results will differ from an uninterrupted run)")
+    else:
+        own = ranks[dist.rank()]
+        torch.set_rng_state(own["torch"])
+        if own["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda"])
+        random.setstate(_python_state_from_list(own["python"]))
+    for k, g in (generators or {}).items():
+        if k not in state["generators"]:
+            raise ValueError(f"checkpoint has no state for generator {k!r}")
+        g.set_state(state["generators"][k])
+
+
+def _python_state_to_list(s) -> list:
+    version, internal, gauss = s
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_list(s) -> tuple:
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+STATE_FILE = "state.pt"
+
+
+class Checkpointer:
+    """Numbered checkpoint folders ``root/step_XXXXXXXX/`` and an atomic ``root/latest.json`` pointer.
+
+    A folder is written completely under a temporary name, renamed, and only then does
+    ``latest.json`` point at it: a run killed at any moment leaves the previous checkpoint valid.
+    ``keep_every`` > 0 keeps folders whose step is a multiple of it; others are deleted once newer.
+    Only rank 0 writes; ``save`` is a barrier for all ranks.
+    """
+
+    def __init__(self, root: str | Path, keep_every: int = 0):
+        self.root = Path(root)
+        self.keep_every = keep_every
+
+    def folder(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, or None."""
+        pointer = self.root / "latest.json"
+        if not pointer.is_file():
+            return None
+        folder = self.root / read_json(pointer, "checkpoint pointer")["dir"]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{pointer} points to {folder}, which does not exist")
+        return folder
+
+    def save(self, step: int, files: dict[str, Callable[[str], None]], state: dict) -> Path:
+        """Write ``files`` (name -> writer(tmp_path)) and ``state`` (torch.save'd) as checkpoint ``step``."""
+        final = self.folder(step)
+        if dist.is_main():
+            tmp = self.root / f".{final.name}.partial"
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a run killed mid-save
+            tmp.mkdir(parents=True)
+            for name, write in files.items():
+                atomic_write(tmp / name, write)
+            atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            if final.exists():
+                shutil.rmtree(final)  # an orphan never pointed to (killed between rename and pointer)
+            tmp.rename(final)
+            atomic_write_json(self.root / "latest.json", {"dir": final.name, "step": step})
+            self._prune(step)
+        dist.barrier()
+        return final
+
+    def _prune(self, step: int) -> None:
+        for folder in self.root.glob("step_*"):
+            s = int(folder.name.split("_")[1])
+            if s != step and not (self.keep_every and s % self.keep_every == 0):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def load_state(folder: str | Path) -> dict:
+        """The training state of a checkpoint folder (weights_only: tensors and primitives only)."""
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint state not found: {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN guard
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm became NaN/inf; the weights were not updated."""
+
+
+def check_finite(values: torch.Tensor, step: int, what: str, last_checkpoint: Path | None) -> None:
+    """Raise ``NonFiniteLossError`` on every rank if any rank's ``values`` are not all finite."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0], device=values.device)
+    if dist.all_reduce_sum(bad).item() > 0:
+        where = (f"the last good checkpoint is {last_checkpoint} (resume from it with --resume, e.g. with a lower "
+                 f"learning rate)" if last_checkpoint else "no checkpoint was written yet")
+        raise NonFiniteLossError(f"non-finite {what} at step {step + 1}: {values.tolist()}; the run stopped before "
+                                 f"updating the weights; {where}")
+
+
+# ------------------------------------------------------------------------------------------------
+# logging
+
+
+class RunLogger:
+    """Scalars to ``log.jsonl``, ``log.csv`` and TensorBoard (``tb/``); rank 0 only, others no-op.
+
+    ``resume_step``: records after it (logged by a killed run after its last checkpoint) are dropped,
+    so the logs of a resumed run read as one run.
+    """
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        self.enabled = dist.is_main()
+        self.dir = Path(run_dir)
+        self.jsonl, self.csv = self.dir / "log.jsonl", self.dir / "log.csv"
+        self._fields: list[str] | None = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            for f in (self.jsonl, self.csv):
+                f.unlink(missing_ok=True)
+        else:
+            self._truncate(resume_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard)")
+            else:
+                # purge_step hides events a killed run wrote after its last checkpoint
+                self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+
+    def _truncate(self, step: int) -> None:
+        # a killed run may also have left a half-written last line: dropped like the records after ``step``
+        if self.jsonl.is_file():
+            rows = [line for line in self.jsonl.read_text().splitlines() if _json_step(line) <= step]
+            atomic_write_bytes(self.jsonl, "".join(r + "\n" for r in rows).encode())
+        if self.csv.is_file():
+            with open(self.csv, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows:
+                self._fields = rows[0]
+                keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= step]
+                buf = io.StringIO()
+                csv.writer(buf).writerows(keep)
+                atomic_write_bytes(self.csv, buf.getvalue().encode())
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """One record: ``step`` (1-based optimizer steps done) and named scalars."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._fields is None:  # the first record fixes the CSV columns
+            self._fields = list(record)
+            new = not self.csv.is_file() or self.csv.stat().st_size == 0
+            if new:
+                with open(self.csv, "w", newline="") as f:
+                    csv.writer(f).writerow(self._fields)
+        with open(self.csv, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(record.get(k)) for k in self._fields])
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _json_step(line: str) -> float:
+    """The step of a JSONL record; inf for a broken line (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    return repr(v) if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def progress(total: int, initial: int, enabled: bool):
+    """A tqdm progress bar over optimizer steps on rank 0 (disabled elsewhere)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not (enabled and dist.is_main()), unit="step", dynamic_ncols=True)
