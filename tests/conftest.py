@@ -42,3 +42,9 @@ def dit_inputs():
         x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
         return x, torch.tensor([0, 500, 999]), torch.tensor([0, cfg.num_classes - 1, cfg.num_classes])
     return make
+
+
+def pytest_configure(config):
+    # Tiny models gain nothing from a second intra-op thread, and the multi-process tests start their
+    # own workers: one thread per process keeps the 2-core CI machine from oversubscribing.
+    torch.set_num_threads(1)
