@@ -130,7 +130,11 @@ class ImageMetrics:
 @torch.no_grad()
 def image_metrics(images: torch.Tensor, real_features: torch.Tensor, feature_net, batch_size: int = 512,
                   k: int = 3) -> ImageMetrics:
-    """FD, IS and k-NN precision/recall of images (N, C, H, W) in [-1, 1] against real features."""
+    """FD, IS and k-NN precision/recall of images (N, C, H, W) in [-1, 1] against real features.
+
+    Images are clamped to [-1, 1] first, as writing them to uint8 would (ADM's evaluator sees PNGs).
+    """
+    images = images.clamp(-1, 1)
     from ardistill.features import features_and_logits, has_logits
     from ardistill.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 

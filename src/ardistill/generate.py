@@ -93,8 +93,9 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
 
 
 def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int], labels: list[int] | None = None,
-                     nrow: int | None = None, scale: int = 8, vae: str | None = None, device: str = "cpu") -> Path:
-    """A PNG grid of student samples (labels default to balanced)."""
+                     nrow: int | None = None, scale: int | None = None, vae: str | None = None,
+                     device: str = "cpu") -> Path:
+    """A PNG grid of student samples (labels default to balanced); ``scale`` None: x8 below 64 px, else x1."""
     from ardistill.images import save_image_grid
     from ardistill.student_io import load_student
 
@@ -110,4 +111,5 @@ def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int]
     imgs = sample_student(student, list(seeds), y, codec=codec, device=device)
     if imgs.shape[1] not in (1, 3):
         raise ValueError(f"{student_path}: samples have {imgs.shape[1]} channels (latents?); pass --vae to decode")
+    scale = scale or (8 if imgs.shape[-1] < 64 else 1)
     return save_image_grid(imgs, out, nrow=nrow or min(nc, 16), padding=max(1, scale // 4), scale=scale)

@@ -1,0 +1,21 @@
+"""Files shipped inside the package: the embedded digits teacher and the digits classifier.
+
+How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+DIGITS_TEACHER = ASSETS_DIR / "digits_teacher.safetensors"  # EMA weights, DiTConfig in the metadata
+DIGITS_TEACHER_CONFIG = ASSETS_DIR / "digits_teacher.json"  # resolved training config, losses, wall time
+DIGITS_CLASSIFIER = ASSETS_DIR / "digits_classifier.safetensors"  # feature network for the digits metrics
+DIGITS_CLASSIFIER_CONFIG = ASSETS_DIR / "digits_classifier.json"
+
+
+def shipped(path: Path, what: str) -> Path:
+    """The asset's path, or FileNotFoundError naming it (a source checkout without its assets)."""
+    if not path.exists():
+        raise FileNotFoundError(f"the shipped {what} is missing: {path} (reinstall ardistill, or pass a path)")
+    return path

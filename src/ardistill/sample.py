@@ -1,0 +1,127 @@
+"""Teacher sampling: seeded noise -> probability-flow ODE (guided) -> images, and a PNG grid of them.
+
+Every sample has its own seed (``ode.randn_from_seeds``), so an image depends only on its seed,
+label and the solver settings, never on the batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ardistill.diffusion import Process, process_for
+from ardistill.guidance import make_model_fn
+from ardistill.ode import randn_from_seeds, solve
+
+
+@torch.no_grad()
+def sample_teacher(teacher: nn.Module, process: Process, labels: torch.Tensor | list[int], seeds: list[int],
+                   steps: int = 25, solver: str = "ddim", cfg_scale: float = 1.5,
+                   guidance_channels: int | None = None, batch_size: int = 500, device=None) -> torch.Tensor:
+    """Final ODE samples (N, C, H, W) for labels[i] from noise seeds[i].
+
+    Args:
+        teacher: a DiT (eval mode is set here).
+        process: its diffusion process (``diffusion.process_for(teacher.cfg.prediction)`` for ours).
+        labels: class of each sample (N,).
+        seeds: noise seed of each sample (N,).
+        steps: solver steps over the process's respaced grid (DDIM-25 is DiT's setting).
+        solver: "ddim", "euler" or "heun".
+        cfg_scale: classifier-free guidance scale (1 = none).
+        guidance_channels: None guides all channels; 3 is DiT's legacy 3-of-4-channel quirk.
+        batch_size: samples per solver call (does not change the images).
+        device: where to run; default the teacher's device.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.shape != (len(seeds),):
+        raise ValueError(f"sample_teacher: {len(seeds)} seeds but labels of shape {tuple(labels.shape)}")
+    teacher.eval()
+    device = device or next(teacher.parameters()).device
+    cfg = teacher.cfg
+    model_fn = make_model_fn(teacher, cfg_scale, guidance_channels)
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        noise = randn_from_seeds(seeds[i:i + batch_size], (cfg.in_channels, cfg.input_size, cfg.input_size), device)
+        y = labels[i:i + batch_size].to(device)
+        out.append(solve(model_fn, process, noise, y, steps, solver).sample.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
+
+
+def parse_int_list(spec: str, what: str = "list") -> list[int]:
+    """'0-63' / '0,5,7-9' -> non-negative integers (ranges inclusive, order kept)."""
+    out: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"bad {what} {spec!r}: use non-negative integers and inclusive ranges, "
+                             "e.g. '0-63' or '0,5,7-9'")
+        lo = int(m.group(1))
+        out.extend(range(lo, int(m.group(2)) + 1) if m.group(2) is not None else [lo])
+    return out
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... (class-balanced when n is a multiple)."""
+    return torch.arange(n) % num_classes
+
+
+def resolve_labels(spec: str | None, n: int, num_classes: int) -> torch.Tensor:
+    """None/'balanced' -> class-balanced; otherwise a list (cycled to n), e.g. '3' or '0-4'."""
+    if spec in (None, "", "balanced"):
+        return balanced_labels(n, num_classes)
+    given = parse_int_list(spec, "labels")
+    bad = [c for c in given if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside the teacher's classes 0..{num_classes - 1}")
+    return torch.tensor([given[i % len(given)] for i in range(n)])
+
+
+def sample_grid(teacher_path: str | Path | None, out: str | Path, seeds: str = "0-99", labels: str | None = None,
+                steps: int = 25, solver: str = "ddim", cfg_scale: float = 1.5, guidance_channels: int | None = None,
+                nrow: int | None = None, scale: int = 8, device: str = "cpu") -> Path:
+    """Sample a teacher (None = the shipped digits teacher) and write a PNG grid; what ``ardistill sample`` runs."""
+    from ardistill.assets import DIGITS_TEACHER, shipped
+    from ardistill.checkpoints import load_any_teacher
+    from ardistill.images import save_image_grid
+
+    path = shipped(DIGITS_TEACHER, "digits teacher") if teacher_path is None else Path(teacher_path)
+    teacher = load_any_teacher(path).to(device)
+    seed_list = parse_int_list(seeds, "seeds")
+    y = resolve_labels(labels, len(seed_list), teacher.cfg.num_classes)
+    images = sample_teacher(teacher, process_for(teacher.cfg.prediction), y, seed_list, steps, solver, cfg_scale,
+                            guidance_channels, device=device)
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{path}: the teacher makes {images.shape[1]}-channel images (latents?); "
+                         "a PNG grid needs 1 or 3 channels")
+    default_nrow = teacher.cfg.num_classes if labels in (None, "", "balanced") and teacher.cfg.num_classes <= 16 else 8
+    # grey padding that grows with the upscaling keeps black-background images visibly apart
+    return save_image_grid(images, out, nrow=nrow or default_nrow, padding=max(1, scale // 4), scale=scale,
+                           pad_value=0.0)
+
+
+def digits_teacher_metrics(teacher: nn.Module, num_samples: int = 2000, steps: int = 25, solver: str = "ddim",
+                           cfg_scale: float = 1.5, classifier: nn.Module | None = None, reference: str = "heldout",
+                           first_seed: int = 0, device: str = "cpu"):
+    """FD / IS / precision / recall of class-balanced teacher samples on the digits classifier's features.
+
+    The reference is a digits split ('heldout' by default: images the teacher never saw); seeds are
+    first_seed .. first_seed + num_samples - 1 and labels cycle through the classes; samples are
+    clamped to [-1, 1]. Returns ``evaluate.ImageMetrics``.
+    """
+    from ardistill.classifier import load_digits_classifier
+    from ardistill.data import load_digits_split
+    from ardistill.evaluate import image_metrics
+    from ardistill.features import get_feature_network
+
+    net = get_feature_network("digits", classifier=classifier or load_digits_classifier(), device=device)
+    real = net.features(load_digits_split(reference).images.to(device)).cpu()
+    seeds = list(range(first_seed, first_seed + num_samples))
+    images = sample_teacher(teacher.to(device), process_for(teacher.cfg.prediction),
+                            balanced_labels(num_samples, teacher.cfg.num_classes), seeds, steps, solver, cfg_scale,
+                            device=device)
+    # Clamped to the image range, as when samples are written to image files: a few out-of-range
+    # pixels would otherwise push the classifier far outside the features it was trained on.
+    return image_metrics(images.clamp(-1, 1).to(device), real, net)

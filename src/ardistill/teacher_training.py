@@ -1,0 +1,232 @@
+"""Train a class-conditional DiT teacher on the embedded digits (eps-prediction on DiT's VP process).
+
+Loss: E_{x0, y, t, eps} |eps_theta(x_t, t, y') - eps|^2 with t uniform on 0..999, x_t = q_sample(x0, t, eps)
+and y' = y replaced by the null class with probability ``class_dropout_prob`` (so classifier-free
+guidance works). AdamW, linear warm-up then cosine decay, gradient clipping, EMA of the weights.
+
+Every random draw (batch indices, shifts, label dropout, t, eps) comes from one seeded
+``torch.Generator`` whose state is checkpointed, so a resumed run is bit-identical to an
+uninterrupted one. Files in ``out_dir``:
+  teacher.safetensors   EMA weights, DiT config in the metadata (what ``load_teacher`` reads)
+  train_state.pt        raw + EMA weights, optimiser, generator, step, losses (for resume)
+  config.json           resolved training config, model config and data counts
+  losses.json           mean training loss per ``log_every`` steps
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ardistill.data import (
+    DIGITS_CHANNELS,
+    DIGITS_CLASSES,
+    DIGITS_RESOLUTION,
+    load_digits_split,
+    random_shift,
+)
+from ardistill.diffusion import VPProcess
+from ardistill.dit import DiT, DiT_models, dit_config
+from ardistill.ema import EMA
+from ardistill.fileio import atomic_write, atomic_write_json, read_json
+
+TEACHER_FILE = "teacher.safetensors"
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.json"
+LOSSES_FILE = "losses.json"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """Everything that determines a teacher training run (saved as config.json beside it)."""
+
+    model: str = "DiT-digits-S"  # a key of dit.DiT_models (its width and depth; the data sets the shape)
+    steps: int = 14000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # linear warm-up, then constant or cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    class_dropout_prob: float = 0.1
+    augment_shift: int = 0  # random translation by up to this many pixels (0 = none)
+    seed: int = 0
+    data_seed: int = 0  # seed of the train / held-out split
+    heldout_fraction: float = 0.2
+    log_every: int = 100
+    checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if self.model not in DiT_models:
+            raise ValueError(f"TeacherTrainConfig.model: unknown DiT size {self.model!r}; "
+                             f"choose from {sorted(DiT_models)}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TeacherTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "augment_shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TeacherTrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("TeacherTrainConfig: lr must be > 0, weight_decay and grad_clip >= 0 (0 = no clipping)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TeacherTrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TeacherTrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TeacherTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 < self.class_dropout_prob < 1:
+            raise ValueError("TeacherTrainConfig.class_dropout_prob must be in (0, 1): guidance needs the null class")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"TeacherTrainConfig.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherTrainConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"TeacherTrainConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def learning_rate(cfg: TeacherTrainConfig, step: int) -> float:
+    """Learning rate at (0-based) ``step``: linear warm-up, then constant or cosine to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def teacher_model_config(cfg: TeacherTrainConfig):
+    """The DiT config this run trains: the registry size, with the digits' shape and no learned sigma.
+
+    Any registered size works ('DiT-T/2' in tests): input size, channels and classes come from the
+    data; learn_sigma is off because the loss is the plain eps-MSE (no variational-bound term).
+    """
+    return dit_config(cfg.model, input_size=DIGITS_RESOLUTION, in_channels=DIGITS_CHANNELS,
+                      num_classes=DIGITS_CLASSES, learn_sigma=False, prediction="eps",
+                      class_dropout_prob=cfg.class_dropout_prob)
+
+
+def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) a digits teacher; returns the path of the EMA checkpoint ``teacher.safetensors``.
+
+    Args:
+        cfg: the run's configuration.
+        out_dir: folder for the checkpoint, training state, config and losses.
+        resume: continue from ``out_dir/train_state.pt`` when it exists (its config must match).
+        progress: show a tqdm progress bar.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mcfg = teacher_model_config(cfg)
+    data = load_digits_split("train", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction)
+    process = VPProcess()
+
+    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = DiT(mcfg)
+    # EMA warm-up (decay min(d, (1 + n) / (10 + n))) keeps a short run from averaging in the random init.
+    ema = EMA(model, cfg.ema_decay, warmup=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, losses, elapsed = 0, [], 0.0
+
+    state_path = out_dir / STATE_FILE
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = TeacherTrainConfig.from_dict(state["train_config"])
+        if _resume_key(saved) != _resume_key(cfg):
+            raise ValueError(f"{state_path}: saved with a different training config; use a new --out or resume=False")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
+        if start > cfg.steps:
+            raise ValueError(f"{state_path}: the run is already at step {start}, past --steps {cfg.steps}")
+    atomic_write_json(out_dir / CONFIG_FILE, {
+        "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
+        "data": {"name": "sklearn-digits", "split": "train", "num_images": len(data),
+                 "value_range": [-1, 1], "heldout_fraction": cfg.heldout_fraction, "data_seed": cfg.data_seed},
+    })
+
+    # Label dropout is drawn here from the run's generator (so resume is exact); the model itself runs
+    # in eval mode, which only switches off its own dropout draw (DiT has no other train-time layers).
+    model.eval()
+    images, labels = data.images, data.labels
+    t0, window = time.time() - elapsed, []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-teacher")
+    for step in bar:
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        x0 = random_shift(images[idx], cfg.augment_shift, gen)
+        y = model.y_embedder.token_drop(labels[idx], generator=gen)
+        t = process.sample_train_t(cfg.batch_size, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        x_t = process.q_sample(x0, t, eps)
+        loss = F.mse_loss(model(x_t, process.model_time(t), y), eps)
+
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(model)
+
+        window.append(loss.item())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            losses.append({"step": done, "loss": sum(window) / len(window), "lr": learning_rate(cfg, step)})
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
+            window = []
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _save(out_dir, cfg, mcfg, model, ema, opt, gen, done, losses, time.time() - t0)
+    return out_dir / TEACHER_FILE
+
+
+def _resume_key(cfg: TeacherTrainConfig) -> dict:
+    """Fields that must match to resume; logging and checkpoint cadence and ``steps`` may change.
+
+    A larger ``steps`` extends a finished run; with the cosine schedule that re-stretches the decay
+    (the learning rate rises again), so extend constant-schedule runs, or plan the length up front.
+    """
+    d = cfg.to_dict()
+    for k in ("log_every", "checkpoint_every", "steps"):
+        d.pop(k)
+    return d
+
+
+def _save(out_dir: Path, cfg, mcfg, model, ema, opt, gen, step: int, losses: list, elapsed: float) -> None:
+    """Write the EMA checkpoint, then the resume state (each atomically)."""
+    from ardistill.checkpoints import save_model
+
+    save_model(ema.module, mcfg.to_dict(), out_dir / TEACHER_FILE, kind="teacher",
+               extra_metadata={"train_config": cfg.to_dict(), "step": step, "weights": "ema"})
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+             "generator": gen.get_state(), "step": step, "losses": losses, "elapsed_s": elapsed,
+             "train_config": cfg.to_dict()}
+    atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write_json(out_dir / LOSSES_FILE, {"losses": losses, "step": step, "elapsed_s": round(elapsed, 1)})
+
+
+def read_train_config(path: str | Path) -> TeacherTrainConfig:
+    """The training config saved in a run folder's config.json."""
+    return TeacherTrainConfig.from_dict(read_json(path, "teacher training config")["train"])
