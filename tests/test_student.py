@@ -1,6 +1,5 @@
 """ARD student: cached sampler == teacher-forced forward, causality, init from the teacher, config."""
 
-import itertools
 
 import pytest
 import torch

@@ -15,8 +15,508 @@ def _add_version(sub):
     p.set_defaults(func=lambda args: print(__import__("ardistill").__version__))
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_record(sub):
+    p = sub.add_parser("record", help="record teacher ODE trajectories into a sharded store (torchrun for several processes)",
+                       description="Record teacher trajectories on the student grid; rerun the same command to resume.")
+    p.add_argument("--teacher", help="teacher checkpoint: DiT .pt, ardistill .safetensors or diffusers folder (required)")
+    p.add_argument("--out", help="output folder, resumed if it holds an unfinished recording (required)")
+    p.add_argument("--preset", help="named recipe (configs/NAME.json) or a .json path; flags override its values")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
+    p.add_argument("--count", type=int, default=None, help="number of trajectories (required without --preset)")
+    p.add_argument("--num-steps", type=int, default=4, help="student steps S")
+    p.add_argument("--teacher-steps", type=int, default=25, help="teacher ODE steps T")
+    p.add_argument("--grid", choices=("ard", "uniform"), default="ard", help="student grid on the teacher grid")
+    p.add_argument("--positions", type=_int_list, default=None, help="explicit grid positions, e.g. 0,9,14,19,25")
+    p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (3 = DiT's legacy forward_with_cfg); default all")
+    p.add_argument("--seed", type=int, default=0, help="base seed: trajectory i uses seed + i")
+    p.add_argument("--classes", type=_int_list, default=None, help="labels cycle through these (default: all classes)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
+    p.add_argument("--shard-size", type=int, default=1024, help="trajectories per shard file")
+    p.add_argument("--batch-size", type=int, default=64, help="trajectories per teacher batch (per process)")
+    p.add_argument("--no-x0-preds", action="store_true", help="store ODE states only (target 'x0' then unavailable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 when done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def fields(a):
+        return dict(count=a.count, num_steps=a.num_steps, teacher_steps=a.teacher_steps, grid=a.grid,
+                    positions=a.positions, solver=a.solver, cfg_scale=a.cfg_scale,
+                    guidance_channels=a.guidance_channels, base_seed=a.seed, classes=a.classes,
+                    dtype=a.dtype, shard_size=a.shard_size, batch_size=a.batch_size, x0_preds=not a.no_x0_preds)
+
+    def run(args):
+        import json
+
+        from ardistill.presets import record_from_cli
+        from ardistill.record import RecordConfig, record_command
+        if args.preset is None and args.count is None:
+            raise ValueError("--count is required (or --preset NAME)")
+        defaults = fields(argparse.Namespace(**{k: p.get_default(k) for k in vars(args)}))
+        record_fields, resolved = record_from_cli(args.preset, fields(args), defaults)
+        if args.dry_run:
+            print(json.dumps({**resolved, "paths": {"teacher": args.teacher, "out": args.out}}, indent=2, default=list))
+            return
+        if not (args.teacher and args.out):
+            raise ValueError("--teacher and --out are required")
+        cfg = RecordConfig(**record_fields)
+        summary = record_command(args.teacher, args.out, cfg, device=args.device, verify_after=args.verify,
+                                 progress=not args.no_progress)
+        if summary is not None:  # rank 0 only
+            print(summary)
+    p.set_defaults(func=run)
+
+
+def _add_verify_trajectories(sub):
+    p = sub.add_parser("verify-trajectories", help="check a trajectory recording's shards against its manifest")
+    p.add_argument("root", help="recording folder (holds manifest.json)")
+    p.add_argument("--quick", action="store_true", help="sizes and headers only, no checksums")
+
+    def run(args):
+        from ardistill.trajectories import describe, verify
+        print(describe(verify(args.root, checksums=not args.quick)))
+        print("ok" if not args.quick else "ok (sizes and headers; checksums not checked)")
+    p.set_defaults(func=run)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_distill(sub):
+    # Every option defaults to "not given" so that --resume can tell which settings were passed;
+    # the defaults shown are DistillConfig's.
+    p = sub.add_parser("distill", argument_default=argparse.SUPPRESS,
+                       help="train an ARD (or step-distillation) student on a trajectory recording (torchrun for DDP)",
+                       description="Distil a few-step student from a recording; see docs/training.md. "
+                                   "Resume with --resume --run-dir DIR (settings come from the run).")
+    p.add_argument("--recording", help="trajectory recording folder (ardistill record)")
+    p.add_argument("--teacher", help="the teacher the recording was made with (initialises the student)")
+    p.add_argument("--run-dir", help="output folder: checkpoints, logs, final weights")
+    p.add_argument("--resume", action="store_true", default=False, help="continue the run in --run-dir exactly")
+    p.add_argument("--preset", default=None, help="named recipe (configs/NAME.json) or a .json path; flags override it")
+    p.add_argument("--dry-run", action="store_true", default=False,
+                   help="print the resolved configuration as JSON and exit (batch split for $WORLD_SIZE or the preset's)")
+    g = p.add_argument_group("student")
+    g.add_argument("--target", choices=("state", "x0"), help="ODE states (default) or teacher x0-predictions")
+    g.add_argument("--history-layers", type=int, help="N_h; 0 = step distillation (default: depth * 6 / 28)")
+    g.add_argument("--mask", choices=("M1", "M2", "M3", "M4"), help="history mask (default M4)")
+    g.add_argument("--time-labels", choices=("true", "uniform"), help="block times (default true)")
+    g.add_argument("--heads", choices=("shared", "per_step"), help="output heads (default shared)")
+    g.add_argument("--output", choices=("direct", "ode_step"), help="head output parameterisation (default direct)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimizer steps in total (default 1000)")
+    g.add_argument("--batch-size", type=int, help="global batch (default 64)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
+    g.add_argument("--adam-eps", type=float, help="AdamW epsilon (default 1e-8)")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
+    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (default 0)")
+    g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(decay, (1+n)/(10+n))")
+    g.add_argument("--loss-weights", type=_float_list, help="per-step loss weights, e.g. 1,1,1,2 (default equal)")
+    g.add_argument("--on-policy-prob", type=float, help="probability of on-policy history per batch (default 0)")
+    g.add_argument("--on-policy-start", type=int, help="teacher-forced steps before on-policy batches (default 0)")
+    g.add_argument("--on-policy-model", choices=("student", "ema"), help="weights of the rollout (default student)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help="data order and on-policy coin flips (default 0)")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 500)")
+    g.add_argument("--keep-every", type=int, help="keep checkpoints at multiples of N (default: latest only)")
+    g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    def run(args):
+        from ardistill.train import distill_command
+        from ardistill.train_utils import NonFiniteLossError
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "preset", "dry_run")}
+        if args.preset or args.dry_run:
+            import json
+
+            from ardistill.presets import distill_from_cli
+            options, resolved = distill_from_cli(args.preset, options)
+            if args.dry_run:
+                print(json.dumps(resolved, indent=2, default=list))
+                return
+        try:
+            distill_command(options, resume=args.resume)
+        except NonFiniteLossError as e:
+            print(f"ardistill distill: stopped: {e}", file=sys.stderr)
+            return 3
+    p.set_defaults(func=run)
+
+
+def _add_presets(sub):
+    p = sub.add_parser("presets", help="list the named recipes, or print one resolved and validated as JSON",
+                       description="Presets live in configs/ (and $ARDISTILL_CONFIGS); see docs/scale.md.")
+    p.add_argument("name", nargs="?", help="preset name or .json path; omit to list them")
+    p.add_argument("--world-size", type=int, default=None, help="processes to split the global batch over "
+                   "(default: $WORLD_SIZE, else the preset's nnodes x nproc_per_node)")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set distill.lr=2e-4 (repeatable; JSON values)")
+
+    def run(args):
+        from ardistill.presets import list_presets, load_preset, parse_assignment
+        if args.name is None:
+            print("\n".join(list_presets()))
+            return
+        overrides = dict(parse_assignment(a) for a in args.assignments)
+        print(load_preset(args.name, world_size=args.world_size, overrides=overrides).to_json())
+    p.set_defaults(func=run)
+
+
+def _add_encode_latents(sub):
+    p = sub.add_parser("encode-latents", help="encode an image folder (ImageNet layout) once into a sharded latent store",
+                       description="ADM centre crop -> SD VAE -> scaled latents (and their mirror images') in a "
+                                   "resumable, checksummed store; torchrun splits the shards over processes.")
+    p.add_argument("--images", required=True, help="image folder: one sub-folder per class (ImageNet train layout)")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema), or 'identity'")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--image-size", type=int, default=256, help="ADM centre-crop size in pixels")
+    p.add_argument("--posterior", choices=("mean", "sample"), default="mean",
+                   help="VAE posterior mean, or a sample seeded per image (DiT's training used samples)")
+    p.add_argument("--no-flip", action="store_true", help="do not also store the latents of mirrored images")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call (per process)")
+    p.add_argument("--shard-size", type=int, default=4096, help="latents per shard file")
+    p.add_argument("--seed", type=int, default=0, help="posterior noise: image i uses seed + i")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per process")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args):
+        from ardistill import distributed as dist
+        from ardistill.image_data import ImageFolder, encode_latents
+        from ardistill.vae import load_codec
+        device = dist.init(args.device)
+        try:
+            codec = load_codec(args.vae, device=device, posterior=args.posterior, channels=3)
+            summary = encode_latents(ImageFolder(args.images, image_size=args.image_size), codec, args.out,
+                                     batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                                     flipped=not args.no_flip, base_seed=args.seed, num_workers=args.num_workers,
+                                     device=device, progress=not args.no_progress)
+            if dist.is_main():
+                print(summary)
+        finally:
+            dist.cleanup()
+    p.set_defaults(func=run)
+
+
+def _threads(n):
+    """torch.set_num_threads when given: on a shared CPU, 1 thread can be several times faster than 2."""
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
+
+
+def _add_train_teacher(sub):
+    # Options default to "not given" so the values come from TeacherTrainConfig (shown in brackets).
+    p = sub.add_parser("train-teacher", argument_default=argparse.SUPPRESS,
+                       help="train a class-conditional DiT teacher on the embedded digits",
+                       description="eps-prediction on DiT's VP process, label dropout, AdamW, EMA; rerun to resume. "
+                                   "The defaults are the shipped teacher's recipe (docs/digits.md).")
+    p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
+    p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
+                                   "[DiT-digits-S]")
+    p.add_argument("--steps", type=int, help="optimizer steps [14000]")
+    p.add_argument("--batch-size", type=int, help="[32]")
+    p.add_argument("--lr", type=float, help="AdamW peak learning rate [1e-3]")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up [cosine]")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up [200]")
+    p.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr [0.05]")
+    p.add_argument("--weight-decay", type=float, help="[0]")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off [1.0]")
+    p.add_argument("--ema-decay", type=float, help="EMA decay, with warm-up min(d, (1+n)/(10+n)) [0.999]")
+    p.add_argument("--class-dropout-prob", type=float, help="label dropout for classifier-free guidance [0.1]")
+    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels, 0 = off [0]")
+    p.add_argument("--seed", type=int, help="initialisation and every training draw [0]")
+    p.add_argument("--data-seed", type=int, help="seed of the train / held-out split [0]")
+    p.add_argument("--log-every", type=int, help="[100]")
+    p.add_argument("--checkpoint-every", type=int, help="[500]")
+    p.add_argument("--no-resume", action="store_true", default=False,
+                   help="start over even if --out holds a training state")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 is fastest)")
+    p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+
+    def run(args):
+        from ardistill.teacher_training import TeacherTrainConfig, train_teacher
+        _threads(args.threads)
+        cfg = TeacherTrainConfig(**{k: v for k, v in vars(args).items()
+                                    if k in TeacherTrainConfig.__dataclass_fields__})
+        print(train_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress))
+    p.set_defaults(func=run)
+
+
+def _add_train_classifier(sub):
+    # Options default to "not given" so the values come from ClassifierTrainConfig (shown in brackets).
+    p = sub.add_parser("train-classifier", argument_default=argparse.SUPPRESS,
+                       help="train the digits classifier (the feature network of the digits metrics)")
+    p.add_argument("--out", required=True, help="output .safetensors file (a .json summary is written beside)")
+    p.add_argument("--epochs", type=int, help="[40]")
+    p.add_argument("--batch-size", type=int, help="[64]")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, cosine decay to 0 [2e-3]")
+    p.add_argument("--weight-decay", type=float, help="[1e-4]")
+    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1]")
+    p.add_argument("--noise-std", type=float, help="Gaussian input noise in the model range [-1, 1] [0.1]")
+    p.add_argument("--width", type=int, help="channels of the first conv [32]")
+    p.add_argument("--feature-dim", type=int, help="penultimate (feature) layer size [64]")
+    p.add_argument("--seed", type=int, help="[0]")
+    p.add_argument("--data-seed", type=int, help="seed of the train / held-out split [0]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 is fastest)")
+    p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+
+    def run(args):
+        from ardistill.classifier import ClassifierTrainConfig, train_classifier
+        _threads(args.threads)
+        cfg = ClassifierTrainConfig(**{k: v for k, v in vars(args).items()
+                                       if k in ClassifierTrainConfig.__dataclass_fields__})
+        r = train_classifier(cfg, args.out, progress=not args.no_progress)
+        print(f"{r.path}: held-out accuracy {r.heldout_accuracy:.4f}, train accuracy {r.train_accuracy:.4f}, "
+              f"{r.wall_s:.0f} s")
+    p.set_defaults(func=run)
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="sample a teacher with its ODE solver into a PNG grid")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--out", default="grid.png", help="output PNG")
+    p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
+    p.add_argument("--steps", type=int, default=25, help="solver steps")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (3 = DiT's legacy forward_with_cfg); default all")
+    p.add_argument("--seeds", default="0-99", help="noise seeds, e.g. 0-63 or 0,5,7-9 (one image each)")
+    p.add_argument("--labels", default=None, help="classes, cycled over the seeds, e.g. 3 or 0-4 (default: balanced)")
+    p.add_argument("--nrow", type=int, default=None, help="images per row (default: one per class when balanced)")
+    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of every pixel")
+    p.add_argument("--device", default="cpu")
+
+    def run(args):
+        from ardistill.sample import sample_grid
+        print(sample_grid(args.teacher, args.out, seeds=args.seeds, labels=args.labels, steps=args.steps,
+                          solver=args.solver, cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
+                          nrow=args.nrow, scale=args.scale, device=args.device))
+    p.set_defaults(func=run)
+
+
+
+def _add_finetune_gan(sub):
+    # Options default to "not given" (as in distill) so that --resume can tell which were passed.
+    p = sub.add_parser("finetune-gan", argument_default=argparse.SUPPRESS,
+                       help="ARD (R+G): fine-tune a distilled student with regression + GAN (torchrun for DDP)",
+                       description="Second stage: regression + hinge GAN with a frozen-teacher discriminator; see "
+                                   "docs/gan.md. Resume with --resume --run-dir DIR (settings come from the run).")
+    p.add_argument("--student", help="distilled student: run folder, checkpoint folder or weight file")
+    p.add_argument("--recording", help="the recording the student was distilled on")
+    p.add_argument("--teacher", help="the recording's teacher (frozen feature network of the discriminator)")
+    p.add_argument("--run-dir", help="output folder: checkpoints, logs, final weights")
+    p.add_argument("--real", help="real images: 'digits' (train split, default) or a latent store folder")
+    p.add_argument("--resume", action="store_true", default=False, help="continue the run in --run-dir exactly")
+    p.add_argument("--start-weights", choices=("ema", "student"), help="weights of a run folder to start from (default ema)")
+    g = p.add_argument_group("discriminator and GAN")
+    g.add_argument("--disc-blocks", type=_int_list, help="teacher blocks with a head, e.g. 1,3,5 (default: all)")
+    g.add_argument("--head-channels", type=int, help="head width (default 64)")
+    g.add_argument("--head-kernel", type=int, help="token-mixing conv kernel, odd (default 3)")
+    g.add_argument("--head-cmap", type=int, help="class projection size (default 64)")
+    g.add_argument("--fakes", choices=("forced", "free"), help="teacher-forced or own-history student outputs (default forced)")
+    g.add_argument("--gan-steps", choices=("last", "all"), help="discriminate the final output or any step (default last)")
+    g.add_argument("--feature-noise", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="noise level range of the feature network's inputs, fractions of the time range (default 0 1)")
+    g.add_argument("--gan-factor", type=float, help="adaptive weight factor; 0 = regression only (default 10)")
+    g.add_argument("--gan-weight-max", type=float, help="clamp of the gradient-norm ratio (default 1e4)")
+    g.add_argument("--gan-warmup", type=int, help="steps with GAN weight 0 while D trains (default 3000)")
+    g.add_argument("--collapse-d-loss", type=float, help="collapse guard: D loss threshold (default 0.05)")
+    g.add_argument("--collapse-patience", type=int, help="collapse guard: logs in a row (default 5)")
+    g.add_argument("--stop-on-collapse", action="store_true", help="stop (after a checkpoint) when the guard trips")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimizer steps in total (default 10000)")
+    g.add_argument("--batch-size", type=int, help="global batch (default 64)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=float, help="student AdamW learning rate (default 1e-4)")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="student AdamW betas (default 0.9 0.999)")
+    g.add_argument("--weight-decay", type=float, help="student AdamW weight decay (default 0)")
+    g.add_argument("--grad-clip", type=float, help="student max gradient norm, 0 = off (default 1.0)")
+    g.add_argument("--d-lr", type=float, help="discriminator Adam learning rate (default 1e-3)")
+    g.add_argument("--d-betas", type=float, nargs=2, metavar=("B1", "B2"), help="discriminator Adam betas (default 0 0.99)")
+    g.add_argument("--d-grad-clip", type=float, help="discriminator max gradient norm, 0 = off (default)")
+    g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(decay, (1+n)/(10+n))")
+    g.add_argument("--loss-weights", type=_float_list, help="per-step regression weights (default equal)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help="data order, head init, step choice (default 0)")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 500)")
+    g.add_argument("--keep-every", type=int, help="keep checkpoints at multiples of N (default: latest only)")
+    g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    def run(args):
+        from ardistill.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
+        from ardistill.train_utils import NonFiniteLossError
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume")}
+        try:
+            finetune_gan_command(options, resume=args.resume)
+        except NonFiniteLossError as e:
+            print(f"ardistill finetune-gan: stopped: {e}", file=sys.stderr)
+            return 3
+        except DiscriminatorCollapseError as e:
+            print(f"ardistill finetune-gan: stopped: {e}", file=sys.stderr)
+            return 4
+    p.set_defaults(func=run)
+
+
+def _compare_args(p, default_out: str):
+    """Flags shared by demo and sweep: CompareConfig fields."""
+    p.add_argument("--out", default=None, help=f"output folder (default {default_out}); rerun to resume")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--train-count", type=int, help="recorded training trajectories")
+    p.add_argument("--eval-count", type=int, help="held-out evaluation trajectories (disjoint seeds)")
+    p.add_argument("--num-steps", type=int, help="student steps S")
+    p.add_argument("--steps", type=int, help="optimizer steps per student (the same for every variant)")
+    p.add_argument("--batch-size", type=int, help="training batch")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--seeds", type=_int_list, help="training seeds, e.g. 0,1,2 (mean and spread are reported)")
+    p.add_argument("--target", choices=("state", "x0"), help="student parameterisation for every variant")
+    p.add_argument("--output", choices=("direct", "ode_step"), help="student head output for every variant")
+    p.add_argument("--on-policy-prob", type=float, help="on-policy history probability for every variant")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _compare_config(args, preset: dict, default_out: str):
+    from ardistill.compare import CompareConfig
+    kw = dict(preset)
+    for k in ("teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds", "device"):
+        if getattr(args, k, None) is not None:
+            kw[k] = getattr(args, k)
+    kw["out"] = args.out or kw.get("out", default_out)
+    kw["progress"] = not args.no_progress
+    student = dict(kw.get("student", {}))
+    for k in ("target", "output", "on_policy_prob"):
+        if getattr(args, k, None) is not None:
+            student[k] = getattr(args, k)
+    kw["student"] = student
+    return CompareConfig(**kw)
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the main job: record, distil step distillation and ARD, evaluate, report",
+                       description="Teacher vs step distillation vs ARD on the embedded digits default, end to end. "
+                                   "--preset quick fits ~10 minutes on a 2-core CPU; --preset full is the documented "
+                                   "comparison (docs/results.md).")
+    p.add_argument("--preset", choices=("quick", "full"), default="quick")
+    p.add_argument("--history-layers", type=int, default=None, help="ARD's N_h (default: 6/28 of the depth)")
+    p.add_argument("--gan", action="store_true", help="add the GAN fine-tuning stage: an ARD (R+G) row")
+    _compare_args(p, "runs/demo")
+
+    def run(args):
+        from ardistill.compare import DEMO_PRESETS, compare, demo_variants
+        from ardistill.checkpoints import load_any_teacher
+        from ardistill.assets import DIGITS_TEACHER, shipped
+        _threads(args.threads)
+        cfg = _compare_config(args, DEMO_PRESETS[args.preset], "runs/demo")
+        depth = load_any_teacher(cfg.teacher or shipped(DIGITS_TEACHER, "digits teacher")).cfg.depth
+        variants = demo_variants(depth, args.history_layers)
+        print(compare(cfg, variants, gan=args.gan))
+    p.set_defaults(func=run)
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="the paper's ablations on the embedded default, one table",
+                       description="history_layers, masks M1-M4, steps 2-5, target parameterisation, shared vs "
+                                   "per-step heads, teacher forcing vs on-policy history; writes OUT/sweep.md.")
+    p.add_argument("--axes", default=",".join(("history_layers", "mask", "target", "heads", "on_policy", "num_steps")),
+                   help="comma-separated axes to run")
+    _compare_args(p, "runs/sweep")
+
+    def run(args):
+        from ardistill.compare import sweep
+        _threads(args.threads)
+        cfg = _compare_config(args, {}, "runs/sweep")
+        print(sweep(cfg, tuple(a for a in args.axes.split(",") if a)))
+    p.set_defaults(func=run)
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="few-step samples from a student: ADM .npz (torchrun: rank-local shards) or a PNG grid")
+    p.add_argument("--student", required=True, help="student weights, checkpoint folder or run folder")
+    p.add_argument("--out", required=True, help="output .npz (ADM arr_0 uint8 NHWC) or .png (grid)")
+    p.add_argument("--num-samples", type=int, default=100, help="sample i has seed base+i and label i %% classes")
+    p.add_argument("--base-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for latent students")
+    p.add_argument("--scale", type=int, default=None, help="PNG: nearest-neighbour upscaling (default x8 below 64 px)")
+    p.add_argument("--device", default=None)
+
+    def run(args):
+        if str(args.out).endswith(".png"):
+            from ardistill.generate import student_grid_png
+            seeds = list(range(args.base_seed, args.base_seed + args.num_samples))
+            print(student_grid_png(args.student, args.out, seeds, scale=args.scale, vae=args.vae,
+                                   device=args.device or "cpu"))
+            return
+        from ardistill.generate import generate
+        path = generate(args.student, args.out, args.num_samples, args.base_seed, args.batch_size, args.vae, args.device)
+        if path is not None:
+            print(path)
+    p.set_defaults(func=run)
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="FID / IS / precision-recall of an ADM sample .npz against a reference batch",
+                       description="Both files are ADM .npz batches (uint8 NHWC arr_0). Features: 'inception' "
+                                   "(FID Inception-v3 from a local weights file) or 'digits' (the shipped classifier).")
+    p.add_argument("--samples", required=True, help="sample batch .npz (ardistill generate)")
+    p.add_argument("--reference", required=True, help="reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--features", choices=("inception", "digits"), default="inception")
+    p.add_argument("--inception-weights", default=None,
+                   help="pt_inception-2015-12-05 .pth file (default: $ARDISTILL_INCEPTION_WEIGHTS)")
+    p.add_argument("--reference-stats", choices=("recompute", "file"), default="recompute",
+                   help="recompute reference features with the same network (default) or use the file's mu/sigma")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default=None, help="write the metrics as JSON here too")
+    p.add_argument("--device", default=None)
+
+    def run(args):
+        import json
+        from ardistill.evaluate import evaluate_npz
+        from ardistill.features import get_feature_network
+        from ardistill.fileio import atomic_write_json
+        kw = {"weights_path": args.inception_weights} if args.features == "inception" else {}
+        net = get_feature_network(args.features, device=args.device, **kw)
+        res = evaluate_npz(args.samples, args.reference, net, args.batch_size, args.reference_stats, device=args.device)
+        if args.out:
+            atomic_write_json(args.out, res)
+        print(json.dumps(res, indent=2))
+    p.set_defaults(func=run)
+
+
 # Subcommand registrations, in the order they appear in --help.
-_REGISTRATIONS = [_add_version]
+_REGISTRATIONS = [_add_version, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
+                  _add_train_teacher, _add_train_classifier, _add_sample, _add_finetune_gan, _add_demo, _add_sweep,
+                  _add_generate, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

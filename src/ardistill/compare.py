@@ -43,6 +43,7 @@ class CompareConfig:
     lr: float = 3e-4
     warmup_steps: int = 20
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # short runs: decay min(ema_decay, (1+n)/(10+n)), else the EMA stays near the init
     seeds: tuple[int, ...] = (0,)
     student: dict = field(default_factory=dict)  # DistillConfig fields shared by all variants
     # evaluation
@@ -116,6 +117,7 @@ def train_variant(cfg: CompareConfig, name: str, overrides: dict, seed: int, rec
     run_dir = Path(cfg.out) / "students" / f"{slug(name)}-seed{seed}"
     opts = dict(recording=str(recording), teacher=str(teacher_path), run_dir=str(run_dir), steps=cfg.steps,
                 batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
+                ema_warmup=cfg.ema_warmup,
                 seed=seed, device=cfg.device, progress=cfg.progress, ckpt_every=max(cfg.steps // 4, 1),
                 tensorboard=False)
     opts.update(cfg.student)
@@ -168,13 +170,28 @@ def summarize(rows: list[dict], names: list[str], teacher_fd: float) -> dict:
     return out
 
 
-def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher vs step distillation vs ARD") -> Path:
+def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording: Path, teacher_path: Path) -> Path:
+    """ARD (R+G): GAN fine-tuning of a distilled student with the recommended digits settings (resumes)."""
+    from ardistill.finetune_gan import DIGITS_GAN_SETTINGS, GANConfig, finetune_gan
+
+    run_dir = Path(cfg.out) / "students" / f"{student_run.name}-gan"
+    t0 = time.perf_counter()
+    res = finetune_gan(GANConfig(student=str(student_run), recording=str(recording), teacher=str(teacher_path),
+                                 run_dir=str(run_dir), seed=seed, device=cfg.device, progress=cfg.progress,
+                                 tensorboard=False, **DIGITS_GAN_SETTINGS), resume=True)
+    print(f"[finetune-gan {student_run.name}] {res.step} steps, {time.perf_counter() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher vs step distillation vs ARD",
+            gan: bool = False) -> Path:
     """Record, distil every variant for every seed, evaluate all from the same noise, write the report.
 
     Args:
         cfg: recording, training budget and evaluation settings.
         variants: report name -> DistillConfig overrides (e.g. {"history_layers": 0}). The first two
             are the pair whose FD-degradation ratio is reported (step distillation first).
+        gan: also fine-tune the last variant (ARD) with the GAN stage and report it as "ARD (R+G)".
     Returns the path of report.md.
     """
     from ardistill.assets import DIGITS_TEACHER, shipped
@@ -200,6 +217,10 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     t_record = time.perf_counter() - t_start
     runs = {(name, seed): train_variant(cfg, name, ov, seed, train_rec, teacher_path)
             for name, ov in variants.items() for seed in cfg.seeds}
+    if gan:
+        ard_name = list(variants)[-1]
+        for seed in cfg.seeds:
+            runs[("ARD (R+G)", seed)] = finetune_variant(cfg, runs[(ard_name, seed)], seed, train_rec, teacher_path)
     t_train = time.perf_counter() - t_start - t_record
 
     # ---- evaluation: same noise and labels for every model
@@ -222,7 +243,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     real_row = ModelResult(name="held-out real digits (vs train split)", steps=0,
                            metrics=image_metrics(load_digits_split("train").images, real, net))
     rows, results, grids = [], [real_row, teacher_row], {"teacher": ev.teacher_samples[:cfg.grid_columns]}
-    for name in variants:
+    for name in list(variants) + (["ARD (R+G)"] if gan else []):
         per_seed = []
         for seed in cfg.seeds:
             student = load_student(runs[(name, seed)], device=device)
@@ -242,7 +263,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                                    latency_ms=lat, flops=flops(nh).ard, errors=mean_errs))
         grids[name] = samples[:cfg.grid_columns]
 
-    summary = summarize(rows, list(variants), t_metrics.fd)
+    summary = summarize(rows, list(variants) + (["ARD (R+G)"] if gan else []), t_metrics.fd)
     summary.update({"per_seed": rows, "wall_seconds": {"record": t_record, "train": t_train,
                                                         "total": time.perf_counter() - t_start},
                     "recording": {"train": str(train_rec), "eval": str(eval_rec), "grid": manifest["grid"]},

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ardistill.diffusion import FlowProcess, Process, VPProcess
+from ardistill.diffusion import Process, VPProcess
 from ardistill.guidance import ModelFn
 
 SOLVERS = ("ddim", "euler", "heun")

@@ -13,11 +13,10 @@ Glossary: S num_steps (blocks), N tokens per block, D width, N_h history_layers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ardistill.dit import DiT, DiTConfig
