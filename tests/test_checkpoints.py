@@ -71,10 +71,10 @@ def test_training_checkpoint_ema_and_model(tmp_path, random_dit, dit_inputs):
 
 def test_num_heads_cannot_be_inferred_for_unregistered_widths(tmp_path, random_dit, dit_inputs):
     model = random_dit(hidden_size=80, num_heads=8)
-    torch.save(model.state_dict(), tmp_path / "w96.pt")
-    with pytest.raises(CheckpointError, match=r"w96.pt.*hidden size 96.*num_heads"):
-        load_dit_pt(tmp_path / "w96.pt")
-    loaded = load_dit_pt(tmp_path / "w96.pt", num_heads=8)
+    torch.save(model.state_dict(), tmp_path / "w80.pt")
+    with pytest.raises(CheckpointError, match=r"w80.pt.*hidden size 80.*num_heads"):
+        load_dit_pt(tmp_path / "w80.pt")
+    loaded = load_dit_pt(tmp_path / "w80.pt", num_heads=8)
     assert loaded.cfg == model.cfg
     inputs = dit_inputs(model.cfg)
     assert torch.equal(_out(loaded, inputs), _out(model, inputs))
