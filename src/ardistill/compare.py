@@ -291,7 +291,8 @@ def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
     if "fd_degradation_ratio" in summary:
         r = summary["fd_degradation_ratio"]
         notes.append(f"FD degradation ratio (({names[0]} - teacher) / ({names[1]} - teacher)): "
-                     f"{r:.2f}" + (f"; per seed {', '.join(f'{x:.2f}' for x in summary['fd_degradation_ratio_per_seed'])}"
+                     + (f"{r:.2f}" if math.isfinite(r) and r >= 0 else
+                        "undefined here: a student's FD is not above the teacher's (no degradation to compare)") + (f"; per seed {', '.join(f'{x:.2f}' for x in summary['fd_degradation_ratio_per_seed'])}"
                                    if len(cfg.seeds) > 1 else "") + " (paper, ImageNet-256: 5.1)")
     if len(cfg.seeds) > 1:
         for n in names:
