@@ -70,3 +70,17 @@ def test_sweep_variants_cover_the_ablations():
     assert len(sweep_variants("on_policy", 6)) == 4
     with pytest.raises(ValueError, match="unknown sweep axis"):
         sweep_variants("depth", 6)
+
+
+@pytest.mark.slow
+def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
+    import ardistill.finetune_gan as fg
+    for k, v in dict(steps=4, gan_warmup=1, batch_size=8).items():
+        monkeypatch.setitem(fg.DIGITS_GAN_SETTINGS, k, v)
+    cfg = CompareConfig(out=str(tmp_path / "gan"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
+                        teacher_steps=6, steps=3, batch_size=8, record_batch=16, latency_batch=4, latency_repeats=1,
+                        progress=False)
+    report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}}, gan=True)
+    m = json.loads((report.parent / "metrics.json").read_text())
+    assert [r["name"] for r in m["models"]][-1] == "ARD (R+G)"
+    assert "ARD (R+G)" in m["summary"] and (tmp_path / "gan" / "students" / "ard-seed0-gan" / "ema.safetensors").is_file()
