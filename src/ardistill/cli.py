@@ -339,7 +339,7 @@ def _add_finetune_gan(sub):
     g.add_argument("--fakes", choices=("forced", "free"), help="teacher-forced or own-history student outputs (default forced)")
     g.add_argument("--gan-steps", choices=("last", "all"), help="discriminate the final output or any step (default last)")
     g.add_argument("--feature-noise", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="noise level range of the feature network's inputs, fractions of the time range (default 0 1)")
+                   help="noise level range of the feature network's inputs, fractions of the time range (default 0 0.25)")
     g.add_argument("--gan-factor", type=float, help="adaptive weight factor; 0 = regression only (default 10)")
     g.add_argument("--gan-weight-max", type=float, help="clamp of the gradient-norm ratio (default 1e4)")
     g.add_argument("--gan-warmup", type=int, help="steps with GAN weight 0 while D trains (default 3000)")
