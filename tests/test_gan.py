@@ -308,7 +308,8 @@ def test_cli_finetune_gan_and_resume(setup, tmp_path):
             "--disc-blocks", "1", "--feature-noise", "0", "0.25", "--d-betas", "0.5", "0.9", "--no-progress",
             "--no-tensorboard"]
     assert main(args) == 0
-    assert main(["finetune-gan", "--resume", "--run-dir", str(run), "--steps", "3", "--no-progress"]) == 0
+    assert main(["finetune-gan", "--resume", "--run-dir", str(run), "--steps", "3", "--d-lr", "5e-4", "--no-progress"]) == 0
+    assert _log(run)[-1]["d_lr"] == 5e-4  # a learning rate changed on resume is used
     assert main(["finetune-gan", "--resume", "--run-dir", str(run), "--fakes", "free"]) == 2  # not a runtime field
     state = Checkpointer.load_state(Checkpointer(run / "checkpoints").latest())
     assert state["step"] == 3 and state["config"]["feature_noise"] == [0.0, 0.25]
