@@ -45,9 +45,8 @@ from ardistill.gan import (DISC_HEADS_KIND, DiscriminatorConfig, DiscriminatorHe
 from ardistill.student import ARDStudent, StudentConfig, block_times_for
 from ardistill.student_io import read_student_file, resolve_student_path, save_student
 from ardistill.train import distill_loss, recording_id
-from ardistill.train_utils import (PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
-                                   check_finite, progress, resolve_precision, restore_rng, setup_backends,
-                                   sync_gradients, wrap_ddp)
+from ardistill.train_utils import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
+                                   check_finite, progress, restore_rng, sync_gradients, wrap_ddp)
 
 FAKES = ("forced", "free")
 GAN_STEPS = ("last", "all")
@@ -294,15 +293,6 @@ def finetune_gan_command(options: dict, resume: bool = False) -> GANResult:
     return result
 
 
-def _check_resume_config(saved: GANConfig, cfg: GANConfig, where: Path) -> GANConfig:
-    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(GANConfig)
-            if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
-    if diff:
-        raise ValueError(f"cannot resume {where} with other settings ({'; '.join(diff)}); "
-                         f"only {', '.join(RUNTIME_FIELDS)} may change")
-    return replace(saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-
-
 # ------------------------------------------------------------------------------------------------
 # the loop
 
@@ -320,23 +310,10 @@ class _GANTrainer:
 
         self.device = device
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_every)
-        latest = self.ckpt.latest()
-        state = None
-        if latest is not None:
-            if not resume:
-                raise ValueError(f"{self.run_dir} already holds a run (checkpoint {latest.name}); "
-                                 f"pass --resume to continue it or choose another --run-dir")
-            state = Checkpointer.load_state(latest)
-            cfg = _check_resume_config(GANConfig.from_dict(state["config"]), cfg, latest)
+        run = start_run(cfg, resume, device, RUNTIME_FIELDS)
+        cfg, self.ckpt, latest, state, self.precision = run.cfg, run.ckpt, run.latest, run.state, run.precision
         self.cfg, self.last_ckpt = cfg, latest
         world = dist.world_size()
-        if cfg.batch_size % (world * cfg.grad_accum):
-            raise ValueError(f"GANConfig.batch_size {cfg.batch_size} is not divisible by processes ({world}) "
-                             f"x grad_accum ({cfg.grad_accum})")
-        self.precision = resolve_precision(cfg.precision, device)
-        setup_backends(device, cfg.deterministic)
-        torch.manual_seed(cfg.seed + dist.rank())
 
         # the student: its starting weights, or (resume) its config from the checkpoint
         if state is None:

@@ -39,9 +39,8 @@ from ardistill.masks import check_mask
 from ardistill.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
 from ardistill.record import weights_sha256
 from ardistill.student_io import read_student_file, save_student
-from ardistill.train_utils import (PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
-                                   check_finite, lr_at, progress, resolve_precision, restore_rng, setup_backends,
-                                   sync_gradients, wrap_ddp)
+from ardistill.train_utils import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
+                                   check_finite, lr_at, progress, restore_rng, sync_gradients, wrap_ddp)
 from ardistill.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
 
 ROLLOUT_MODELS = ("student", "ema")
@@ -207,16 +206,6 @@ def recording_id(manifest: dict) -> str:
     return hashlib.sha256("".join(sh["sha256"] for sh in manifest["shards"]).encode()).hexdigest()
 
 
-def _check_resume_config(saved: DistillConfig, cfg: DistillConfig, where: Path) -> DistillConfig:
-    """The saved config with ``cfg``'s runtime fields; any other difference is an error naming the fields."""
-    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(DistillConfig)
-            if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
-    if diff:
-        raise ValueError(f"cannot resume {where} with other settings ({'; '.join(diff)}); "
-                         f"only {', '.join(RUNTIME_FIELDS)} may change")
-    return replace(saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-
-
 def load_run_config(run_dir: str | Path) -> DistillConfig:
     """The DistillConfig of an existing run (from its latest checkpoint, else config.json)."""
     ckpt = Checkpointer(Path(run_dir) / "checkpoints").latest()
@@ -269,23 +258,10 @@ class _Distiller:
     def __init__(self, cfg: DistillConfig, device: torch.device, resume: bool):
         self.device = device
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_every)
-        latest = self.ckpt.latest()
-        state = None
-        if latest is not None:
-            if not resume:
-                raise ValueError(f"{self.run_dir} already holds a run (checkpoint {latest.name}); "
-                                 f"pass --resume to continue it or choose another --run-dir")
-            state = Checkpointer.load_state(latest)
-            cfg = _check_resume_config(DistillConfig.from_dict(state["config"]), cfg, latest)
+        run = start_run(cfg, resume, device, RUNTIME_FIELDS)
+        cfg, self.ckpt, latest, state, self.precision = run.cfg, run.ckpt, run.latest, run.state, run.precision
         self.cfg, self.last_ckpt = cfg, latest
         world = dist.world_size()
-        if cfg.batch_size % (world * cfg.grad_accum):
-            raise ValueError(f"DistillConfig.batch_size {cfg.batch_size} is not divisible by processes ({world}) "
-                             f"x grad_accum ({cfg.grad_accum})")
-        self.precision = resolve_precision(cfg.precision, device)
-        setup_backends(device, cfg.deterministic)
-        torch.manual_seed(cfg.seed + dist.rank())
 
         teacher = load_any_teacher(cfg.teacher)
         self.data, manifest = _open_data(cfg, teacher)

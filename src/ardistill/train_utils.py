@@ -384,3 +384,51 @@ def progress(total: int, initial: int, enabled: bool):
     """A tqdm progress bar over optimizer steps on rank 0 (disabled elsewhere)."""
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=not (enabled and dist.is_main()), unit="step", dynamic_ncols=True)
+
+
+@dataclass
+class RunStart:
+    """What a trainer needs to begin or continue a run (see ``start_run``)."""
+
+    cfg: object  # the config in force: the saved one (plus runtime fields) when resuming
+    ckpt: "Checkpointer"
+    latest: Path | None  # the checkpoint resumed from, or None for a fresh start
+    state: dict | None  # its training state
+    precision: str
+
+
+def check_resume_config(saved, cfg, where: Path, runtime_fields: tuple[str, ...]):
+    """The saved config with ``cfg``'s runtime fields; any other difference is an error naming the fields."""
+    from dataclasses import fields, replace
+    diff = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(saved)
+            if f.name not in runtime_fields and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise ValueError(f"cannot resume {where} with other settings ({'; '.join(diff)}); "
+                         f"only {', '.join(runtime_fields)} may change")
+    return replace(saved, **{k: getattr(cfg, k) for k in runtime_fields})
+
+
+def start_run(cfg, resume: bool, device: torch.device, runtime_fields: tuple[str, ...]) -> RunStart:
+    """Shared start of `distill` and `finetune-gan`: find the latest checkpoint, apply the resume
+    rules (only ``runtime_fields`` may change), check the batch split over processes, set up
+    backends and this rank's seed.
+    """
+    from ardistill import distributed as dist
+    run_dir = Path(cfg.run_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.keep_every)
+    latest = ckpt.latest()
+    state = None
+    if latest is not None:
+        if not resume:
+            raise ValueError(f"{run_dir} already holds a run (checkpoint {latest.name}); "
+                             f"pass --resume to continue it or choose another --run-dir")
+        state = Checkpointer.load_state(latest)
+        cfg = check_resume_config(type(cfg).from_dict(state["config"]), cfg, latest, runtime_fields)
+    world = dist.world_size()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"{type(cfg).__name__}.batch_size {cfg.batch_size} is not divisible by processes ({world}) "
+                         f"x grad_accum ({cfg.grad_accum})")
+    precision = resolve_precision(cfg.precision, device)
+    setup_backends(device, cfg.deterministic)
+    torch.manual_seed(cfg.seed + dist.rank())
+    return RunStart(cfg=cfg, ckpt=ckpt, latest=latest, state=state, precision=precision)
