@@ -84,3 +84,42 @@ def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
     m = json.loads((report.parent / "metrics.json").read_text())
     assert [r["name"] for r in m["models"]][-1] == "ARD (R+G)"
     assert "ARD (R+G)" in m["summary"] and (tmp_path / "gan" / "students" / "ard-seed0-gan" / "ema.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_trains_a_shared_variant_once_and_writes_one_table(tiny_teacher, tmp_path):
+    from ardistill.compare import sweep
+    cfg = CompareConfig(out=str(tmp_path / "sweep"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
+                        teacher_steps=6, steps=2, batch_size=8, record_batch=16, latency_batch=4, latency_repeats=1,
+                        progress=False)
+    table = sweep(cfg, axes=("mask", "heads"))
+    # mask: M1-M4 with ARD's N_h; heads: SD/ARD x shared/per-step. "ARD heads=shared" is "mask M4" (the
+    # default mask), so 7 distinct students are trained for 8 rows
+    students = sorted((tmp_path / "sweep" / "students").glob("*-seed0"))
+    assert len(students) == 7
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert len(rows) == 8 and {r["axis"] for r in rows} == {"mask", "heads"}
+    m4 = next(r for r in rows if r["variant"] == "mask M4")
+    shared = next(r for r in rows if r["variant"] == "ARD heads=shared")
+    assert m4["fd"] == shared["fd"]
+    assert table.read_text().count("\n| ") == 8 + 1  # header + 8 rows
+
+
+def test_fd_to_teacher_is_zero_for_the_teacher_and_grows_with_a_shift():
+    from ardistill.evaluate import image_features, image_metrics
+
+    class Net(torch.nn.Module):  # features = the pixels
+        def forward(self, x):
+            return x.flatten(1)
+
+        def features(self, x):
+            return x.flatten(1)
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.rand(300, 1, 2, 2, generator=g) - 0.5
+    tf = image_features(teacher, Net())
+    assert image_metrics(teacher, tf, Net(), teacher_features=tf).fd_teacher == pytest.approx(0.0, abs=1e-6)
+    near = image_metrics(teacher + 0.1, tf, Net(), teacher_features=tf).fd_teacher
+    far = image_metrics(teacher + 0.3, tf, Net(), teacher_features=tf).fd_teacher
+    assert near == pytest.approx(4 * 0.1 ** 2, rel=1e-3) and far == pytest.approx(4 * 0.3 ** 2, rel=1e-3)
+    assert np.isnan(image_metrics(teacher, tf, Net()).fd_teacher)

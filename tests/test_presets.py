@@ -127,3 +127,12 @@ def test_cli_dry_runs_print_the_resolved_config(capsys):
     assert "guidance_channels = 5" in capsys.readouterr().err
     assert main(["record", "--teacher", "t", "--out", "o"]) == 2
     assert "--count is required" in capsys.readouterr().err
+
+
+def test_presets_ship_inside_the_package():
+    import ardistill
+    from pathlib import Path
+    from ardistill.presets import config_dirs, list_presets
+    pkg = Path(ardistill.__file__).resolve().parent
+    assert config_dirs()[-1] == pkg / "configs"
+    assert {"digits-ard", "imagenet256-ard"} <= set(list_presets())

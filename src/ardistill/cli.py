@@ -27,7 +27,7 @@ def _add_record(sub):
                        description="Record teacher trajectories on the student grid; rerun the same command to resume.")
     p.add_argument("--teacher", help="teacher checkpoint: DiT .pt, ardistill .safetensors or diffusers folder (required)")
     p.add_argument("--out", help="output folder, resumed if it holds an unfinished recording (required)")
-    p.add_argument("--preset", help="named recipe (configs/NAME.json) or a .json path; flags override its values")
+    p.add_argument("--preset", help="named recipe (ardistill/configs/NAME.json) or a .json path; flags override its values")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration as JSON and exit")
     p.add_argument("--count", type=int, default=None, help="number of trajectories (required without --preset)")
     p.add_argument("--num-steps", type=int, default=4, help="student steps S")
@@ -106,7 +106,7 @@ def _add_distill(sub):
     p.add_argument("--teacher", help="the teacher the recording was made with (initialises the student)")
     p.add_argument("--run-dir", help="output folder: checkpoints, logs, final weights")
     p.add_argument("--resume", action="store_true", default=False, help="continue the run in --run-dir exactly")
-    p.add_argument("--preset", default=None, help="named recipe (configs/NAME.json) or a .json path; flags override it")
+    p.add_argument("--preset", default=None, help="named recipe (ardistill/configs/NAME.json) or a .json path; flags override it")
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the resolved configuration as JSON and exit (batch split for $WORLD_SIZE or the preset's)")
     g = p.add_argument_group("student")
@@ -166,7 +166,7 @@ def _add_distill(sub):
 
 def _add_presets(sub):
     p = sub.add_parser("presets", help="list the named recipes, or print one resolved and validated as JSON",
-                       description="Presets live in configs/ (and $ARDISTILL_CONFIGS); see docs/scale.md.")
+                       description="Presets live in src/ardistill/configs/ (and $ARDISTILL_CONFIGS); see docs/scale.md.")
     p.add_argument("name", nargs="?", help="preset name or .json path; omit to list them")
     p.add_argument("--world-size", type=int, default=None, help="processes to split the global batch over "
                    "(default: $WORLD_SIZE, else the preset's nnodes x nproc_per_node)")

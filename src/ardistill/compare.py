@@ -46,6 +46,9 @@ class CompareConfig:
     ema_warmup: bool = True  # short runs: decay min(ema_decay, (1+n)/(10+n)), else the EMA stays near the init
     seeds: tuple[int, ...] = (0,)
     student: dict = field(default_factory=dict)  # DistillConfig fields shared by all variants
+    # a folder shared by several comparisons (the sweep): students are kept by a hash of their training
+    # settings, so a variant that appears on several axes (the baseline) is trained once
+    student_cache: str | None = None
     # evaluation
     latency_batch: int = 64
     latency_repeats: int = 5
@@ -114,19 +117,35 @@ def train_variant(cfg: CompareConfig, name: str, overrides: dict, seed: int, rec
     """Distil one variant with one training seed (resumes an interrupted run, skips a finished one)."""
     from ardistill.train import DistillConfig, distill
 
-    run_dir = Path(cfg.out) / "students" / f"{slug(name)}-seed{seed}"
-    opts = dict(recording=str(recording), teacher=str(teacher_path), run_dir=str(run_dir), steps=cfg.steps,
+    opts = dict(recording=str(recording), teacher=str(teacher_path), steps=cfg.steps,
                 batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
                 ema_warmup=cfg.ema_warmup,
                 seed=seed, device=cfg.device, progress=cfg.progress, ckpt_every=max(cfg.steps // 4, 1),
                 tensorboard=False)
     opts.update(cfg.student)
     opts.update(overrides)
+    if cfg.student_cache is None:
+        run_dir = Path(cfg.out) / "students" / f"{slug(name)}-seed{seed}"
+    else:
+        run_dir = Path(cfg.student_cache) / f"{training_key(opts)}-seed{seed}"
+    opts["run_dir"] = str(run_dir)
     t0 = time.perf_counter()
     result = distill(DistillConfig(**opts), resume=True)
     done = "already finished" if math.isnan(result.loss) else f"loss {result.loss:.4g}"
     print(f"[distill {name} seed {seed}] {result.step} steps, {done}, {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def training_key(opts: dict) -> str:
+    """A short hash of everything that changes a trained student (not where it is written or shown)."""
+    import hashlib
+    from ardistill.train import DistillConfig
+
+    ignore = {"run_dir", "progress", "device", "tensorboard", "seed", "log_every", "ckpt_every", "keep_every"}
+    full = {k: v for k, v in asdict(DistillConfig(run_dir="-", **{k: v for k, v in opts.items() if k != "run_dir"})).items()
+            if k not in ignore}
+    full["recording"] = str(Path(full["recording"]).resolve())
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def load_eval_set(path: Path):
@@ -153,8 +172,8 @@ def summarize(rows: list[dict], names: list[str], teacher_fd: float) -> dict:
     for name in names:
         rs = [r for r in rows if r["variant"] == name]
         entry = {"seeds": [r["seed"] for r in rs]}
-        for key in ("fd", "inception_score", "precision", "recall"):
-            vals = np.array([r[key] for r in rs], dtype=np.float64)
+        for key in ("fd", "fd_teacher", "inception_score", "precision", "recall"):
+            vals = np.array([r.get(key, float("nan")) for r in rs], dtype=np.float64)
             entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
         out[name] = entry
     if len(names) >= 2:
@@ -167,6 +186,10 @@ def summarize(rows: list[dict], names: list[str], teacher_fd: float) -> dict:
             if a and b:
                 per_seed.append(fd_degradation_ratio(teacher_fd, a[0]["fd"], b[0]["fd"]))
         out["fd_degradation_ratio_per_seed"] = sorted(per_seed)
+        # the same ratio with the distance to the teacher's own samples (same noise) as the degradation:
+        # defined even when the students are as close to the real data as the teacher is
+        a, b = out[sd]["fd_teacher"]["mean"], out[ard]["fd_teacher"]["mean"]
+        out["fd_teacher_ratio"] = a / b if b > 0 else float("nan")
     return out
 
 
@@ -197,8 +220,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     from ardistill.assets import DIGITS_TEACHER, shipped
     from ardistill.checkpoints import load_any_teacher
     from ardistill.data import load_digits_split
-    from ardistill.evaluate import (ImageMetrics, ModelResult, image_metrics, median_latency, run_sampler,
-                                    trajectory_errors, write_report)
+    from ardistill.evaluate import (ImageMetrics, ModelResult, image_features, image_metrics, median_latency,
+                                    run_sampler, trajectory_errors, write_report)
     from ardistill.features import get_feature_network
     from ardistill.flops import sampling_flops
     from ardistill.guidance import make_model_fn
@@ -237,6 +260,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
 
     flops = lambda nh: sampling_flops(teacher.cfg, cfg.teacher_steps, cfg.num_steps, nh, cfg_scale=cfg.cfg_scale)
     t_metrics = image_metrics(ev.teacher_samples, real, net)
+    t_feats = image_features(ev.teacher_samples, net)
     teacher_row = ModelResult(name=f"teacher ({cfg.solver.upper()}, cfg {cfg.cfg_scale})", steps=cfg.teacher_steps,
                               metrics=t_metrics, flops=flops(0).teacher,
                               latency_ms=1e3 * median_latency(teacher_sampler, lat_noise, lat_y, cfg.latency_repeats))
@@ -249,7 +273,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
             student = load_student(runs[(name, seed)], device=device)
             samples = run_sampler(student.sample, ev.noise, ev.labels, desc=f"sample {name} seed {seed}"
                                   if cfg.progress else None, device=device)
-            m = image_metrics(samples, real, net)
+            m = image_metrics(samples, real, net, teacher_features=t_feats)
             errs = trajectory_errors(student, ev, device=device)
             per_seed.append((seed, student, m, errs, samples))
             rows.append({"variant": name, "seed": seed, **m.__dict__, "trajectory_errors": errs})
@@ -294,10 +318,14 @@ def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
                      + (f"{r:.2f}" if math.isfinite(r) and r >= 0 else
                         "undefined here: a student's FD is not above the teacher's (no degradation to compare)") + (f"; per seed {', '.join(f'{x:.2f}' for x in summary['fd_degradation_ratio_per_seed'])}"
                                    if len(cfg.seeds) > 1 else "") + " (paper, ImageNet-256: 5.1)")
+        notes.append(f"FD to teacher: FD against the teacher's own samples from the same noise and labels, the "
+                     f"students' degradation measured directly; its ratio {names[0]} / {names[1]} = "
+                     f"{summary['fd_teacher_ratio']:.2f} (> 1: ARD stays closer to its teacher)")
     if len(cfg.seeds) > 1:
         for n in names:
-            e = summary[n]["fd"]
-            notes.append(f"{n}: FD {e['mean']:.2f} ± {e['std']:.2f} (std over {len(cfg.seeds)} training seeds)")
+            e, t = summary[n]["fd"], summary[n]["fd_teacher"]
+            notes.append(f"{n}: FD {e['mean']:.2f} ± {e['std']:.2f}, FD to teacher {t['mean']:.2f} ± {t['std']:.2f} "
+                         f"(std over {len(cfg.seeds)} training seeds)")
     return notes
 
 
@@ -335,6 +363,8 @@ def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
     depth = load_any_teacher(teacher_path).cfg.depth
     root = Path(cfg.out)
     shared_rec = root / "recordings"
+    if cfg.student_cache is None:
+        cfg = replace(cfg, student_cache=str(root / "students"))
     table = []
     for axis in axes:
         if axis not in SWEEP_AXES:
@@ -354,17 +384,19 @@ def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
             for name in variants:
                 s = m["summary"][name]
                 table.append({"axis": axis, "variant": f"{prefix} {name}".strip(), "fd": s["fd"]["mean"],
-                              "fd_std": s["fd"]["std"], "precision": s["precision"]["mean"],
+                              "fd_std": s["fd"]["std"], "fd_teacher": s["fd_teacher"]["mean"],
+                              "fd_teacher_std": s["fd_teacher"]["std"], "precision": s["precision"]["mean"],
                               "recall": s["recall"]["mean"], "teacher_fd": teacher_fd,
                               "final_step_mse": next(r["trajectory_errors"]["free_running"][-1] for r in m["models"]
                                                      if r["name"].startswith(name))})
     lines = ["# Ablation sweep on the embedded default", "",
              f"Each axis is one comparison (same recording, {cfg.steps} steps x batch {cfg.batch_size}, "
              f"seeds {list(cfg.seeds)}); FD on the digits classifier's features vs held-out digits.", "",
-             "| axis | variant | FD (mean ± std) | precision | recall | final-step MSE | teacher FD |",
-             "|---|---|---|---|---|---|---|"]
+             "| axis | variant | FD (mean ± std) | FD to teacher | precision | recall | final-step MSE | teacher FD |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['axis']} | {r['variant']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {r['precision']:.3f} | "
+        lines.append(f"| {r['axis']} | {r['variant']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | "
+                     f"{r['fd_teacher']:.2f} ± {r['fd_teacher_std']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['final_step_mse']:.4f} | {r['teacher_fd']:.2f} |")
     atomic_write_json(root / "sweep.json", {"rows": table, "config": cfg.to_dict(), "axes": list(axes)})
     from ardistill.fileio import atomic_write_bytes

@@ -125,14 +125,27 @@ class ImageMetrics:
     inception_score_std: float
     precision: float
     recall: float
+    # FD against the teacher's own samples from the same noise and labels: the student's degradation
+    # measured directly (the teacher's is 0 by definition); NaN when not computed
+    fd_teacher: float = float("nan")
+
+
+@torch.no_grad()
+def image_features(images: torch.Tensor, feature_net, batch_size: int = 512) -> torch.Tensor:
+    """Features of images (N, C, H, W) in [-1, 1], clamped first as image_metrics does."""
+    from ardistill.features import features_and_logits
+    images = images.clamp(-1, 1)
+    return torch.cat([features_and_logits(feature_net, images[sl], need_logits=False)[0].float().cpu()
+                      for sl in _batches(len(images), batch_size)])
 
 
 @torch.no_grad()
 def image_metrics(images: torch.Tensor, real_features: torch.Tensor, feature_net, batch_size: int = 512,
-                  k: int = 3) -> ImageMetrics:
+                  k: int = 3, teacher_features: torch.Tensor | None = None) -> ImageMetrics:
     """FD, IS and k-NN precision/recall of images (N, C, H, W) in [-1, 1] against real features.
 
     Images are clamped to [-1, 1] first, as writing them to uint8 would (ADM's evaluator sees PNGs).
+    ``teacher_features`` (features of the teacher's samples, ``image_features``) adds ``fd_teacher``.
     """
     images = images.clamp(-1, 1)
     from ardistill.features import features_and_logits, has_logits
@@ -152,8 +165,12 @@ def image_metrics(images: torch.Tensor, real_features: torch.Tensor, feature_net
     if logits:
         is_mean, is_std = inception_score(torch.cat(logits), splits=min(10, max(1, len(images) // 100)))
     pr = precision_recall(real_features, feats_t, k=k)
+    fd_teacher = float("nan")
+    if teacher_features is not None:
+        fd_teacher = frechet_distance(mu, sigma, *FeatureStats().update(teacher_features).mu_sigma())
     return ImageMetrics(fd=frechet_distance(mu, sigma, mu_r, sigma_r), inception_score=is_mean,
-                        inception_score_std=is_std, precision=float(pr.precision), recall=float(pr.recall))
+                        inception_score_std=is_std, precision=float(pr.precision), recall=float(pr.recall),
+                        fd_teacher=fd_teacher)
 
 
 @dataclass
@@ -220,7 +237,7 @@ def side_by_side_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6)
 
 
 def _fmt(v, nd=2):
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:.{nd}f}" if abs(v) >= 1e-2 or v == 0 else f"{v:.2e}"
@@ -231,11 +248,14 @@ def report_markdown(results: list[ModelResult], title: str, notes: list[str] | N
                     feature_name: str = "digits classifier") -> str:
     """The report's tables as markdown."""
     lines = [f"# {title}", ""]
-    lines += [f"| model | steps | FD ({feature_name}) | IS | precision | recall | latency ms/img | GFLOPs/img |",
-              "|---|---|---|---|---|---|---|---|"]
+    to_teacher = any(r.metrics is not None and not math.isnan(r.metrics.fd_teacher) for r in results)
+    lines += [f"| model | steps | FD ({feature_name}) |" + (" FD to teacher |" if to_teacher else "")
+              + " IS | precision | recall | latency ms/img | GFLOPs/img |",
+              "|---|---|---|" + ("---|" if to_teacher else "") + "---|---|---|---|---|"]
     for r in results:
         m = r.metrics
         lines.append(f"| {r.name} | {r.steps} | {_fmt(m.fd if m else None)} | "
+                     + (f"{_fmt(m.fd_teacher if m else None)} | " if to_teacher else "") +
                      f"{_fmt(m.inception_score if m else None)} | {_fmt(m.precision if m else None, 3)} | "
                      f"{_fmt(m.recall if m else None, 3)} | {_fmt(r.latency_ms, 3)} | "
                      f"{_fmt(r.flops / 1e9 if r.flops else None, 4)} |")

@@ -1,4 +1,4 @@
-"""Named recipes: one JSON file per preset in ``configs/``, resolved and validated as a whole.
+"""Named recipes: one JSON file per preset in ``src/ardistill/configs/`` (package data), resolved and validated as a whole.
 
 A preset describes a complete experiment: the teacher (registry size and checkpoint file name), the
 codec (SD VAE latents or pixels), the data, what to record, the student, the distillation run, the
@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-CONFIG_ENV = "ARDISTILL_CONFIGS"  # extra folder searched for presets, before the repository's configs/
+CONFIG_ENV = "ARDISTILL_CONFIGS"  # extra folder searched for presets, before the packaged presets (ardistill/configs/)
 SECTIONS = ("name", "description", "extends", "notes", "teacher", "codec", "data", "record", "student", "distill",
             "eval", "launch")
 CODECS = ("sd-vae", "identity")
@@ -37,9 +37,10 @@ class PresetError(ValueError):
 
 
 def config_dirs() -> list[Path]:
-    """Folders searched for ``<name>.json``: $ARDISTILL_CONFIGS, then the repository's configs/."""
+    """Folders searched for ``<name>.json``: $ARDISTILL_CONFIGS, then ardistill/configs/ (package data,
+    so an installed wheel has them too)."""
     dirs = [Path(os.environ[CONFIG_ENV])] if os.environ.get(CONFIG_ENV) else []
-    return dirs + [Path(__file__).resolve().parents[2] / "configs"]
+    return dirs + [Path(__file__).resolve().parent / "configs"]
 
 
 def list_presets() -> list[str]:
