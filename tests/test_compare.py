@@ -67,7 +67,9 @@ def test_sweep_variants_cover_the_ablations():
     assert list(sweep_variants("mask", 6)) == ["mask M1", "mask M2", "mask M3", "mask M4"]
     hl = sweep_variants("history_layers", 6)
     assert [v["history_layers"] for v in hl.values()] == [0, 1, 3, 6]
-    assert len(sweep_variants("on_policy", 6)) == 4
+    op = sweep_variants("on_policy", 6, steps=100)
+    assert len(op) == 6 and op["ARD on-policy p=0.5 from step 50"] == {"history_layers": 1, "on_policy_prob": 0.5,
+                                                                       "on_policy_start": 50}
     with pytest.raises(ValueError, match="unknown sweep axis"):
         sweep_variants("depth", 6)
 

@@ -95,6 +95,37 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _optimisation_group(p, default_steps: int, who: str = ""):
+    """The optimisation flags distill and finetune-gan share (their config fields have the same names)."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help=f"optimizer steps in total (default {default_steps})")
+    g.add_argument("--batch-size", type=int, help="global batch (default 64)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=float, help=f"{who}AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, help=f"{who}AdamW weight decay (default 0)")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help=f"{who}AdamW betas (default 0.9 0.999)")
+    g.add_argument("--grad-clip", type=float, help=f"{who}max gradient norm, 0 = off (default 1.0)")
+    g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(decay, (1+n)/(10+n))")
+    g.add_argument("--loss-weights", type=_float_list, help="per-step regression weights, e.g. 1,1,1,2 (default equal)")
+    return g
+
+
+def _run_group(p, seed_help: str):
+    """Device, precision, checkpoint and logging flags of a training command."""
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help=seed_help)
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 500)")
+    g.add_argument("--keep-every", type=int, help="keep checkpoints at multiples of N (default: latest only)")
+    g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return g
+
+
 def _add_distill(sub):
     # Every option defaults to "not given" so that --resume can tell which settings were passed;
     # the defaults shown are DistillConfig's.
@@ -117,32 +148,13 @@ def _add_distill(sub):
     g.add_argument("--heads", choices=("shared", "per_step"), help="output heads (default shared)")
     g.add_argument("--output", choices=("direct", "ode_step"), help="head output parameterisation (default direct)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps in total (default 1000)")
-    g.add_argument("--batch-size", type=int, help="global batch (default 64)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
+    g = _optimisation_group(p, default_steps=1000)
     g.add_argument("--adam-eps", type=float, help="AdamW epsilon (default 1e-8)")
-    g.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (default 0)")
-    g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
-    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(decay, (1+n)/(10+n))")
-    g.add_argument("--loss-weights", type=_float_list, help="per-step loss weights, e.g. 1,1,1,2 (default equal)")
     g.add_argument("--on-policy-prob", type=float, help="probability of on-policy history per batch (default 0)")
     g.add_argument("--on-policy-start", type=int, help="teacher-forced steps before on-policy batches (default 0)")
     g.add_argument("--on-policy-model", choices=("student", "ema"), help="weights of the rollout (default student)")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, help="data order and on-policy coin flips (default 0)")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
-    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 500)")
-    g.add_argument("--keep-every", type=int, help="keep checkpoints at multiples of N (default: latest only)")
-    g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _run_group(p, seed_help="data order and on-policy coin flips (default 0)")
 
     def run(args):
         from ardistill.train import distill_command
@@ -346,30 +358,11 @@ def _add_finetune_gan(sub):
     g.add_argument("--collapse-d-loss", type=float, help="collapse guard: D loss threshold (default 0.05)")
     g.add_argument("--collapse-patience", type=int, help="collapse guard: logs in a row (default 5)")
     g.add_argument("--stop-on-collapse", action="store_true", help="stop (after a checkpoint) when the guard trips")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps in total (default 10000)")
-    g.add_argument("--batch-size", type=int, help="global batch (default 64)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    g.add_argument("--lr", type=float, help="student AdamW learning rate (default 1e-4)")
-    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="student AdamW betas (default 0.9 0.999)")
-    g.add_argument("--weight-decay", type=float, help="student AdamW weight decay (default 0)")
-    g.add_argument("--grad-clip", type=float, help="student max gradient norm, 0 = off (default 1.0)")
+    g = _optimisation_group(p, default_steps=10000, who="student ")
     g.add_argument("--d-lr", type=float, help="discriminator Adam learning rate (default 1e-3)")
     g.add_argument("--d-betas", type=float, nargs=2, metavar=("B1", "B2"), help="discriminator Adam betas (default 0 0.99)")
     g.add_argument("--d-grad-clip", type=float, help="discriminator max gradient norm, 0 = off (default)")
-    g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
-    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(decay, (1+n)/(10+n))")
-    g.add_argument("--loss-weights", type=_float_list, help="per-step regression weights (default equal)")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, help="data order, head init, step choice (default 0)")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
-    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 500)")
-    g.add_argument("--keep-every", type=int, help="keep checkpoints at multiples of N (default: latest only)")
-    g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _run_group(p, seed_help="data order, head init, step choice (default 0)")
 
     def run(args):
         from ardistill.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
@@ -400,6 +393,7 @@ def _compare_args(p, default_out: str):
     p.add_argument("--target", choices=("state", "x0"), help="student parameterisation for every variant")
     p.add_argument("--output", choices=("direct", "ode_step"), help="student head output for every variant")
     p.add_argument("--on-policy-prob", type=float, help="on-policy history probability for every variant")
+    p.add_argument("--on-policy-start", type=int, help="teacher-forced optimizer steps before on-policy batches begin")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -414,7 +408,7 @@ def _compare_config(args, preset: dict, default_out: str):
     kw["out"] = args.out or kw.get("out", default_out)
     kw["progress"] = not args.no_progress
     student = dict(kw.get("student", {}))
-    for k in ("target", "output", "on_policy_prob"):
+    for k in ("target", "output", "on_policy_prob", "on_policy_start"):
         if getattr(args, k, None) is not None:
             student[k] = getattr(args, k)
     kw["student"] = student

@@ -334,8 +334,12 @@ def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
 SWEEP_AXES = ("history_layers", "mask", "target", "heads", "on_policy", "num_steps")
 
 
-def sweep_variants(axis: str, depth: int) -> dict[str, dict]:
-    """The paper's ablations (plus on-policy history) as variants of one comparison; first = baseline."""
+def sweep_variants(axis: str, depth: int, steps: int = 400) -> dict[str, dict]:
+    """The paper's ablations (plus on-policy history) as variants of one comparison; first = baseline.
+
+    On-policy history is tried from the first step (p = 0.5) and warm-started: teacher forcing for the
+    first half of the ``steps``, then p = 0.5 (a rollout from an untrained student is noise).
+    """
     from ardistill.train import default_history_layers
     nh = default_history_layers(depth)
     if axis == "history_layers":
@@ -349,8 +353,11 @@ def sweep_variants(axis: str, depth: int) -> dict[str, dict]:
         return {f"{name} heads={h}": {"history_layers": n, "heads": h}
                 for h in ("shared", "per_step") for name, n in (("SD", 0), ("ARD", nh))}
     if axis == "on_policy":
-        return {f"{name} on-policy p={p}": {"history_layers": n, "on_policy_prob": p}
-                for p in (0.0, 0.5) for name, n in (("SD", 0), ("ARD", nh))}
+        policies = {"teacher forcing": {"on_policy_prob": 0.0},
+                    "on-policy p=0.5": {"on_policy_prob": 0.5},
+                    f"on-policy p=0.5 from step {steps // 2}": {"on_policy_prob": 0.5, "on_policy_start": steps // 2}}
+        return {f"{name} {label}": {"history_layers": n, **ov}
+                for label, ov in policies.items() for name, n in (("SD", 0), ("ARD", nh))}
     raise ValueError(f"unknown sweep axis {axis!r}; choose from {SWEEP_AXES}")
 
 
@@ -375,7 +382,7 @@ def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
                 runs.append((f"S={S}", replace(cfg, out=str(root / f"steps-{S}"), num_steps=S),
                              demo_variants(depth)))
         else:
-            runs.append(("", replace(cfg, out=str(root / axis)), sweep_variants(axis, depth)))
+            runs.append(("", replace(cfg, out=str(root / axis)), sweep_variants(axis, depth, cfg.steps)))
         for prefix, c, variants in runs:
             _link_recordings(shared_rec if c.num_steps == cfg.num_steps else None, Path(c.out))
             report = compare(c, variants, title=f"Sweep: {axis} {prefix}".strip())

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ardistill.fileio import atomic_write_json, read_json
+from ardistill.trajectories import CorruptRecordingError, ShardedRecords
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -339,15 +340,15 @@ def load_latent_manifest(root: str | Path) -> dict:
     return m
 
 
-class LatentStore:
+class LatentStore(ShardedRecords):
     """Random access to pre-encoded latents (memory-mapped shards): ``batch`` and seeded ``sample``.
 
     Sizes and headers are checked on open; ``verify_checksums=True`` also hashes every shard.
     """
 
-    def __init__(self, root: str | Path, verify_checksums: bool = False):
-        from ardistill.trajectories import CorruptRecordingError
+    kind = "latent"
 
+    def __init__(self, root: str | Path, verify_checksums: bool = False):
         self.root = Path(root)
         self.manifest = load_latent_manifest(self.root)
         self.layout = LatentLayout.from_dict(self.manifest["layout"])
@@ -356,8 +357,7 @@ class LatentStore:
         problems = [p for s in self.shards if (p := self._check(s, checksums=verify_checksums))]
         if problems:
             raise CorruptRecordingError(f"latent store {self.root}: " + "; ".join(problems))
-        self._starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
-        self._maps: list[np.ndarray | None] = [None] * len(self.shards)  # opened lazily: fork-safe
+        self._open_shards()
 
     def _check(self, s: dict, checksums: bool) -> str | None:
         from ardistill.fileio import sha256_file
@@ -373,9 +373,6 @@ class LatentStore:
             return f"{s['file']}: checksum mismatch: corrupted"
         return None
 
-    def __len__(self) -> int:
-        return int(self.manifest["count"])
-
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.layout.shape
@@ -383,22 +380,6 @@ class LatentStore:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def _map(self, k: int) -> np.ndarray:
-        if self._maps[k] is None:
-            self._maps[k] = np.load(self.root / self.shards[k]["file"], mmap_mode="r")
-        return self._maps[k]
-
-    def records(self, indices) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"latent index out of range [0, {len(self)})")
-        out = np.empty(idx.size, dtype=self.layout.record_dtype())
-        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
-        for k in np.unique(shard_of):
-            sel = np.nonzero(shard_of == k)[0]
-            out[sel] = self._map(int(k))[idx[sel] - self._starts[k]]
-        return out
 
     def batch(self, indices, flip=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, C, h, w) float32 and labels (B,); ``flip`` (B,) bools pick the mirrored latents."""

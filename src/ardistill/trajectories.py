@@ -449,13 +449,55 @@ class StudentDataSpec:
                              f"but the recording stored states only (recorded without x0-predictions)")
 
 
-class TrajectoryDataset:
+class ShardedRecords:
+    """Random access to fixed-size records in memory-mapped ``.npy`` shards (recordings, latent stores).
+
+    Subclasses set ``root``, ``shards`` (manifest entries with ``file`` and ``start``), ``layout`` (with
+    ``record_dtype()``) and call ``_open_shards()``. Shards are opened lazily, so the object is
+    fork-safe and pickles into DataLoader workers without the mapped data.
+    """
+
+    kind = "record"
+
+    def _open_shards(self) -> None:
+        self._starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
+        self._maps: list[np.ndarray | None] = [None] * len(self.shards)
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": [None] * len(self.shards)}
+
+    def _map(self, k: int) -> np.ndarray:
+        if self._maps[k] is None:
+            self._maps[k] = np.load(self.root / self.shards[k]["file"], mmap_mode="r")
+        return self._maps[k]
+
+    def records(self, indices) -> np.ndarray:
+        """Raw structured records (numpy, storage dtype) in the order of ``indices``."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"{self.kind} index out of range [0, {len(self)}): {idx[(idx < 0) | (idx >= len(self))][:5]}")
+        out = np.empty(idx.size, dtype=self.layout.record_dtype())
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for k in np.unique(shard_of):
+            sel = np.nonzero(shard_of == k)[0]
+            local = idx[sel] - self._starts[k]
+            order = np.argsort(local, kind="stable")  # read each shard front to back
+            out[sel[order]] = self._map(int(k))[local[order]]
+        return out
+
+
+class TrajectoryDataset(ShardedRecords):
     """Random access to a recording (memory-mapped shards), in the layout the student trains on.
 
     ``ds[i]`` and ``ds.batch(indices)`` return ``inputs`` (S, C, H, W) and ``targets`` (S, C, H, W)
     as float32 per the spec's target ("state" when no spec), plus ``label``, ``seed``, ``index``.
     Sizes and headers are checked on open; ``verify_checksums=True`` also hashes every shard.
     """
+
+    kind = "trajectory"
 
     def __init__(self, root: str | os.PathLike, expect: StudentDataSpec | None = None, verify_checksums: bool = False):
         self.root = Path(root)
@@ -471,34 +513,7 @@ class TrajectoryDataset:
         problems = [p for s in self.shards if (p := _check_shard_file(self.root, s, self.layout))]
         if problems:
             raise CorruptRecordingError(f"recording {self.root}: " + "; ".join(problems))
-        self._starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
-        self._maps: list[np.ndarray | None] = [None] * len(self.shards)  # opened lazily: fork-safe for DataLoader workers
-
-    def __len__(self) -> int:
-        return int(self.manifest["count"])
-
-    def __getstate__(self) -> dict:
-        # pickled into DataLoader workers (spawn): send the paths, not the mapped data
-        return {**self.__dict__, "_maps": [None] * len(self.shards)}
-
-    def _map(self, k: int) -> np.ndarray:
-        if self._maps[k] is None:
-            self._maps[k] = np.load(self.root / self.shards[k]["file"], mmap_mode="r")
-        return self._maps[k]
-
-    def records(self, indices) -> np.ndarray:
-        """Raw structured records (numpy, storage dtype) in the order of ``indices``."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"trajectory index out of range [0, {len(self)}): {idx[(idx < 0) | (idx >= len(self))][:5]}")
-        out = np.empty(idx.size, dtype=self.layout.record_dtype())
-        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
-        for k in np.unique(shard_of):
-            sel = np.nonzero(shard_of == k)[0]
-            local = idx[sel] - self._starts[k]
-            order = np.argsort(local, kind="stable")  # read each shard front to back
-            out[sel[order]] = self._map(int(k))[local[order]]
-        return out
+        self._open_shards()
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Student batch: inputs, targets (B, S, C, H, W) float32; label, seed, index (B,) int64."""
