@@ -211,7 +211,7 @@ def bench_train(name: str, model: torch.nn.Module, batch: int, scfg: StudentConf
             raise
         row.update(error="out of memory")
     finally:
-        del opt, ema
+        opt = ema = None  # free the optimizer state and EMA copy before the next configuration
         model.zero_grad(set_to_none=True)
         reset_memory(device)
     return row

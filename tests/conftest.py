@@ -48,3 +48,12 @@ def pytest_configure(config):
     # Tiny models gain nothing from a second intra-op thread, and the multi-process tests start their
     # own workers: one thread per process keeps the 2-core CI machine from oversubscribing.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs with one intra-op thread, even after a test (or a CLI it calls) changed it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,6 @@ from ardistill.classifier import (
 from ardistill.data import load_digits_split
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids thread start-up and contention overhead on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_shapes():

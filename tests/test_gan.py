@@ -31,12 +31,6 @@ TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _teacher(seed: int = 0) -> DiT:

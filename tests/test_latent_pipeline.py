@@ -29,12 +29,6 @@ from ardistill.trajectories import TrajectoryDataset  # noqa: E402
 from ardistill.vae import TINY_VAE_CONFIG, LatentCodec  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def draw_folder(root: Path) -> Path:

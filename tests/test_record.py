@@ -23,13 +23,6 @@ from ardistill.trajectories import MANIFEST, PLAN, PROGRESS_DIR, TrajectoryDatas
 SMALL = dict(count=21, num_steps=3, teacher_steps=6, shard_size=8, batch_size=4, cfg_scale=1.5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: extra OpenMP threads only contend; torchrun also starts workers with 1 thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def shard_bytes(root: Path) -> dict[str, bytes]:

@@ -17,12 +17,6 @@ DIGITS_TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, de
                    learn_sigma=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

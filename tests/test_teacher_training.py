@@ -15,13 +15,6 @@ from ardistill.teacher_training import TeacherTrainConfig, learning_rate, train_
 TINY = dict(model="DiT-T/2", batch_size=16, lr=2e-3, warmup_steps=2, log_every=4, checkpoint_every=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids thread start-up and contention overhead on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_loss_falls_and_files_are_written(tmp_path):

@@ -20,13 +20,6 @@ from ardistill.trajectories import (MANIFEST, CorruptRecordingError, Layout, Stu
 S, T = 3, 6  # student steps, teacher steps: tiny and fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: several OpenMP threads per test process only contend (and torchrun uses 1 too)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
