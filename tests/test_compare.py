@@ -84,8 +84,15 @@ def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
                         progress=False)
     report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}}, gan=True)
     m = json.loads((report.parent / "metrics.json").read_text())
-    assert [r["name"] for r in m["models"]][-1] == "ARD (R+G)"
-    assert "ARD (R+G)" in m["summary"] and (tmp_path / "gan" / "students" / "ard-seed0-gan" / "ema.safetensors").is_file()
+    assert [r["name"] for r in m["models"]][-2:] == ["ARD (R, control)", "ARD (R+G)"]
+    students = tmp_path / "gan" / "students"
+    assert "ARD (R+G)" in m["summary"] and (students / "ard-seed0-gan" / "ema.safetensors").is_file()
+    # the control is the same fine-tuning with GAN weight 0
+    control = json.loads((students / "ard-seed0-control" / "config.json").read_text())["gan"]
+    gan_cfg = json.loads((students / "ard-seed0-gan" / "config.json").read_text())["gan"]
+    assert control.pop("gan_factor") == 0.0 and gan_cfg.pop("gan_factor") > 0
+    assert {k: v for k, v in control.items() if k != "run_dir"} == {k: v for k, v in gan_cfg.items() if k != "run_dir"}
+    assert "GAN weight 0" in report.read_text()
 
 
 @pytest.mark.slow
@@ -125,3 +132,17 @@ def test_fd_to_teacher_is_zero_for_the_teacher_and_grows_with_a_shift():
     far = image_metrics(teacher + 0.3, tf, Net(), teacher_features=tf).fd_teacher
     assert near == pytest.approx(4 * 0.1 ** 2, rel=1e-3) and far == pytest.approx(4 * 0.3 ** 2, rel=1e-3)
     assert np.isnan(image_metrics(teacher, tf, Net()).fd_teacher)
+
+
+def test_demo_flags_reach_the_comparison_config():
+    import argparse
+
+    from ardistill.cli import _compare_args, _compare_config
+    from ardistill.compare import DEMO_PRESETS
+    p = argparse.ArgumentParser()
+    _compare_args(p, "runs/demo")
+    args = p.parse_args(["--seeds", "0,1,2", "--steps", "50", "--on-policy-prob", "0.5", "--on-policy-start", "25",
+                         "--target", "x0"])
+    cfg = _compare_config(args, DEMO_PRESETS["full"], "runs/demo")
+    assert cfg.seeds == (0, 1, 2) and cfg.steps == 50 and cfg.train_count == 8192 and cfg.out == "runs/full"
+    assert cfg.student == {"on_policy_prob": 0.5, "on_policy_start": 25, "target": "x0"}

@@ -193,16 +193,26 @@ def summarize(rows: list[dict], names: list[str], teacher_fd: float) -> dict:
     return out
 
 
-def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording: Path, teacher_path: Path) -> Path:
-    """ARD (R+G): GAN fine-tuning of a distilled student with the recommended digits settings (resumes)."""
+GAN_ROW = "ARD (R+G)"
+GAN_CONTROL_ROW = "ARD (R, control)"
+
+
+def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording: Path, teacher_path: Path,
+                     control: bool = False) -> Path:
+    """ARD (R+G): GAN fine-tuning of a distilled student with the recommended digits settings (resumes).
+
+    ``control=True`` runs the same fine-tuning with GAN weight 0 (regression only, same steps, same
+    data order): it separates the GAN's effect from simply training longer.
+    """
     from ardistill.finetune_gan import DIGITS_GAN_SETTINGS, GANConfig, finetune_gan
 
-    run_dir = Path(cfg.out) / "students" / f"{student_run.name}-gan"
+    settings = dict(DIGITS_GAN_SETTINGS, **({"gan_factor": 0.0} if control else {}))
+    run_dir = Path(cfg.out) / "students" / f"{student_run.name}-{'control' if control else 'gan'}"
     t0 = time.perf_counter()
     res = finetune_gan(GANConfig(student=str(student_run), recording=str(recording), teacher=str(teacher_path),
                                  run_dir=str(run_dir), seed=seed, device=cfg.device, progress=cfg.progress,
-                                 tensorboard=False, **DIGITS_GAN_SETTINGS), resume=True)
-    print(f"[finetune-gan {student_run.name}] {res.step} steps, {time.perf_counter() - t0:.0f} s", flush=True)
+                                 tensorboard=False, **settings), resume=True)
+    print(f"[finetune-gan {run_dir.name}] {res.step} steps, {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
 
@@ -214,7 +224,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
         cfg: recording, training budget and evaluation settings.
         variants: report name -> DistillConfig overrides (e.g. {"history_layers": 0}). The first two
             are the pair whose FD-degradation ratio is reported (step distillation first).
-        gan: also fine-tune the last variant (ARD) with the GAN stage and report it as "ARD (R+G)".
+        gan: also fine-tune the last variant (ARD) with the GAN stage and report it as "ARD (R+G)", next
+            to "ARD (R, control)": the same fine-tuning with GAN weight 0.
     Returns the path of report.md.
     """
     from ardistill.assets import DIGITS_TEACHER, shipped
@@ -240,10 +251,13 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     t_record = time.perf_counter() - t_start
     runs = {(name, seed): train_variant(cfg, name, ov, seed, train_rec, teacher_path)
             for name, ov in variants.items() for seed in cfg.seeds}
+    extra_rows = [GAN_CONTROL_ROW, GAN_ROW] if gan else []
     if gan:
         ard_name = list(variants)[-1]
         for seed in cfg.seeds:
-            runs[("ARD (R+G)", seed)] = finetune_variant(cfg, runs[(ard_name, seed)], seed, train_rec, teacher_path)
+            for row in extra_rows:
+                runs[(row, seed)] = finetune_variant(cfg, runs[(ard_name, seed)], seed, train_rec, teacher_path,
+                                                     control=row == GAN_CONTROL_ROW)
     t_train = time.perf_counter() - t_start - t_record
 
     # ---- evaluation: same noise and labels for every model
@@ -267,7 +281,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     real_row = ModelResult(name="held-out real digits (vs train split)", steps=0,
                            metrics=image_metrics(load_digits_split("train").images, real, net))
     rows, results, grids = [], [real_row, teacher_row], {"teacher": ev.teacher_samples[:cfg.grid_columns]}
-    for name in list(variants) + (["ARD (R+G)"] if gan else []):
+    for name in list(variants) + extra_rows:
         per_seed = []
         for seed in cfg.seeds:
             student = load_student(runs[(name, seed)], device=device)
@@ -287,12 +301,23 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                                    latency_ms=lat, flops=flops(nh).ard, errors=mean_errs))
         grids[name] = samples[:cfg.grid_columns]
 
-    summary = summarize(rows, list(variants) + (["ARD (R+G)"] if gan else []), t_metrics.fd)
+    summary = summarize(rows, list(variants) + extra_rows, t_metrics.fd)
     summary.update({"per_seed": rows, "wall_seconds": {"record": t_record, "train": t_train,
                                                         "total": time.perf_counter() - t_start},
                     "recording": {"train": str(train_rec), "eval": str(eval_rec), "grid": manifest["grid"]},
                     "machine": _machine()})
     notes = _notes(cfg, summary, list(variants))
+    if gan:
+        from ardistill.finetune_gan import DIGITS_GAN_SETTINGS as G
+        notes.append(f"{GAN_ROW}: the ARD (R) student fine-tuned {G['steps']} more steps with regression + hinge GAN "
+                     f"(factor {G['gan_factor']}, GAN weight 0 for the first {G['gan_warmup']} steps, frozen-teacher "
+                     f"discriminator; docs/gan.md). {GAN_CONTROL_ROW}: the same {G['steps']} steps with GAN weight "
+                     "0, so the difference between the two rows is the GAN's alone.")
+        if len(cfg.seeds) > 1:
+            for n in extra_rows:
+                e, t = summary[n]["fd"], summary[n]["fd_teacher"]
+                notes.append(f"{n}: FD {e['mean']:.2f} ± {e['std']:.2f}, FD to teacher {t['mean']:.2f} ± "
+                             f"{t['std']:.2f} (std over {len(cfg.seeds)} training seeds)")
     path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids)
     print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")
     return path
