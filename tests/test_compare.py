@@ -45,6 +45,12 @@ def test_compare_writes_a_parseable_report(tiny_teacher, tmp_path):
     assert len(s["per_seed"]) == 4
     text = report.read_text()
     assert "| teacher" in text and "Per-step MSE" in text
+    # the history-cut ablation is measured for the history student only
+    cut = [r for r in s["per_seed"] if "history_cut" in r]
+    assert {r["variant"] for r in cut} == {"ARD"} and len(cut) == 2
+    assert set(cut[0]["history_cut"]) == {"mse_to_teacher", "mse_to_teacher_history_cut", "mse_with_vs_cut", "fd",
+                                          "fd_teacher"}
+    assert "History use at sampling" in text and "| ARD |" in text
     # rerunning resumes: nothing is recorded or trained again, the report is the same
     first = json.loads((out / "metrics.json").read_text())["summary"]["per_seed"]
     compare(cfg, variants)

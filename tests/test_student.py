@@ -90,6 +90,20 @@ def test_history_actually_used_only_as_the_mask_says():
         assert [k for k in range(S) if d[k] > 0] == changed, (mask, d)
 
 
+def test_history_cut_sampling_is_the_same_weights_under_mask_m1():
+    teacher = _teacher()
+    S = 4
+    st = build_student(teacher, num_steps=S, history_layers=2, mask="M4", block_times=_uniform_times(S)).eval()
+    m1 = build_student(teacher, num_steps=S, history_layers=2, mask="M1", block_times=_uniform_times(S)).eval()
+    m1.load_state_dict(st.state_dict())
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 5, 9])
+    cut = st.sample(noise, y, return_all=True, history=False)
+    assert torch.equal(cut, m1.sample(noise, y, return_all=True))
+    full = st.sample(noise, y, return_all=True)
+    assert torch.equal(cut[:, 0], full[:, 0]) and not torch.allclose(cut[:, 1:], full[:, 1:])
+
+
 def test_weights_initialised_from_teacher_and_heads_drop_sigma():
     teacher = _teacher(learn_sigma=True)
     st = build_student(teacher, num_steps=4, history_layers=2, heads="per_step", block_times=_uniform_times(4))

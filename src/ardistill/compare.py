@@ -231,8 +231,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     from ardistill.assets import DIGITS_TEACHER, shipped
     from ardistill.checkpoints import load_any_teacher
     from ardistill.data import load_digits_split
-    from ardistill.evaluate import (ImageMetrics, ModelResult, image_features, image_metrics, median_latency,
-                                    run_sampler, trajectory_errors, write_report)
+    from ardistill.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features, image_metrics,
+                                    median_latency, run_sampler, trajectory_errors, write_report)
     from ardistill.features import get_feature_network
     from ardistill.flops import sampling_flops
     from ardistill.guidance import make_model_fn
@@ -291,6 +291,10 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
             errs = trajectory_errors(student, ev, device=device)
             per_seed.append((seed, student, m, errs, samples))
             rows.append({"variant": name, "seed": seed, **m.__dict__, "trajectory_errors": errs})
+            if student.cfg.uses_history:  # the history-cut ablation: how much does the student use it?
+                hd = history_dependence(student, ev, device=device)
+                cut = image_metrics(hd.pop("samples_history_cut"), real, net, teacher_features=t_feats)
+                rows[-1]["history_cut"] = {**hd, "fd": cut.fd, "fd_teacher": cut.fd_teacher}
         seed0, student, m, errs, samples = per_seed[0]
         nh = student.cfg.history_layers if student.cfg.uses_history else 0
         lat = 1e3 * median_latency(student.sample, lat_noise, lat_y, cfg.latency_repeats)
@@ -307,6 +311,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                     "recording": {"train": str(train_rec), "eval": str(eval_rec), "grid": manifest["grid"]},
                     "machine": _machine()})
     notes = _notes(cfg, summary, list(variants))
+    sections = [history_section(rows)] if any("history_cut" in r for r in rows) else []
     if gan:
         from ardistill.finetune_gan import DIGITS_GAN_SETTINGS as G
         notes.append(f"{GAN_ROW}: the ARD (R) student fine-tuned {G['steps']} more steps with regression + hinge GAN "
@@ -318,9 +323,26 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                 e, t = summary[n]["fd"], summary[n]["fd_teacher"]
                 notes.append(f"{n}: FD {e['mean']:.2f} ± {e['std']:.2f}, FD to teacher {t['mean']:.2f} ± "
                              f"{t['std']:.2f} (std over {len(cfg.seeds)} training seeds)")
-    path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids)
+    path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids,
+                        sections=sections)
     print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")
     return path
+
+
+def history_section(rows: list[dict]) -> str:
+    """Markdown table of the history-cut ablation, averaged over seeds, for every history student."""
+    lines = ["History use at sampling: the same weights sampled with the history and with it cut (every block "
+             "sees only itself); final-sample MSE to the teacher's sample, and FD to the teacher's samples "
+             "(mean over seeds):", "",
+             "| model | MSE with history | MSE history cut | MSE with vs cut | FD to teacher with / cut |",
+             "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in rows if "history_cut" in r):
+        rs = [r for r in rows if r["variant"] == name and "history_cut" in r]
+        mean = lambda k: float(np.mean([r["history_cut"][k] for r in rs]))
+        lines.append(f"| {name} | {mean('mse_to_teacher'):.4f} | {mean('mse_to_teacher_history_cut'):.4f} | "
+                     f"{mean('mse_with_vs_cut'):.4f} | {np.mean([r['fd_teacher'] for r in rs]):.2f} / "
+                     f"{mean('fd_teacher'):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _machine() -> str:

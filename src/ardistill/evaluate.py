@@ -98,6 +98,31 @@ def trajectory_errors(student: ARDStudent, ev: EvalTrajectories, batch_size: int
 
 
 @torch.no_grad()
+def history_dependence(student: ARDStudent, ev: EvalTrajectories, batch_size: int = 256, device=None) -> dict:
+    """How much a history student relies on its history: its free-running samples with the history and
+    with the history cut at sampling time (``sample(history=False)``), each against the teacher's
+    sample from the same noise, and against each other (mean squared error per pixel).
+
+    Also returns the history-cut samples, so a caller can measure their FD.
+    """
+    full_err = cut_err = gap = 0.0
+    cut = []
+    student.eval()
+    for sl in _batches(len(ev.noise), batch_size):
+        noise, y = ev.noise[sl].to(device), ev.labels[sl].to(device)
+        t = ev.teacher_samples[sl].to(device).float()
+        a = student.sample(noise, y).float()
+        b = student.sample(noise, y, history=False).float()
+        full_err += float((a - t).square().sum())
+        cut_err += float((b - t).square().sum())
+        gap += float((a - b).square().sum())
+        cut.append(b.cpu())
+    n = ev.teacher_samples.numel()
+    return {"mse_to_teacher": full_err / n, "mse_to_teacher_history_cut": cut_err / n,
+            "mse_with_vs_cut": gap / n, "samples_history_cut": torch.cat(cut)}
+
+
+@torch.no_grad()
 def median_latency(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor, repeats: int = 5,
                    warmup: int = 1) -> float:
     """Median wall time per image (seconds) of one batched call, after warm-up."""
@@ -245,7 +270,7 @@ def _fmt(v, nd=2):
 
 
 def report_markdown(results: list[ModelResult], title: str, notes: list[str] | None = None,
-                    feature_name: str = "digits classifier") -> str:
+                    feature_name: str = "digits classifier", sections: list[str] | None = None) -> str:
     """The report's tables as markdown."""
     lines = [f"# {title}", ""]
     to_teacher = any(r.metrics is not None and not math.isnan(r.metrics.fd_teacher) for r in results)
@@ -268,6 +293,8 @@ def report_markdown(results: list[ModelResult], title: str, notes: list[str] | N
         for r in with_err:
             cells = [f"{a:.4f} / {b:.4f}" for a, b in zip(r.errors["free_running"], r.errors["teacher_forced"])]
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    for sec in sections or []:
+        lines += ["", sec.rstrip("\n")]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -275,15 +302,18 @@ def report_markdown(results: list[ModelResult], title: str, notes: list[str] | N
 
 def write_report(out_dir: str | Path, results: list[ModelResult], title: str, summary: dict | None = None,
                  notes: list[str] | None = None, grids: dict[str, torch.Tensor] | None = None,
-                 feature_name: str = "digits classifier") -> Path:
-    """report.md, metrics.json, trajectory_errors.png and grid.png in ``out_dir``."""
+                 feature_name: str = "digits classifier", sections: list[str] | None = None) -> Path:
+    """report.md, metrics.json, trajectory_errors.png and grid.png in ``out_dir``.
+
+    ``sections``: extra markdown blocks, placed after the tables and before the notes.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(r.errors for r in results):
         plot_trajectory_errors(results, out / "trajectory_errors.png")
     if grids:
         side_by_side_grid(grids, out / "grid.png")
-    md = report_markdown(results, title, notes, feature_name)
+    md = report_markdown(results, title, notes, feature_name, sections)
     if grids:
         md += "\n![same noise, one row per model: " + ", ".join(grids) + "](grid.png)\n"
     if any(r.errors for r in results):

@@ -242,12 +242,14 @@ class ARDStudent(nn.Module):
 
     # ---- KV-cached autoregressive sampling ------------------------------------------------------
     @torch.no_grad()
-    def sample(self, noise: torch.Tensor, y: torch.Tensor, return_all: bool = False):
+    def sample(self, noise: torch.Tensor, y: torch.Tensor, return_all: bool = False, history: bool = True):
         """Few-step sampling: step s runs one block; the lower history_layers read the KV cache.
 
         Returns the final state (B, C, H, W), or with ``return_all`` all S predictions (B, S, C, H, W).
+        ``history=False`` is the history-cut ablation: the same weights, but every block sees only
+        itself (mask M1), which measures how much the student relies on its history.
         """
-        S, Nh = self.cfg.num_steps, (self.cfg.history_layers if self.cfg.uses_history else 0)
+        S, Nh = self.cfg.num_steps, (self.cfg.history_layers if self.cfg.uses_history and history else 0)
         cache = KVCache(Nh, self.cfg.mask)
         x, outs = noise, []
         for s in range(S):
