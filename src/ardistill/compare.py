@@ -363,7 +363,7 @@ def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
         r = summary["fd_degradation_ratio"]
         notes.append(f"FD degradation ratio (({names[0]} - teacher) / ({names[1]} - teacher)): "
                      + (f"{r:.2f}" if math.isfinite(r) and r >= 0 else
-                        "undefined here: a student's FD is not above the teacher's (no degradation to compare)") + (f"; per seed {', '.join(f'{x:.2f}' for x in summary['fd_degradation_ratio_per_seed'])}"
+                        "undefined here: a student's FD is not above the teacher's (no degradation to compare)") + (f"; per seed {', '.join(f'{x:.2f}' if math.isfinite(x) and x >= 0 else 'undefined' for x in summary['fd_degradation_ratio_per_seed'])}"
                                    if len(cfg.seeds) > 1 else "") + " (paper, ImageNet-256: 5.1)")
         notes.append(f"FD to teacher: FD against the teacher's own samples from the same noise and labels, the "
                      f"students' degradation measured directly; its ratio {names[0]} / {names[1]} = "
