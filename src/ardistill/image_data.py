@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ardistill.fileio import atomic_write_json, read_json
-from ardistill.trajectories import CorruptRecordingError, ShardedRecords
+from ardistill.trajectories import CorruptRecordingError, ShardedRecords, check_shard_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -354,24 +354,11 @@ class LatentStore(ShardedRecords):
         self.layout = LatentLayout.from_dict(self.manifest["layout"])
         self.shards = self.manifest["shards"]
         self.classes: list[str] = list(self.manifest["classes"])
-        problems = [p for s in self.shards if (p := self._check(s, checksums=verify_checksums))]
+        problems = [p for s in self.shards
+                    if (p := check_shard_file(self.root, s, self.layout, checksum=verify_checksums))]
         if problems:
             raise CorruptRecordingError(f"latent store {self.root}: " + "; ".join(problems))
         self._open_shards()
-
-    def _check(self, s: dict, checksums: bool) -> str | None:
-        from ardistill.fileio import sha256_file
-        path = self.root / s["file"]
-        if not path.exists():
-            return f"{s['file']}: missing"
-        if path.stat().st_size != s["bytes"]:
-            return f"{s['file']}: {path.stat().st_size} bytes, manifest says {s['bytes']} (truncated or replaced)"
-        arr = np.load(path, mmap_mode="r")
-        if arr.dtype != self.layout.record_dtype() or arr.shape != (s["count"],):
-            return f"{s['file']}: holds {arr.shape} of {arr.dtype}, manifest says ({s['count']},) latent records"
-        if checksums and sha256_file(path) != s["sha256"]:
-            return f"{s['file']}: checksum mismatch: corrupted"
-        return None
 
     @property
     def shape(self) -> tuple[int, int, int]:

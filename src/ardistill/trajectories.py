@@ -341,11 +341,7 @@ def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
     layout = Layout.from_dict(m["layout"])
     problems = []
     for s in m["shards"]:
-        problem = _check_shard_file(root, s, layout)
-        if problem is None and checksums:
-            got = sha256_file(root / s["file"])
-            if got != s["sha256"]:
-                problem = f"{s['file']}: checksum mismatch (sha256 {got[:16]}..., manifest {s['sha256'][:16]}...): corrupted"
+        problem = check_shard_file(root, s, layout, checksum=checksums)
         if problem is None and checksums:  # reads every record's ids: part of the deep check only
             problem = _check_ids(root / s["file"], s, m)
         if problem:
@@ -355,7 +351,12 @@ def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
     return m
 
 
-def _check_shard_file(root: Path, s: dict, layout: Layout) -> str | None:
+def check_shard_file(root: Path, s: dict, layout, checksum: bool = False) -> str | None:
+    """The problem with one shard of a manifest (``file``, ``bytes``, ``count``, ``sha256``), or None.
+
+    Presence, size and ``.npy`` header against ``layout.record_dtype()``; with ``checksum`` also the
+    sha256 (reads the whole file). Shared by recordings and latent stores.
+    """
     path = root / s["file"]
     if not path.exists():
         return f"{s['file']}: missing"
@@ -370,6 +371,10 @@ def _check_shard_file(root: Path, s: dict, layout: Layout) -> str | None:
     if arr.dtype != layout.record_dtype() or arr.shape != (s["count"],):
         return (f"{s['file']}: holds {arr.shape} records of {arr.dtype}, "
                 f"manifest says ({s['count']},) of {layout.record_dtype()}")
+    if checksum:
+        got = sha256_file(path)
+        if got != s["sha256"]:
+            return f"{s['file']}: checksum mismatch (sha256 {got[:16]}..., manifest {s['sha256'][:16]}...): corrupted"
     return None
 
 
@@ -510,7 +515,7 @@ class TrajectoryDataset(ShardedRecords):
         self.positions: list[int] = list(self.manifest["grid"]["positions"])
         self.times: list[float] = list(self.manifest["grid"]["times"])  # true teacher times at the positions
         self.shards = self.manifest["shards"]
-        problems = [p for s in self.shards if (p := _check_shard_file(self.root, s, self.layout))]
+        problems = [p for s in self.shards if (p := check_shard_file(self.root, s, self.layout))]
         if problems:
             raise CorruptRecordingError(f"recording {self.root}: " + "; ".join(problems))
         self._open_shards()
