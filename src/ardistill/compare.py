@@ -292,7 +292,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
             per_seed.append((seed, student, m, errs, samples))
             rows.append({"variant": name, "seed": seed, **m.__dict__, "trajectory_errors": errs})
             if student.cfg.uses_history:  # the history-cut ablation: how much does the student use it?
-                hd = history_dependence(student, ev, device=device)
+                hd = history_dependence(student, ev, samples=samples, device=device)
                 cut = image_metrics(hd.pop("samples_history_cut"), real, net, teacher_features=t_feats)
                 rows[-1]["history_cut"] = {**hd, "fd": cut.fd, "fd_teacher": cut.fd_teacher}
         seed0, student, m, errs, samples = per_seed[0]
@@ -310,7 +310,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                                                         "total": time.perf_counter() - t_start},
                     "recording": {"train": str(train_rec), "eval": str(eval_rec), "grid": manifest["grid"]},
                     "machine": _machine()})
-    notes = _notes(cfg, summary, list(variants))
+    notes = _notes(cfg, summary, list(variants) + extra_rows)
     sections = [history_section(rows)] if any("history_cut" in r for r in rows) else []
     if gan:
         from ardistill.finetune_gan import DIGITS_GAN_SETTINGS as G
@@ -318,11 +318,6 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                      f"(factor {G['gan_factor']}, GAN weight 0 for the first {G['gan_warmup']} steps, frozen-teacher "
                      f"discriminator; docs/gan.md). {GAN_CONTROL_ROW}: the same {G['steps']} steps with GAN weight "
                      "0, so the difference between the two rows is the GAN's alone.")
-        if len(cfg.seeds) > 1:
-            for n in extra_rows:
-                e, t = summary[n]["fd"], summary[n]["fd_teacher"]
-                notes.append(f"{n}: FD {e['mean']:.2f} ± {e['std']:.2f}, FD to teacher {t['mean']:.2f} ± "
-                             f"{t['std']:.2f} (std over {len(cfg.seeds)} training seeds)")
     path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids,
                         sections=sections)
     print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")

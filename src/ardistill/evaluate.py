@@ -98,12 +98,14 @@ def trajectory_errors(student: ARDStudent, ev: EvalTrajectories, batch_size: int
 
 
 @torch.no_grad()
-def history_dependence(student: ARDStudent, ev: EvalTrajectories, batch_size: int = 256, device=None) -> dict:
+def history_dependence(student: ARDStudent, ev: EvalTrajectories, samples: torch.Tensor | None = None,
+                       batch_size: int = 256, device=None) -> dict:
     """How much a history student relies on its history: its free-running samples with the history and
     with the history cut at sampling time (``sample(history=False)``), each against the teacher's
     sample from the same noise, and against each other (mean squared error per pixel).
 
-    Also returns the history-cut samples, so a caller can measure their FD.
+    ``samples``: the student's samples from ``ev.noise`` with its history, when the caller already has
+    them (they are not drawn again). Also returns the history-cut samples, for their FD.
     """
     full_err = cut_err = gap = 0.0
     cut = []
@@ -111,7 +113,7 @@ def history_dependence(student: ARDStudent, ev: EvalTrajectories, batch_size: in
     for sl in _batches(len(ev.noise), batch_size):
         noise, y = ev.noise[sl].to(device), ev.labels[sl].to(device)
         t = ev.teacher_samples[sl].to(device).float()
-        a = student.sample(noise, y).float()
+        a = (student.sample(noise, y) if samples is None else samples[sl].to(device)).float()
         b = student.sample(noise, y, history=False).float()
         full_err += float((a - t).square().sum())
         cut_err += float((b - t).square().sum())
@@ -156,12 +158,24 @@ class ImageMetrics:
 
 
 @torch.no_grad()
-def image_features(images: torch.Tensor, feature_net, batch_size: int = 512) -> torch.Tensor:
-    """Features of images (N, C, H, W) in [-1, 1], clamped first as image_metrics does."""
+def _features_logits(images: torch.Tensor, feature_net, batch_size: int,
+                     need_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features and (optionally) logits in batches, on the CPU. Images are clamped to [-1, 1] first, as
+    writing them to uint8 would (ADM's evaluator sees PNGs)."""
     from ardistill.features import features_and_logits
     images = images.clamp(-1, 1)
-    return torch.cat([features_and_logits(feature_net, images[sl], need_logits=False)[0].float().cpu()
-                      for sl in _batches(len(images), batch_size)])
+    feats, logits = [], []
+    for sl in _batches(len(images), batch_size):
+        f, lg = features_and_logits(feature_net, images[sl], need_logits=need_logits)
+        feats.append(f.float().cpu())
+        if lg is not None:
+            logits.append(lg.float().cpu())
+    return torch.cat(feats), (torch.cat(logits) if logits else None)
+
+
+def image_features(images: torch.Tensor, feature_net, batch_size: int = 512) -> torch.Tensor:
+    """Features of images (N, C, H, W) in [-1, 1], as ``image_metrics`` computes them."""
+    return _features_logits(images, feature_net, batch_size, need_logits=False)[0]
 
 
 @torch.no_grad()
@@ -172,23 +186,15 @@ def image_metrics(images: torch.Tensor, real_features: torch.Tensor, feature_net
     Images are clamped to [-1, 1] first, as writing them to uint8 would (ADM's evaluator sees PNGs).
     ``teacher_features`` (features of the teacher's samples, ``image_features``) adds ``fd_teacher``.
     """
-    images = images.clamp(-1, 1)
-    from ardistill.features import features_and_logits, has_logits
+    from ardistill.features import has_logits
     from ardistill.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
-    feats, logits = [], []
-    need_logits = has_logits(feature_net)
-    for sl in _batches(len(images), batch_size):
-        f, lg = features_and_logits(feature_net, images[sl], need_logits=need_logits)
-        feats.append(f.float().cpu())
-        if lg is not None:
-            logits.append(lg.float().cpu())
-    feats_t = torch.cat(feats)
+    feats_t, logits = _features_logits(images, feature_net, batch_size, need_logits=has_logits(feature_net))
     mu, sigma = FeatureStats().update(feats_t).mu_sigma()
     mu_r, sigma_r = FeatureStats().update(real_features).mu_sigma()
     is_mean = is_std = float("nan")
-    if logits:
-        is_mean, is_std = inception_score(torch.cat(logits), splits=min(10, max(1, len(images) // 100)))
+    if logits is not None:
+        is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(images) // 100)))
     pr = precision_recall(real_features, feats_t, k=k)
     fd_teacher = float("nan")
     if teacher_features is not None:
