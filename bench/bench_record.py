@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ardistill.diffusion import process_for
-from ardistill.dit import DiT, dit_config
-from ardistill.guidance import make_model_fn
-from ardistill.ode import grid_times, randn_from_seeds, solve
-from ardistill.record import RecordConfig, record
-from ardistill.trajectories import labels_for, load_manifest, num_shards, seeds_for, shard_range
+from ardistill.sampling.diffusion import process_for
+from ardistill.models.dit import DiT, dit_config
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import grid_times, randn_from_seeds, solve
+from ardistill.data.record import RecordConfig, record
+from ardistill.data.trajectories import labels_for, load_manifest, num_shards, seeds_for, shard_range
 
 ASSET = Path(__file__).resolve().parents[1] / "src" / "ardistill" / "assets" / "digits_teacher.safetensors"
 
@@ -49,7 +49,7 @@ ASSET = Path(__file__).resolve().parents[1] / "src" / "ardistill" / "assets" / "
 def load_teacher(path: str | None) -> tuple[DiT, str]:
     path = path or (str(ASSET) if ASSET.exists() else None)
     if path:
-        from ardistill.checkpoints import load_any_teacher
+        from ardistill.io.checkpoints import load_any_teacher
         return load_any_teacher(path), path
     torch.manual_seed(0)
     model = DiT(dit_config("DiT-digits"))
@@ -119,8 +119,8 @@ def ode_only(teacher: DiT, cfg: RecordConfig, classes: list[int]) -> None:
 
 def storage_alone(teacher: DiT, cfg: RecordConfig, classes: list[int], rec_root: Path, out: Path) -> float:
     """(d): everything (a) adds to (c), timed alone: weights hash, noise from seeds, fp16 cast, pack, sha256, write."""
-    from ardistill.record import weights_sha256
-    from ardistill.trajectories import Layout, TrajectoryDataset, pack_records, write_shard
+    from ardistill.data.record import weights_sha256
+    from ardistill.data.trajectories import Layout, TrajectoryDataset, pack_records, write_shard
 
     m = load_manifest(rec_root)
     layout = Layout.from_dict(m["layout"])
@@ -143,7 +143,7 @@ def storage_alone(teacher: DiT, cfg: RecordConfig, classes: list[int], rec_root:
 def npz_layout(root: Path, rec_root: Path, n: int) -> dict:
     """Write n recorded trajectories as the public code does (np.savez per sample per step, fp32); measure."""
     m = load_manifest(rec_root)
-    from ardistill.trajectories import TrajectoryDataset
+    from ardistill.data.trajectories import TrajectoryDataset
     r = TrajectoryDataset(rec_root).records(range(n))
     positions, S = m["grid"]["positions"], m["layout"]["num_steps"]
     files = 0

@@ -5,7 +5,7 @@ KV cache; step distillation is the same student with history_layers = 0; the tea
 ``teacher_steps`` DDIM steps with classifier-free guidance (each step a forward pass on a 2x batch).
 Latency per image = median wall time of one sampling call / batch size. The two students are
 timed interleaved so that load from other processes hits both alike. Also prints the analytic FLOPs
-(ardistill.flops) of the same three samplers.
+(ardistill.evaluation.flops) of the same three samplers.
 
     .venv/bin/python bench/bench_sampling.py [--depth 4] [--batch 1] [--reps 21] [--json out.json]
 """
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from ardistill.diffusion import VPProcess
-from ardistill.dit import DiT, DiTConfig
-from ardistill.flops import gmacs, sampling_flops
-from ardistill.guidance import make_model_fn
-from ardistill.ode import solve
-from ardistill.student import build_student
+from ardistill.sampling.diffusion import VPProcess
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.evaluation.flops import gmacs, sampling_flops
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import solve
+from ardistill.models.student import build_student
 
 
 def _timed(fn) -> float:

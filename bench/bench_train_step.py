@@ -1,7 +1,7 @@
 """Training-step throughput: ARDStudent vs the public-code-style naive student (same weights, same batch).
 
 One training step = teacher-forced forward over the S blocks, per-step MSE, backward, AdamW step.
-The naive model (ardistill.naive_student) computes adaLN per token and runs every layer over the
+The naive model (ardistill.models.naive_student) computes adaLN per token and runs every layer over the
 whole S*N sequence with an additive mask; ARDStudent computes adaLN once per block and runs the
 layers above history_layers per block without a mask. Steps of the two models are interleaved so
 that load from other processes hits both alike. Defaults: DiT-B/2 width (768, 12 heads), depth 4,
@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from ardistill.dit import DiT, DiTConfig
-from ardistill.naive_student import NaiveARDStudent
-from ardistill.student import build_student
-from ardistill.train import distill_loss
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.models.naive_student import NaiveARDStudent
+from ardistill.models.student import build_student
+from ardistill.training.distill import distill_loss
 
 
 def make_models(depth: int, history_layers: int, S: int, width: int, heads: int, input_size: int, seed: int = 0):

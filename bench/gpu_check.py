@@ -8,7 +8,7 @@ Measures, on one GPU, within a few minutes:
    activation checkpointing;
 2. sampling latency per image at batch 64: ARD 4-step (KV cache), step distillation 4-step, and
    the teacher's DDIM-25 with guidance 1.5;
-3. achieved FLOP/s (analytic model FLOPs, flops.py) against the card's dense bf16 matmul peak
+3. achieved FLOP/s (analytic model FLOPs, evaluation/flops.py) against the card's dense bf16 matmul peak
    (spec sheet) and against a measured bf16 GEMM;
 4. cached sampling == teacher-forced forward fed the sampler's own outputs, in fp32 and bf16,
    and ARDStudent == NaiveARDStudent (fp32).
@@ -39,14 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ardistill.diffusion import VPProcess  # noqa: E402
-from ardistill.dit import DiT, dit_config  # noqa: E402
-from ardistill.ema import EMA  # noqa: E402
-from ardistill.flops import forward_flops, history_attention_flops, sampling_flops  # noqa: E402
-from ardistill.guidance import make_model_fn  # noqa: E402
-from ardistill.naive_student import NaiveARDStudent  # noqa: E402
-from ardistill.ode import solve  # noqa: E402
-from ardistill.student import ARDStudent, StudentConfig  # noqa: E402
+from ardistill.sampling.diffusion import VPProcess  # noqa: E402
+from ardistill.models.dit import DiT, dit_config  # noqa: E402
+from ardistill.training.ema import EMA  # noqa: E402
+from ardistill.evaluation.flops import forward_flops, history_attention_flops, sampling_flops  # noqa: E402
+from ardistill.sampling.guidance import make_model_fn  # noqa: E402
+from ardistill.models.naive_student import NaiveARDStudent  # noqa: E402
+from ardistill.sampling.ode import solve  # noqa: E402
+from ardistill.models.student import ARDStudent, StudentConfig  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's spec sheets, FLOP/s; matched on the device name.
 SPEC_PEAK_BF16 = [
@@ -292,7 +292,7 @@ def to_markdown(r: dict) -> str:
              f"S = {r['sizes']['num_steps']}, history_layers = {r['sizes']['history_layers']}; bf16 autocast"
              f"{' + TF32' if r['cuda'] else ''}. Spec dense bf16 peak: {_f(r['spec_peak_tflops'], '.0f')} TFLOP/s; "
              f"measured {'bf16' if r['cuda'] else 'fp32'} GEMM ({r['sizes']['gemm_size']}^3): "
-             f"{r['gemm_tflops']:.3g} TFLOP/s. MFU = model FLOPs (flops.py) / spec peak.",
+             f"{r['gemm_tflops']:.3g} TFLOP/s. MFU = model FLOPs (evaluation/flops.py) / spec peak.",
              "", "Training step (AdamW, grad clip 1, EMA; median of "
              f"{r['sizes']['iters']} steps after {r['sizes']['warmup']} warm-up):", "",
              "| model | micro-batch | tokens/sample | step (ms) | samples/s | peak memory (GiB) | TFLOP/s | MFU |",
@@ -367,7 +367,7 @@ def run(sizes: Sizes, device: torch.device, tiny: bool, out: str | None = None) 
     print(f"[gpu_check] GEMM {results['gemm_tflops']:.1f} TFLOP/s", flush=True)
 
     # equivalence first (fp32 weights, no optimizer state on the device)
-    teacher.to("cpu")  # the training benchmarks hold only the student, as train.py does
+    teacher.to("cpu")  # the training benchmarks hold only the student, as training/distill.py does
     with torch.device(device):
         naive = NaiveARDStudent(scfg)
     naive.load_state_dict(student.state_dict())

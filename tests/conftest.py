@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ardistill.dit import DiT, DiTConfig
+from ardistill.models.dit import DiT, DiTConfig
 
 # depth 2, width 64, 8x8 latents with 4 channels: 16 tokens, fast on CPU.
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)

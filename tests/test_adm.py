@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz, write_adm_stats
-from ardistill.metrics import FeatureStats, frechet_distance
+from ardistill.evaluation.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz, write_adm_stats
+from ardistill.evaluation.metrics import FeatureStats, frechet_distance
 
 
 def _images(n=10, h=8, w=6, c=3, seed=0):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ardistill.checkpoints import (CheckpointError, diffusers_to_dit_state, dit_to_diffusers_state, load_any_teacher,
+from ardistill.io.checkpoints import (CheckpointError, diffusers_to_dit_state, dit_to_diffusers_state, load_any_teacher,
                                    load_diffusers_dit, load_dit_pt, load_state_and_config, load_teacher,
                                    save_checkpoint_safetensors, save_diffusers_dit, save_model)
-from ardistill.dit import DiTConfig
+from ardistill.models.dit import DiTConfig
 
 
 def _out(model, inputs):

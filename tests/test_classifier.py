@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ardistill.assets import DIGITS_CLASSIFIER
-from ardistill.checkpoints import CheckpointError, save_model
-from ardistill.classifier import (
+from ardistill.io.checkpoints import CheckpointError, save_model
+from ardistill.evaluation.classifier import (
     ClassifierConfig,
     ClassifierTrainConfig,
     DigitsClassifier,
@@ -17,7 +17,7 @@ from ardistill.classifier import (
     load_digits_classifier,
     train_classifier,
 )
-from ardistill.data import load_digits_split
+from ardistill.data.digits import load_digits_split
 
 
 

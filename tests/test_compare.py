@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.checkpoints import save_checkpoint_safetensors
+from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.compare import CompareConfig, compare, summarize, sweep_variants
-from ardistill.dit import build_dit
-from ardistill.evaluate import fd_degradation_ratio
+from ardistill.models.dit import build_dit
+from ardistill.evaluation.evaluate import fd_degradation_ratio
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_sweep_variants_cover_the_ablations():
 
 @pytest.mark.slow
 def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
-    import ardistill.finetune_gan as fg
+    import ardistill.training.finetune_gan as fg
     for k, v in dict(steps=4, gan_warmup=1, batch_size=8).items():
         monkeypatch.setitem(fg.DIGITS_GAN_SETTINGS, k, v)
     cfg = CompareConfig(out=str(tmp_path / "gan"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
@@ -121,7 +121,7 @@ def test_sweep_trains_a_shared_variant_once_and_writes_one_table(tiny_teacher, t
 
 
 def test_fd_to_teacher_is_zero_for_the_teacher_and_grows_with_a_shift():
-    from ardistill.evaluate import image_features, image_metrics
+    from ardistill.evaluation.evaluate import image_features, image_metrics
 
     class Net(torch.nn.Module):  # features = the pixels
         def forward(self, x):

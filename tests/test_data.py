@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.data import (
+from ardistill.data.digits import (
     load_digits_split,
     random_shift,
     stratified_split,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.diffusion import FlowProcess, VPProcess, make_process, process_for, space_timesteps, student_grid
+from ardistill.sampling.diffusion import FlowProcess, VPProcess, make_process, process_for, space_timesteps, student_grid
 
 # DiT's space_timesteps(1000, "25"): stride 999/24 = 41.625 with Python's round (half to even:
 # 166.5 -> 166, 499.5 -> 500, 832.5 -> 832).

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ardistill.dit import DiT, DiT_models, DiTConfig, build_dit, dit_config
-from ardistill.guidance import make_model_fn
+from ardistill.models.dit import DiT, DiT_models, DiTConfig, build_dit, dit_config
+from ardistill.sampling.guidance import make_model_fn
 
 # ------------------------------------------------------------------------------------------------
 # Reference forward, written from DiT's models.py (timm Attention/Mlp/PatchEmbed), on a state dict.

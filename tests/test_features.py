@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ardistill.features import (
+from ardistill.evaluation.features import (
     DigitsFeatureNetwork,
     _to_uint8_values,
     FeatureNetwork,
@@ -20,7 +20,7 @@ from ardistill.features import (
     get_feature_network,
     has_logits,
 )
-from ardistill.inception import FIDInceptionV3, WEIGHTS_FILENAME, _check_state_dict, resize_bilinear_tf1
+from ardistill.evaluation.inception import FIDInceptionV3, WEIGHTS_FILENAME, _check_state_dict, resize_bilinear_tf1
 
 # ---------------------------------------------------------------- references from torch-fidelity 0.4.0
 # FeatureExtractorInceptionV3 (torch-fidelity 0.4.0, Apache-2.0) was loaded from its wheel, bypassing
@@ -128,14 +128,14 @@ def test_digits_adapter_rejects_wrong_shapes_and_dtypes():
 
 
 def test_digits_classifier_class_fits_the_adapter():
-    classifier = pytest.importorskip("ardistill.classifier")
+    classifier = pytest.importorskip("ardistill.evaluation.classifier")
     net = get_feature_network("digits", classifier=classifier.DigitsClassifier())
     f, lg = features_and_logits(net, torch.zeros(4, 1, 8, 8))
     assert f.ndim == 2 and f.shape[0] == 4 and lg.shape == (4, 10)
 
 
 def test_shipped_digits_classifier_as_feature_network():
-    pytest.importorskip("ardistill.classifier")
+    pytest.importorskip("ardistill.evaluation.classifier")
     from ardistill.assets import DIGITS_CLASSIFIER
 
     if not DIGITS_CLASSIFIER.exists():

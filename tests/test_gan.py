@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ardistill.finetune_gan as fg
-from ardistill.checkpoints import save_checkpoint_safetensors
-from ardistill.dit import DiT, DiTConfig
-from ardistill.finetune_gan import DiscriminatorCollapseError, GANConfig, LatentReal, finetune_gan
-from ardistill.gan import (Discriminator, adaptive_weight, adaptive_weight_from_grads, discriminator_config_for,
+import ardistill.training.finetune_gan as fg
+from ardistill.io.checkpoints import save_checkpoint_safetensors
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.training.finetune_gan import DiscriminatorCollapseError, GANConfig, LatentReal, finetune_gan
+from ardistill.models.discriminator import (Discriminator, adaptive_weight, adaptive_weight_from_grads, discriminator_config_for,
                            hinge_d_loss, hinge_g_loss, last_head_weight)
-from ardistill.record import RecordConfig, record
-from ardistill.student_io import load_student, save_student
-from ardistill.train import DistillConfig, build_distill_student
-from ardistill.train_utils import Checkpointer, NonFiniteLossError
-from ardistill.trajectories import load_manifest
+from ardistill.data.record import RecordConfig, record
+from ardistill.io.student_io import load_student, save_student
+from ardistill.training.distill import DistillConfig, build_distill_student
+from ardistill.training.loop import Checkpointer, NonFiniteLossError
+from ardistill.data.trajectories import load_manifest
 
 # the digits' shape (1 x 8 x 8, 10 classes) so that the real data is the embedded digits
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
@@ -275,8 +275,8 @@ def test_config_validation_and_incompatible_inputs(setup, tmp_path):
 
 
 def test_latent_store_as_real_data(setup, tmp_path):
-    from ardistill.image_data import ImageFolder, encode_latents
-    from ardistill.vae import IdentityCodec
+    from ardistill.data.image_folder import ImageFolder, encode_latents
+    from ardistill.data.vae import IdentityCodec
     from PIL import Image
     import numpy as np
     rng = np.random.default_rng(0)

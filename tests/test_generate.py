@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz
-from ardistill.dit import build_dit
-from ardistill.evaluate import evaluate_npz
-from ardistill.features import FunctionFeatures
+from ardistill.evaluation.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz
+from ardistill.models.dit import build_dit
+from ardistill.evaluation.evaluate import evaluate_npz
+from ardistill.evaluation.features import FunctionFeatures
 from ardistill.generate import balanced_labels, generate, sample_student, student_grid_png
-from ardistill.student import build_student
-from ardistill.student_io import save_student
+from ardistill.models.student import build_student
+from ardistill.io.student_io import save_student
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_generate_npz_is_batch_size_independent_and_ordered(student_file, tmp_pa
 
 
 def test_sample_student_matches_npz_and_png(student_file, tmp_path):
-    from ardistill.student_io import load_student
+    from ardistill.io.student_io import load_student
     st = load_student(student_file)
     imgs = sample_student(st, [0, 1, 2], torch.tensor([0, 1, 2]))
     out = generate(student_file, tmp_path / "s.npz", num_samples=3, progress=False)

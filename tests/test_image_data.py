@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ardistill.image_data import (ImageFolder, LatentStore, center_crop_arr, encode_latents, list_image_folder,
+from ardistill.data.image_folder import (ImageFolder, LatentStore, center_crop_arr, encode_latents, list_image_folder,
                                   load_latent_manifest)
-from ardistill.trajectories import CorruptRecordingError
-from ardistill.vae import IdentityCodec
+from ardistill.data.trajectories import CorruptRecordingError
+from ardistill.data.vae import IdentityCodec
 
 
 def make_folder(root: Path, classes=("b_cat", "a_dog"), per_class=3, size=(40, 24), seed=0) -> Path:

@@ -16,17 +16,17 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("diffusers")
 
-from ardistill.checkpoints import save_checkpoint_safetensors  # noqa: E402
-from ardistill.dit import DiT, DiTConfig  # noqa: E402
-from ardistill.features import FunctionFeatures  # noqa: E402
-from ardistill.image_data import ImageFolder, LatentStore, encode_latents  # noqa: E402
-from ardistill.metrics import FeatureStats, frechet_distance, precision_recall  # noqa: E402
-from ardistill.ode import randn_from_seeds  # noqa: E402
-from ardistill.record import RecordConfig, record  # noqa: E402
-from ardistill.student_io import load_student  # noqa: E402
-from ardistill.train import DistillConfig, distill  # noqa: E402
-from ardistill.trajectories import TrajectoryDataset  # noqa: E402
-from ardistill.vae import TINY_VAE_CONFIG, LatentCodec  # noqa: E402
+from ardistill.io.checkpoints import save_checkpoint_safetensors  # noqa: E402
+from ardistill.models.dit import DiT, DiTConfig  # noqa: E402
+from ardistill.evaluation.features import FunctionFeatures  # noqa: E402
+from ardistill.data.image_folder import ImageFolder, LatentStore, encode_latents  # noqa: E402
+from ardistill.evaluation.metrics import FeatureStats, frechet_distance, precision_recall  # noqa: E402
+from ardistill.sampling.ode import randn_from_seeds  # noqa: E402
+from ardistill.data.record import RecordConfig, record  # noqa: E402
+from ardistill.io.student_io import load_student  # noqa: E402
+from ardistill.training.distill import DistillConfig, distill  # noqa: E402
+from ardistill.data.trajectories import TrajectoryDataset  # noqa: E402
+from ardistill.data.vae import TINY_VAE_CONFIG, LatentCodec  # noqa: E402
 
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ardistill.dit import dit_config
-from ardistill.flops import forward_flops, gmacs, sampling_flops
-from ardistill.kv_cache import KVCache
-from ardistill.masks import attended_pairs, block_mask, token_mask, visible_blocks
+from ardistill.models.dit import dit_config
+from ardistill.evaluation.flops import forward_flops, gmacs, sampling_flops
+from ardistill.models.kv_cache import KVCache
+from ardistill.models.masks import attended_pairs, block_mask, token_mask, visible_blocks
 
 
 def test_block_masks():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.metrics import (
+from ardistill.evaluation.metrics import (
     FeatureStats,
     frechet_distance,
     gather_features,
@@ -71,7 +71,7 @@ def test_fd_general_matches_symmetric_formula():
 
 
 def test_fd_singular_fallback_and_imaginary_parts(monkeypatch):
-    import ardistill.metrics as m
+    import ardistill.evaluation.metrics as m
 
     real_sqrtm, calls = m._sqrtm, []
 
@@ -147,8 +147,8 @@ WORKER = textwrap.dedent("""
     import sys
     import numpy as np
     import torch
-    from ardistill import distributed
-    from ardistill.metrics import FeatureStats, gather_features
+    from ardistill.io import distributed
+    from ardistill.evaluation.metrics import FeatureStats, gather_features
 
     distributed.init("cpu")
     r = distributed.rank()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.diffusion import FlowProcess, VPProcess
-from ardistill.ode import CLEAN_TIME, grid_times, randn_from_seeds, solve
+from ardistill.sampling.diffusion import FlowProcess, VPProcess
+from ardistill.sampling.ode import CLEAN_TIME, grid_times, randn_from_seeds, solve
 
 VP = VPProcess()
 SHAPE = (2, 4, 4)

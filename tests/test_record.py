@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import ardistill.trajectories as traj
-from ardistill.checkpoints import save_checkpoint_safetensors
-from ardistill.dit import DiT, DiTConfig
-from ardistill.record import RecordConfig, build_plan, record, weights_sha256
-from ardistill.trajectories import MANIFEST, PLAN, PROGRESS_DIR, TrajectoryDataset, load_manifest, shard_name, verify
+import ardistill.data.trajectories as traj
+from ardistill.io.checkpoints import save_checkpoint_safetensors
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.data.record import RecordConfig, build_plan, record, weights_sha256
+from ardistill.data.trajectories import MANIFEST, PLAN, PROGRESS_DIR, TrajectoryDataset, load_manifest, shard_name, verify
 
 SMALL = dict(count=21, num_steps=3, teacher_steps=6, shard_size=8, batch_size=4, cfg_scale=1.5)
 

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from ardistill.assets import DIGITS_TEACHER
-from ardistill.checkpoints import load_teacher, save_checkpoint_safetensors
-from ardistill.diffusion import VPProcess
-from ardistill.images import make_grid, save_image_grid
+from ardistill.io.checkpoints import load_teacher, save_checkpoint_safetensors
+from ardistill.sampling.diffusion import VPProcess
+from ardistill.io.images import make_grid, save_image_grid
 from ardistill.sample import parse_int_list, resolve_labels, sample_teacher
 
 DIGITS_TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from ardistill.diffusion import FlowProcess, VPProcess, student_grid
-from ardistill.dit import build_dit
-from ardistill.guidance import make_model_fn
-from ardistill.ode import grid_times, solve
-from ardistill.student import (ARDStudent, StudentConfig, block_times_for, build_student,
+from ardistill.sampling.diffusion import FlowProcess, VPProcess, student_grid
+from ardistill.models.dit import build_dit
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import grid_times, solve
+from ardistill.models.student import (ARDStudent, StudentConfig, block_times_for, build_student,
                                ode_step_coeffs)
 
 

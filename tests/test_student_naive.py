@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ardistill.dit import build_dit
-from ardistill.naive_student import NaiveARDStudent, additive_mask
-from ardistill.student import build_student
+from ardistill.models.dit import build_dit
+from ardistill.models.naive_student import NaiveARDStudent, additive_mask
+from ardistill.models.student import build_student
 
 
 def _teacher(patch=2, depth=3):

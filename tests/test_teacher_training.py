@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ardistill import teacher_training as tt
-from ardistill.checkpoints import load_teacher
-from ardistill.teacher_training import TeacherTrainConfig, learning_rate, train_teacher
+from ardistill.training import teacher as tt
+from ardistill.io.checkpoints import load_teacher
+from ardistill.training.teacher import TeacherTrainConfig, learning_rate, train_teacher
 
 TINY = dict(model="DiT-T/2", batch_size=16, lr=2e-3, warmup_steps=2, log_every=4, checkpoint_every=4)
 
@@ -103,8 +103,8 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 6
 
 
-@pytest.mark.parametrize("command, cls_path", [("train-teacher", "ardistill.teacher_training.TeacherTrainConfig"),
-                                               ("train-classifier", "ardistill.classifier.ClassifierTrainConfig")])
+@pytest.mark.parametrize("command, cls_path", [("train-teacher", "ardistill.training.teacher.TeacherTrainConfig"),
+                                               ("train-classifier", "ardistill.evaluation.classifier.ClassifierTrainConfig")])
 def test_cli_help_shows_the_config_defaults(command, cls_path):
     """The [default] in each flag's help is the dataclass default the command really uses."""
     import dataclasses

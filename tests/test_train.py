@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ardistill.train as train_mod
-from ardistill.checkpoints import save_checkpoint_safetensors
-from ardistill.dit import DiT, DiTConfig
-from ardistill.ema import EMA
-from ardistill.record import RecordConfig, record
-from ardistill.student_io import load_student, read_student_file
-from ardistill.train import DistillConfig, distill, distill_loss, on_policy_inputs
-from ardistill.train_utils import Checkpointer, EpochBatches, NonFiniteLossError, RunLogger, lr_at
+import ardistill.training.distill as train_mod
+from ardistill.io.checkpoints import save_checkpoint_safetensors
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.training.ema import EMA
+from ardistill.data.record import RecordConfig, record
+from ardistill.io.student_io import load_student, read_student_file
+from ardistill.training.distill import DistillConfig, distill, distill_loss, on_policy_inputs
+from ardistill.training.loop import Checkpointer, EpochBatches, NonFiniteLossError, RunLogger, lr_at
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 SRC = str(Path(__file__).resolve().parents[1] / "src")

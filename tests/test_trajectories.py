@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ardistill.cli import main as cli_main
-from ardistill.diffusion import VPProcess
-from ardistill.guidance import make_model_fn
-from ardistill.ode import randn_from_seeds, solve
-from ardistill.record import RecordConfig, record
-from ardistill.trajectories import (MANIFEST, CorruptRecordingError, Layout, StudentDataSpec, TrajectoryDataset,
+from ardistill.sampling.diffusion import VPProcess
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import randn_from_seeds, solve
+from ardistill.data.record import RecordConfig, record
+from ardistill.data.trajectories import (MANIFEST, CorruptRecordingError, Layout, StudentDataSpec, TrajectoryDataset,
                                     load_manifest, shard_name, verify)
 
 S, T = 3, 6  # student steps, teacher steps: tiny and fast

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from ardistill.vae import SD_VAE_SCALE, TINY_VAE_CONFIG, IdentityCodec, LatentCodec, load_codec  # noqa: E402
+from ardistill.data.vae import SD_VAE_SCALE, TINY_VAE_CONFIG, IdentityCodec, LatentCodec, load_codec  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def _add_record(sub):
         import json
 
         from ardistill.presets import record_from_cli
-        from ardistill.record import RecordConfig, record_command
+        from ardistill.data.record import RecordConfig, record_command
         if args.preset is None and args.count is None:
             raise ValueError("--count is required (or --preset NAME)")
         defaults = fields(argparse.Namespace(**{k: p.get_default(k) for k in vars(args)}))
@@ -82,7 +82,7 @@ def _add_verify_trajectories(sub):
     p.add_argument("--quick", action="store_true", help="sizes and headers only, no checksums")
 
     def run(args):
-        from ardistill.trajectories import describe, verify
+        from ardistill.data.trajectories import describe, verify
         print(describe(verify(args.root, checksums=not args.quick)))
         print("ok" if not args.quick else "ok (sizes and headers; checksums not checked)")
     p.set_defaults(func=run)
@@ -157,8 +157,8 @@ def _add_distill(sub):
     _run_group(p, seed_help="data order and on-policy coin flips (default 0)")
 
     def run(args):
-        from ardistill.train import distill_command
-        from ardistill.train_utils import NonFiniteLossError
+        from ardistill.training.distill import distill_command
+        from ardistill.training.loop import NonFiniteLossError
         options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "preset", "dry_run")}
         if args.preset or args.dry_run:
             import json
@@ -215,9 +215,9 @@ def _add_encode_latents(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args):
-        from ardistill import distributed as dist
-        from ardistill.image_data import ImageFolder, encode_latents
-        from ardistill.vae import load_codec
+        from ardistill.io import distributed as dist
+        from ardistill.data.image_folder import ImageFolder, encode_latents
+        from ardistill.data.vae import load_codec
         device = dist.init(args.device)
         try:
             codec = load_codec(args.vae, device=device, posterior=args.posterior, channels=3)
@@ -269,7 +269,7 @@ def _add_train_teacher(sub):
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
 
     def run(args):
-        from ardistill.teacher_training import TeacherTrainConfig, train_teacher
+        from ardistill.training.teacher import TeacherTrainConfig, train_teacher
         _threads(args.threads)
         cfg = TeacherTrainConfig(**{k: v for k, v in vars(args).items()
                                     if k in TeacherTrainConfig.__dataclass_fields__})
@@ -296,7 +296,7 @@ def _add_train_classifier(sub):
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
 
     def run(args):
-        from ardistill.classifier import ClassifierTrainConfig, train_classifier
+        from ardistill.evaluation.classifier import ClassifierTrainConfig, train_classifier
         _threads(args.threads)
         cfg = ClassifierTrainConfig(**{k: v for k, v in vars(args).items()
                                        if k in ClassifierTrainConfig.__dataclass_fields__})
@@ -365,8 +365,8 @@ def _add_finetune_gan(sub):
     _run_group(p, seed_help="data order, head init, step choice (default 0)")
 
     def run(args):
-        from ardistill.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
-        from ardistill.train_utils import NonFiniteLossError
+        from ardistill.training.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
+        from ardistill.training.loop import NonFiniteLossError
         options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume")}
         try:
             finetune_gan_command(options, resume=args.resume)
@@ -427,7 +427,7 @@ def _add_demo(sub):
 
     def run(args):
         from ardistill.compare import DEMO_PRESETS, compare, demo_variants
-        from ardistill.checkpoints import load_any_teacher
+        from ardistill.io.checkpoints import load_any_teacher
         from ardistill.assets import DIGITS_TEACHER, shipped
         _threads(args.threads)
         cfg = _compare_config(args, DEMO_PRESETS[args.preset], "runs/demo")
@@ -495,9 +495,9 @@ def _add_evaluate(sub):
 
     def run(args):
         import json
-        from ardistill.evaluate import evaluate_npz
-        from ardistill.features import get_feature_network
-        from ardistill.fileio import atomic_write_json
+        from ardistill.evaluation.evaluate import evaluate_npz
+        from ardistill.evaluation.features import get_feature_network
+        from ardistill.io.fileio import atomic_write_json
         kw = {"weights_path": args.inception_weights} if args.features == "inception" else {}
         net = get_feature_network(args.features, device=args.device, **kw)
         res = evaluate_npz(args.samples, args.reference, net, args.batch_size, args.reference_stats, device=args.device)

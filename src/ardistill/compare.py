@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ardistill.fileio import atomic_write_json
+from ardistill.io.fileio import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ DEMO_PRESETS: dict[str, dict] = {
 
 def demo_variants(depth: int, history_layers: int | None = None) -> dict[str, dict]:
     """Step distillation and ARD: identical except for history_layers."""
-    from ardistill.train import default_history_layers
+    from ardistill.training.distill import default_history_layers
     nh = default_history_layers(depth) if history_layers is None else history_layers
     return {"step distillation": {"history_layers": 0}, f"ARD (N_h={nh})": {"history_layers": nh}}
 
@@ -96,8 +96,8 @@ def slug(name: str) -> str:
 
 def record_sets(cfg: CompareConfig, teacher_path: Path) -> tuple[Path, Path]:
     """Train and evaluation recordings (disjoint seeds); resumable, skipped when complete."""
-    from ardistill.checkpoints import load_any_teacher
-    from ardistill.record import RecordConfig, record
+    from ardistill.io.checkpoints import load_any_teacher
+    from ardistill.data.record import RecordConfig, record
 
     teacher = load_any_teacher(teacher_path)
     out = Path(cfg.out)
@@ -115,7 +115,7 @@ def record_sets(cfg: CompareConfig, teacher_path: Path) -> tuple[Path, Path]:
 
 def train_variant(cfg: CompareConfig, name: str, overrides: dict, seed: int, recording: Path, teacher_path: Path):
     """Distil one variant with one training seed (resumes an interrupted run, skips a finished one)."""
-    from ardistill.train import DistillConfig, distill
+    from ardistill.training.distill import DistillConfig, distill
 
     opts = dict(recording=str(recording), teacher=str(teacher_path), steps=cfg.steps,
                 batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
@@ -139,7 +139,7 @@ def train_variant(cfg: CompareConfig, name: str, overrides: dict, seed: int, rec
 def training_key(opts: dict) -> str:
     """A short hash of everything that changes a trained student (not where it is written or shown)."""
     import hashlib
-    from ardistill.train import DistillConfig
+    from ardistill.training.distill import DistillConfig
 
     ignore = {"run_dir", "progress", "device", "tensorboard", "seed", "log_every", "ckpt_every", "keep_every"}
     full = {k: v for k, v in asdict(DistillConfig(run_dir="-", **{k: v for k, v in opts.items() if k != "run_dir"})).items()
@@ -150,8 +150,8 @@ def training_key(opts: dict) -> str:
 
 def load_eval_set(path: Path):
     """The evaluation recording as EvalTrajectories (states and x0-predictions, S + 1 points)."""
-    from ardistill.evaluate import EvalTrajectories
-    from ardistill.trajectories import TrajectoryDataset
+    from ardistill.evaluation.evaluate import EvalTrajectories
+    from ardistill.data.trajectories import TrajectoryDataset
 
     ds = TrajectoryDataset(path)
     rec = ds.records(np.arange(len(ds)))
@@ -167,7 +167,7 @@ def load_eval_set(path: Path):
 
 def summarize(rows: list[dict], names: list[str], teacher_fd: float) -> dict:
     """Mean and standard deviation over training seeds, and the FD-degradation ratio."""
-    from ardistill.evaluate import fd_degradation_ratio
+    from ardistill.evaluation.evaluate import fd_degradation_ratio
     out = {}
     for name in names:
         rs = [r for r in rows if r["variant"] == name]
@@ -204,7 +204,7 @@ def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording
     ``control=True`` runs the same fine-tuning with GAN weight 0 (regression only, same steps, same
     data order): it separates the GAN's effect from simply training longer.
     """
-    from ardistill.finetune_gan import DIGITS_GAN_SETTINGS, GANConfig, finetune_gan
+    from ardistill.training.finetune_gan import DIGITS_GAN_SETTINGS, GANConfig, finetune_gan
 
     settings = dict(DIGITS_GAN_SETTINGS, **({"gan_factor": 0.0} if control else {}))
     run_dir = Path(cfg.out) / "students" / f"{student_run.name}-{'control' if control else 'gan'}"
@@ -229,16 +229,16 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     Returns the path of report.md.
     """
     from ardistill.assets import DIGITS_TEACHER, shipped
-    from ardistill.checkpoints import load_any_teacher
-    from ardistill.data import load_digits_split
-    from ardistill.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features, image_metrics,
+    from ardistill.io.checkpoints import load_any_teacher
+    from ardistill.data.digits import load_digits_split
+    from ardistill.evaluation.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features, image_metrics,
                                     median_latency, run_sampler, trajectory_errors, write_report)
-    from ardistill.features import get_feature_network
-    from ardistill.flops import sampling_flops
-    from ardistill.guidance import make_model_fn
-    from ardistill.diffusion import process_for
-    from ardistill.ode import solve
-    from ardistill.student_io import load_student
+    from ardistill.evaluation.features import get_feature_network
+    from ardistill.evaluation.flops import sampling_flops
+    from ardistill.sampling.guidance import make_model_fn
+    from ardistill.sampling.diffusion import process_for
+    from ardistill.sampling.ode import solve
+    from ardistill.io.student_io import load_student
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -313,7 +313,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     notes = _notes(cfg, summary, list(variants) + extra_rows)
     sections = [history_section(rows)] if any("history_cut" in r for r in rows) else []
     if gan:
-        from ardistill.finetune_gan import DIGITS_GAN_SETTINGS as G
+        from ardistill.training.finetune_gan import DIGITS_GAN_SETTINGS as G
         notes.append(f"{GAN_ROW}: the ARD (R) student fine-tuned {G['steps']} more steps with regression + hinge GAN "
                      f"(factor {G['gan_factor']}, GAN weight 0 for the first {G['gan_warmup']} steps, frozen-teacher "
                      f"discriminator; docs/gan.md). {GAN_CONTROL_ROW}: the same {G['steps']} steps with GAN weight "
@@ -382,7 +382,7 @@ def sweep_variants(axis: str, depth: int, steps: int = 400) -> dict[str, dict]:
     On-policy history is tried from the first step (p = 0.5) and warm-started: teacher forcing for the
     first half of the ``steps``, then p = 0.5 (a rollout from an untrained student is noise).
     """
-    from ardistill.train import default_history_layers
+    from ardistill.training.distill import default_history_layers
     nh = default_history_layers(depth)
     if axis == "history_layers":
         return {f"N_h={n}": {"history_layers": n} for n in sorted({0, 1, nh, max(nh, depth // 2), depth})}
@@ -405,7 +405,7 @@ def sweep_variants(axis: str, depth: int, steps: int = 400) -> dict[str, dict]:
 
 def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
     """One comparison per axis (per S for ``num_steps``); all rows merged into sweep.md / sweep.json."""
-    from ardistill.checkpoints import load_any_teacher
+    from ardistill.io.checkpoints import load_any_teacher
     from ardistill.assets import DIGITS_TEACHER, shipped
 
     teacher_path = shipped(DIGITS_TEACHER, "digits teacher") if cfg.teacher is None else Path(cfg.teacher)
@@ -453,7 +453,7 @@ def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
                      f"{pm(r['fd_teacher'], r['fd_teacher_std'])} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['final_step_mse']:.4f} | {r['teacher_fd']:.2f} |")
     atomic_write_json(root / "sweep.json", {"rows": table, "config": cfg.to_dict(), "axes": list(axes)})
-    from ardistill.fileio import atomic_write_bytes
+    from ardistill.io.fileio import atomic_write_bytes
     atomic_write_bytes(root / "sweep.md", ("\n".join(lines) + "\n").encode())
     print(f"sweep table: {root / 'sweep.md'}")
     return root / "sweep.md"

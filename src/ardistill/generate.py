@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ardistill import distributed as dist
-from ardistill.ode import randn_from_seeds
+from ardistill.io import distributed as dist
+from ardistill.sampling.ode import randn_from_seeds
 
 
 def balanced_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
@@ -51,8 +51,8 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
         vae: a diffusers AutoencoderKL folder for latent students (None = pixel space).
     Returns the merged file on rank 0 (None on other ranks).
     """
-    from ardistill.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz
-    from ardistill.student_io import load_student
+    from ardistill.evaluation.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz
+    from ardistill.io.student_io import load_student
 
     dev = dist.init(device)
     out = Path(out)
@@ -60,7 +60,7 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
         student = load_student(student_path, device=dev)
         codec = None
         if vae is not None:
-            from ardistill.vae import load_codec
+            from ardistill.data.vae import load_codec
             codec = load_codec(vae, device=dev)
         rank, world = dist.rank(), dist.world_size()
         idx = np.arange(rank, num_samples, world)
@@ -96,13 +96,13 @@ def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int]
                      nrow: int | None = None, scale: int | None = None, vae: str | None = None,
                      device: str = "cpu") -> Path:
     """A PNG grid of student samples (labels default to balanced); ``scale`` None: x8 below 64 px, else x1."""
-    from ardistill.images import save_image_grid
-    from ardistill.student_io import load_student
+    from ardistill.io.images import save_image_grid
+    from ardistill.io.student_io import load_student
 
     student = load_student(student_path, device=device)
     codec = None
     if vae is not None:
-        from ardistill.vae import load_codec
+        from ardistill.data.vae import load_codec
         codec = load_codec(vae, device=device)
     nc = student.cfg.teacher.num_classes
     y = torch.tensor(labels if labels else balanced_labels(np.arange(len(seeds)), nc).tolist())

@@ -122,12 +122,12 @@ class Preset:
 
     # ---- run configs ----------------------------------------------------------------------------
     def teacher_config(self):
-        from ardistill.dit import dit_config
+        from ardistill.models.dit import dit_config
         t = self.raw["teacher"]
         return dit_config(t["arch"], **t.get("config", {}))
 
     def record_config(self):
-        from ardistill.record import RecordConfig
+        from ardistill.data.record import RecordConfig
         return RecordConfig(**self.raw["record"])
 
     def distill_fields(self) -> dict:
@@ -138,15 +138,15 @@ class Preset:
         return {**s, **d}
 
     def distill_config(self, recording: str, teacher: str, run_dir: str, **overrides):
-        from ardistill.train import DistillConfig
+        from ardistill.training.distill import DistillConfig
         return DistillConfig(recording=recording, teacher=teacher, run_dir=run_dir,
                              **{**self.distill_fields(), **overrides})
 
     def student_config(self):
         """The StudentConfig this preset trains (block times from the recorded grid)."""
-        from ardistill.diffusion import process_for
-        from ardistill.ode import grid_times
-        from ardistill.student import StudentConfig, block_times_for
+        from ardistill.sampling.diffusion import process_for
+        from ardistill.sampling.ode import grid_times
+        from ardistill.models.student import StudentConfig, block_times_for
         tcfg = self.teacher_config()
         rec = self.record_config()
         process = process_for(tcfg.prediction)
@@ -180,7 +180,7 @@ class Preset:
 
 
 def _default_history_layers(depth: int) -> int:
-    from ardistill.train import default_history_layers
+    from ardistill.training.distill import default_history_layers
     return default_history_layers(depth)
 
 
@@ -223,13 +223,13 @@ def _check_keys(section: dict, allowed, name: str, where: str) -> None:
 
 
 def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
-    from ardistill.diffusion import process_for
-    from ardistill.dit import DiT_models
-    from ardistill.flops import sampling_flops
-    from ardistill.ode import grid_times
-    from ardistill.record import RecordConfig
-    from ardistill.train import DistillConfig
-    from ardistill.trajectories import Layout
+    from ardistill.sampling.diffusion import process_for
+    from ardistill.models.dit import DiT_models
+    from ardistill.evaluation.flops import sampling_flops
+    from ardistill.sampling.ode import grid_times
+    from ardistill.data.record import RecordConfig
+    from ardistill.training.distill import DistillConfig
+    from ardistill.data.trajectories import Layout
 
     name = raw.get("name") or Path(where.removeprefix("preset ")).stem
     teacher, codec, data, rec = (_need(raw, s, where) for s in ("teacher", "codec", "data", "record"))
@@ -256,7 +256,7 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
         codec.setdefault("latent_channels", C)
         codec.setdefault("image_channels", C)
     else:
-        from ardistill.vae import SD_VAE_SCALE
+        from ardistill.data.vae import SD_VAE_SCALE
         codec.setdefault("scale", SD_VAE_SCALE)
         codec.setdefault("downsample", 8)
         codec.setdefault("latent_channels", 4)
@@ -288,7 +288,7 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
         raise PresetError(f"{where}: record.classes must lie in [0, {tcfg.num_classes})")
     positions = rcfg.grid_positions()
     if rcfg.positions is not None and rec.get("grid") is not None:
-        from ardistill.diffusion import student_grid
+        from ardistill.sampling.diffusion import student_grid
         implied = student_grid(rcfg.teacher_steps, rcfg.num_steps, rcfg.grid)
         if implied != positions:
             raise PresetError(f"{where}: record.positions {positions} contradict record.grid {rcfg.grid!r}, "
@@ -361,7 +361,7 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
 
 def _split_batch(distill: dict, world: int, where: str) -> dict:
     """global = world x micro_batch x grad_accum; whichever of micro_batch / grad_accum is missing is derived."""
-    from ardistill.train import DistillConfig
+    from ardistill.training.distill import DistillConfig
     g = distill.get("batch_size", DistillConfig.__dataclass_fields__["batch_size"].default)
     micro, accum = distill.get("micro_batch"), distill.get("grad_accum")  # None = derive it
     if micro is not None:
@@ -402,7 +402,7 @@ def record_from_cli(preset: str | None, given: dict, defaults: dict) -> tuple[di
     ``given`` are the fields as parsed, ``defaults`` the parser's defaults: a field that differs
     from its default was set on the command line and overrides the preset.
     """
-    from ardistill.record import RecordConfig
+    from ardistill.data.record import RecordConfig
     if preset is None:
         cfg = RecordConfig(**given)
         return given, {"record": {f.name: getattr(cfg, f.name) for f in fields(cfg)}}
@@ -427,7 +427,7 @@ def distill_from_cli(preset: str | None, given: dict, world_size: int | None = N
     Returns (options, resolved description for --dry-run). Paths stay as given.
     """
     if preset is None:
-        from ardistill.train import DistillConfig
+        from ardistill.training.distill import DistillConfig
         missing = {k: f"<{k}>" for k in ("recording", "teacher", "run_dir") if k not in given}
         cfg = DistillConfig(**{**given, **missing})
         return given, {"distill": cfg.to_dict()}

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ardistill.diffusion import Process, process_for
-from ardistill.guidance import make_model_fn
-from ardistill.ode import randn_from_seeds, solve
+from ardistill.sampling.diffusion import Process, process_for
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import randn_from_seeds, solve
 
 
 @torch.no_grad()
@@ -84,8 +84,8 @@ def sample_grid(teacher_path: str | Path | None, out: str | Path, seeds: str = "
                 nrow: int | None = None, scale: int = 8, device: str = "cpu") -> Path:
     """Sample a teacher (None = the shipped digits teacher) and write a PNG grid; what ``ardistill sample`` runs."""
     from ardistill.assets import DIGITS_TEACHER, shipped
-    from ardistill.checkpoints import load_any_teacher
-    from ardistill.images import save_image_grid
+    from ardistill.io.checkpoints import load_any_teacher
+    from ardistill.io.images import save_image_grid
 
     path = shipped(DIGITS_TEACHER, "digits teacher") if teacher_path is None else Path(teacher_path)
     teacher = load_any_teacher(path).to(device)
@@ -111,10 +111,10 @@ def digits_teacher_metrics(teacher: nn.Module, num_samples: int = 2000, steps: i
     first_seed .. first_seed + num_samples - 1 and labels cycle through the classes; samples are
     clamped to [-1, 1]. Returns ``evaluate.ImageMetrics``.
     """
-    from ardistill.classifier import load_digits_classifier
-    from ardistill.data import load_digits_split
-    from ardistill.evaluate import image_metrics
-    from ardistill.features import get_feature_network
+    from ardistill.evaluation.classifier import load_digits_classifier
+    from ardistill.data.digits import load_digits_split
+    from ardistill.evaluation.evaluate import image_metrics
+    from ardistill.evaluation.features import get_feature_network
 
     net = get_feature_network("digits", classifier=classifier or load_digits_classifier(), device=device)
     real = net.features(load_digits_split(reference).images.to(device)).cpu()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ardistill.fileio import atomic_write_bytes
+from ardistill.io.fileio import atomic_write_bytes
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 1, scale: int = 1,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ardistill.diffusion import Process, VPProcess
-from ardistill.guidance import ModelFn
+from ardistill.sampling.diffusion import Process, VPProcess
+from ardistill.sampling.guidance import ModelFn
 
 SOLVERS = ("ddim", "euler", "heun")
 CLEAN_TIME = -1.0  # time label of the ODE's clean end point (abar = 1 / t = 0 reached)

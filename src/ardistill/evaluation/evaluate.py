@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ardistill.fileio import atomic_write_bytes, atomic_write_json
-from ardistill.student import ARDStudent
+from ardistill.io.fileio import atomic_write_bytes, atomic_write_json
+from ardistill.models.student import ARDStudent
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noise, labels) -> final states
 
@@ -162,7 +162,7 @@ def _features_logits(images: torch.Tensor, feature_net, batch_size: int,
                      need_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features and (optionally) logits in batches, on the CPU. Images are clamped to [-1, 1] first, as
     writing them to uint8 would (ADM's evaluator sees PNGs)."""
-    from ardistill.features import features_and_logits
+    from ardistill.evaluation.features import features_and_logits
     images = images.clamp(-1, 1)
     feats, logits = [], []
     for sl in _batches(len(images), batch_size):
@@ -186,8 +186,8 @@ def image_metrics(images: torch.Tensor, real_features: torch.Tensor, feature_net
     Images are clamped to [-1, 1] first, as writing them to uint8 would (ADM's evaluator sees PNGs).
     ``teacher_features`` (features of the teacher's samples, ``image_features``) adds ``fd_teacher``.
     """
-    from ardistill.features import has_logits
-    from ardistill.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+    from ardistill.evaluation.features import has_logits
+    from ardistill.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
     feats_t, logits = _features_logits(images, feature_net, batch_size, need_logits=has_logits(feature_net))
     mu, sigma = FeatureStats().update(feats_t).mu_sigma()
@@ -253,14 +253,14 @@ def plot_trajectory_errors(results: list[ModelResult], path: Path) -> None:
 
     def write(tmp):
         fig.savefig(tmp, format="png")
-    from ardistill.fileio import atomic_write
+    from ardistill.io.fileio import atomic_write
     atomic_write(path, write)
     plt.close(fig)
 
 
 def side_by_side_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6) -> None:
     """One row per model, same noise in each column (the paper's Figure 5 layout)."""
-    from ardistill.images import save_image_grid
+    from ardistill.io.images import save_image_grid
     names = list(rows)
     n = min(len(v) for v in rows.values())
     imgs = torch.cat([rows[k][:n] for k in names])
@@ -343,9 +343,9 @@ def evaluate_npz(samples: str | Path, reference: str | Path, feature_net, batch_
             sides see the same network) or "file" (the batch's stored ``mu``/``sigma``, which the ADM
             evaluator computed with TensorFlow's Inception: only comparable when ``feature_net`` is it).
     """
-    from ardistill.adm import read_adm_npz
-    from ardistill.features import features_and_logits, has_logits
-    from ardistill.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+    from ardistill.evaluation.adm import read_adm_npz
+    from ardistill.evaluation.features import features_and_logits, has_logits
+    from ardistill.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
     if reference_stats not in ("recompute", "file"):
         raise ValueError(f"reference_stats must be 'recompute' or 'file', got {reference_stats!r}")

@@ -17,7 +17,7 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 import torch
 
-from ardistill.fileio import atomic_write
+from ardistill.io.fileio import atomic_write
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"

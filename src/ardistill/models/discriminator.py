@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ardistill.dit import DiT
+from ardistill.models.dit import DiT
 
 DISC_HEADS_KIND = "ard-disc-heads"  # checkpoints.save_model kind of a heads file
 

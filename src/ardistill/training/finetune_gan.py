@@ -35,17 +35,17 @@ from typing import Protocol
 
 import torch
 
-from ardistill import distributed as dist
-from ardistill.checkpoints import load_state_and_config, save_model
-from ardistill.diffusion import VPProcess, make_process
-from ardistill.ema import EMA
-from ardistill.fileio import atomic_write_json, read_json, sha256_file
-from ardistill.gan import (DISC_HEADS_KIND, DiscriminatorConfig, DiscriminatorHeads, TeacherFeatures, adaptive_weight,
+from ardistill.io import distributed as dist
+from ardistill.io.checkpoints import load_state_and_config, save_model
+from ardistill.sampling.diffusion import VPProcess, make_process
+from ardistill.training.ema import EMA
+from ardistill.io.fileio import atomic_write_json, read_json, sha256_file
+from ardistill.models.discriminator import (DISC_HEADS_KIND, DiscriminatorConfig, DiscriminatorHeads, TeacherFeatures, adaptive_weight,
                            discriminator_config_for, hinge_d_loss, hinge_g_loss, last_head_weight)
-from ardistill.student import ARDStudent, StudentConfig, block_times_for
-from ardistill.student_io import read_student_file, resolve_student_path, save_student
-from ardistill.train import distill_loss, recording_id
-from ardistill.train_utils import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
+from ardistill.models.student import ARDStudent, StudentConfig, block_times_for
+from ardistill.io.student_io import read_student_file, resolve_student_path, save_student
+from ardistill.training.distill import distill_loss, recording_id
+from ardistill.training.loop import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
                                    check_finite, progress, restore_rng, sync_gradients, wrap_ddp)
 
 FAKES = ("forced", "free")
@@ -203,7 +203,7 @@ class DigitsReal:
     """The embedded digits' train split (the teacher's training images), in [-1, 1]."""
 
     def __init__(self, split: str = "train"):
-        from ardistill.data import DIGITS_CLASSES, load_digits_split
+        from ardistill.data.digits import DIGITS_CLASSES, load_digits_split
         d = load_digits_split(split)
         self.images, self.labels, self.split = d.images, d.labels, split
         self.shape, self.num_classes = tuple(d.images.shape[1:]), DIGITS_CLASSES
@@ -223,7 +223,7 @@ class LatentReal:
     """Pre-encoded latents (``ardistill encode-latents``); the mirrored latent half the time."""
 
     def __init__(self, root: str | Path):
-        from ardistill.image_data import LatentStore
+        from ardistill.data.image_folder import LatentStore
         self.store = LatentStore(root)
         self.shape, self.num_classes = tuple(self.store.shape), self.store.num_classes
 
@@ -304,9 +304,9 @@ class _GANTrainer:
     """State of one GAN fine-tuning run; ``run()`` is the loop."""
 
     def __init__(self, cfg: GANConfig, device: torch.device, resume: bool):
-        from ardistill.checkpoints import load_any_teacher
-        from ardistill.record import weights_sha256
-        from ardistill.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
+        from ardistill.io.checkpoints import load_any_teacher
+        from ardistill.data.record import weights_sha256
+        from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
 
         self.device = device
         self.run_dir = Path(cfg.run_dir)

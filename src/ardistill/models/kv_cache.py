@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ardistill.masks import check_mask, visible_blocks
+from ardistill.models.masks import check_mask, visible_blocks
 
 
 class KVCache:

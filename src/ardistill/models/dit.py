@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from ardistill.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
+from ardistill.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                               get_2d_sincos_pos_embed, unpatchify)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ardistill.checkpoints import CheckpointError, check_state_dict, load_state_and_config, save_model
-from ardistill.fileio import read_json
-from ardistill.student import ARDStudent, StudentConfig
+from ardistill.io.checkpoints import CheckpointError, check_state_dict, load_state_and_config, save_model
+from ardistill.io.fileio import read_json
+from ardistill.models.student import ARDStudent, StudentConfig
 
 STUDENT_KIND = "ard-student"
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ardistill.fileio import atomic_write_json, read_json
-from ardistill.trajectories import CorruptRecordingError, ShardedRecords, check_shard_file
+from ardistill.io.fileio import atomic_write_json, read_json
+from ardistill.data.trajectories import CorruptRecordingError, ShardedRecords, check_shard_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -144,7 +144,7 @@ class LatentLayout:
     flipped: bool = False
 
     def __post_init__(self):
-        from ardistill.trajectories import DTYPES
+        from ardistill.data.trajectories import DTYPES
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ValueError(f"LatentLayout: shape must be (C, h, w) with positive sizes, got {self.shape}")
@@ -235,8 +235,8 @@ def encode_latents(dataset: ImageFolder, codec, out_dir: str | Path, *, batch_si
     """
     import time
 
-    from ardistill import distributed as dist
-    from ardistill.trajectories import (finalize, num_shards, prepare_output, read_progress, shard_range,
+    from ardistill.io import distributed as dist
+    from ardistill.data.trajectories import (finalize, num_shards, prepare_output, read_progress, shard_range,
                                         write_shard)
 
     t0 = time.perf_counter()
@@ -317,7 +317,7 @@ def _bar(total: int, enabled: bool):
 
 def load_latent_manifest(root: str | Path) -> dict:
     """Read and check a latent store's manifest.json (format, version, shard list covering 0..count-1)."""
-    from ardistill.trajectories import MANIFEST, PLAN, CorruptRecordingError
+    from ardistill.data.trajectories import MANIFEST, PLAN, CorruptRecordingError
 
     root = Path(root)
     path = root / MANIFEST

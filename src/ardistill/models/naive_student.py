@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ardistill.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
-from ardistill.masks import token_mask
-from ardistill.student import StudentConfig
+from ardistill.models.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
+from ardistill.models.masks import token_mask
+from ardistill.models.student import StudentConfig
 
 
 def additive_mask(allowed: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ardistill.dit import DiTConfig
-from ardistill.masks import attended_pairs
+from ardistill.models.dit import DiTConfig
+from ardistill.models.masks import attended_pairs
 
 
 def forward_flops(cfg: DiTConfig, out_channels: int | None = None, cond_vectors: int = 1,

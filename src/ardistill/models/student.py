@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ardistill.dit import DiT, DiTConfig
-from ardistill.kv_cache import KVCache
-from ardistill.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.models.kv_cache import KVCache
+from ardistill.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                               get_2d_sincos_pos_embed, unpatchify)
-from ardistill.masks import MASKS, token_mask
+from ardistill.models.masks import MASKS, token_mask
 
 TARGETS = ("state", "x0")  # ODE states (paper figure) or the teacher's x0-predictions (public code)
 TIME_LABELS = ("true", "uniform")  # true grid times, or the public code's k/S labels
@@ -118,8 +118,8 @@ def ode_step_coeffs(process, grid_times: list[float]) -> tuple[tuple[float, floa
     With ``output="ode_step"`` the student starts as the teacher taking S big DDIM steps (without
     guidance) and learns corrections from there; a parameterisation beyond the paper.
     """
-    from ardistill.diffusion import VPProcess
-    from ardistill.ode import CLEAN_TIME
+    from ardistill.sampling.diffusion import VPProcess
+    from ardistill.sampling.ode import CLEAN_TIME
     out = []
     for t, t_next in zip(grid_times[:-1], grid_times[1:]):
         if isinstance(process, VPProcess):

@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ardistill.data import (
+from ardistill.data.digits import (
     DIGITS_CHANNELS,
     DIGITS_CLASSES,
     DIGITS_RESOLUTION,
     load_digits_split,
     random_shift,
 )
-from ardistill.diffusion import VPProcess
-from ardistill.dit import DiT, DiT_models, dit_config
-from ardistill.ema import EMA
-from ardistill.fileio import atomic_write, atomic_write_json, read_json
+from ardistill.sampling.diffusion import VPProcess
+from ardistill.models.dit import DiT, DiT_models, dit_config
+from ardistill.training.ema import EMA
+from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
 
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "train_state.pt"
@@ -216,7 +216,7 @@ def _resume_key(cfg: TeacherTrainConfig) -> dict:
 
 def _save(out_dir: Path, cfg, mcfg, model, ema, opt, gen, step: int, losses: list, elapsed: float) -> None:
     """Write the EMA checkpoint, then the resume state (each atomically)."""
-    from ardistill.checkpoints import save_model
+    from ardistill.io.checkpoints import save_model
 
     save_model(ema.module, mcfg.to_dict(), out_dir / TEACHER_FILE, kind="teacher",
                extra_metadata={"train_config": cfg.to_dict(), "step": step, "weights": "ema"})

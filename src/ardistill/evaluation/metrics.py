@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from scipy import linalg
 
-from ardistill import distributed
+from ardistill.io import distributed
 
 ArrayLike = np.ndarray | torch.Tensor
 

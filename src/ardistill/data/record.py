@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ardistill import distributed as dist
-from ardistill.diffusion import process_for, student_grid
-from ardistill.guidance import make_model_fn
-from ardistill.ode import SOLVERS, grid_times, randn_from_seeds, solve
-from ardistill.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, finalize, labels_for,
+from ardistill.io import distributed as dist
+from ardistill.sampling.diffusion import process_for, student_grid
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import SOLVERS, grid_times, randn_from_seeds, solve
+from ardistill.data.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, finalize, labels_for,
                                     num_shards, prepare_output, read_progress, seeds_for, shard_range, verify)
 
 
@@ -252,7 +252,7 @@ def record_command(teacher_path: str, out: str, cfg: RecordConfig, device: str |
 
     Returns the summary on rank 0 and None on the other ranks.
     """
-    from ardistill.checkpoints import load_any_teacher
+    from ardistill.io.checkpoints import load_any_teacher
 
     dev = dist.init(device)
     try:

@@ -26,9 +26,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ardistill.dit import DiT, DiT_models, DiTConfig
-from ardistill.fileio import atomic_write, atomic_write_json, read_json
-from ardistill.layers import get_2d_sincos_pos_embed
+from ardistill.models.dit import DiT, DiT_models, DiTConfig
+from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
+from ardistill.models.layers import get_2d_sincos_pos_embed
 
 FORMAT = "ardistill"
 FORMAT_VERSION = "1"

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ardistill.fileio import atomic_write, atomic_write_json, read_json, sha256_file
+from ardistill.io.fileio import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT = "ardistill-trajectories"
 VERSION = 1

@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ardistill import distributed as dist
-from ardistill.fileio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+from ardistill.io import distributed as dist
+from ardistill.io.fileio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def start_run(cfg, resume: bool, device: torch.device, runtime_fields: tuple[str
     rules (only ``runtime_fields`` may change), check the batch split over processes, set up
     backends and this rank's seed.
     """
-    from ardistill import distributed as dist
+    from ardistill.io import distributed as dist
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.keep_every)
     latest = ckpt.latest()

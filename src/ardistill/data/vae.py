@@ -163,7 +163,7 @@ class LatentCodec:
             dist = self.vae.encode(x).latent_dist
             z = dist.mean
             if self.posterior == "sample":
-                from ardistill.ode import randn_from_seeds
+                from ardistill.sampling.ode import randn_from_seeds
                 noise = randn_from_seeds(list(seeds[i:i + self.batch_size]), tuple(z.shape[1:]), device=z.device,
                                          dtype=z.dtype)
                 z = z + dist.std * noise

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ardistill.data import (
+from ardistill.data.digits import (
     DIGITS_CHANNELS,
     DIGITS_CLASSES,
     DIGITS_RESOLUTION,
@@ -31,7 +31,7 @@ from ardistill.data import (
     load_digits_split,
     random_shift,
 )
-from ardistill.fileio import atomic_write_json
+from ardistill.io.fileio import atomic_write_json
 
 CLASSIFIER_KIND = "digits-classifier"
 
@@ -146,7 +146,7 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
     """
     from tqdm import tqdm
 
-    from ardistill.checkpoints import save_model
+    from ardistill.io.checkpoints import save_model
 
     t_start = time.time()
     train = load_digits_split("train", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction)
@@ -189,7 +189,7 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
 def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
     """A digits classifier from a file written by ``train_classifier`` (None = the shipped one), eval mode."""
     from ardistill.assets import DIGITS_CLASSIFIER, shipped
-    from ardistill.checkpoints import (
+    from ardistill.io.checkpoints import (
         CheckpointError,
         check_state_dict,
         load_state_and_config,

@@ -30,18 +30,18 @@ from pathlib import Path
 
 import torch
 
-from ardistill import distributed as dist
-from ardistill.checkpoints import load_any_teacher
-from ardistill.diffusion import make_process
-from ardistill.ema import EMA
-from ardistill.fileio import atomic_write_json, read_json
-from ardistill.masks import check_mask
-from ardistill.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
-from ardistill.record import weights_sha256
-from ardistill.student_io import read_student_file, save_student
-from ardistill.train_utils import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
+from ardistill.io import distributed as dist
+from ardistill.io.checkpoints import load_any_teacher
+from ardistill.sampling.diffusion import make_process
+from ardistill.training.ema import EMA
+from ardistill.io.fileio import atomic_write_json, read_json
+from ardistill.models.masks import check_mask
+from ardistill.models.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
+from ardistill.data.record import weights_sha256
+from ardistill.io.student_io import read_student_file, save_student
+from ardistill.training.loop import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
                                    check_finite, lr_at, progress, restore_rng, sync_gradients, wrap_ddp)
-from ardistill.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
+from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
 
 ROLLOUT_MODELS = ("student", "ema")
 # Fields that may change when a run is resumed. Most decide where and how long or loudly it runs, not

@@ -5,7 +5,7 @@ when it is a classifier, to class logits (for the Inception Score). Every networ
 images as (N, C, H, W) tensors, either float in [-1, 1] (the models' output range) or uint8 in
 [0, 255] (decoded files, ADM batches: permute NHWC to NCHW first):
 
-  "digits"     the shipped 8x8 digits classifier (ardistill.classifier): (N, 1, 8, 8);
+  "digits"     the shipped 8x8 digits classifier (ardistill.evaluation.classifier): (N, 1, 8, 8);
                features = its penultimate layer, logits = its 10 class logits.
   "inception"  the FID Inception-v3 (2015 TensorFlow graph) from a local weights file: (N, 3, H, W),
                any size; features = pool_3 (2048), logits = 1008 unbiased logits. Float images are
@@ -146,14 +146,14 @@ class InceptionFeatureNetwork(nn.Module):
 
 def _digits(path=None, classifier: nn.Module | None = None, device=None) -> DigitsFeatureNetwork:
     if classifier is None:
-        from ardistill.classifier import load_digits_classifier
+        from ardistill.evaluation.classifier import load_digits_classifier
 
         classifier = load_digits_classifier(path)
     return DigitsFeatureNetwork(classifier).to(device)
 
 
 def _inception(weights_path=None, backend: str = "auto", device=None) -> InceptionFeatureNetwork:
-    from ardistill.inception import load_fid_inception, resolve_weights_path
+    from ardistill.evaluation.inception import load_fid_inception, resolve_weights_path
 
     if backend not in ("auto", "torch-fidelity", "builtin"):
         raise ValueError(f"inception backend must be 'auto', 'torch-fidelity' or 'builtin'; got {backend!r}")

@@ -1,0 +1,1 @@
+"""Evaluation: Frechet statistics, IS, precision/recall, feature networks, ADM files, FLOPs and reports."""
