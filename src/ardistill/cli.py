@@ -22,6 +22,26 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _threads_flag(p):
+    """The one ``--threads`` flag of every command that computes (read back by ``_threads``)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy machine 1 is often fastest)")
+
+
+def _threads(n):
+    """torch.set_num_threads when given: on a shared CPU, 1 thread can be several times faster than 2."""
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
+
+
+def _verify_shards_flag(p):
+    """Opt-out of the per-shard sha256 check of the training data readers."""
+    p.add_argument("--no-verify-shards", dest="verify_shards", action="store_false",
+                   help="skip the sha256 check of each recording (and latent store) shard before its first use; "
+                        "sizes and headers are still checked, flipped bytes are not")
+
+
 def _add_record(sub):
     p = sub.add_parser("record", help="record teacher ODE trajectories into a sharded store (torchrun for several processes)",
                        description="Record teacher trajectories on the student grid; rerun the same command to resume.")
@@ -47,6 +67,7 @@ def _add_record(sub):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 when done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads_flag(p)
 
     def fields(a):
         return dict(count=a.count, num_steps=a.num_steps, teacher_steps=a.teacher_steps, grid=a.grid,
@@ -69,6 +90,7 @@ def _add_record(sub):
         if not (args.teacher and args.out):
             raise ValueError("--teacher and --out are required")
         cfg = RecordConfig(**record_fields)
+        _threads(args.threads)
         summary = record_command(args.teacher, args.out, cfg, device=args.device, verify_after=args.verify,
                                  progress=not args.no_progress)
         if summary is not None:  # rank 0 only
@@ -155,11 +177,15 @@ def _add_distill(sub):
     g.add_argument("--on-policy-start", type=int, help="teacher-forced steps before on-policy batches (default 0)")
     g.add_argument("--on-policy-model", choices=("student", "ema"), help="weights of the rollout (default student)")
     _run_group(p, seed_help="data order and on-policy coin flips (default 0)")
+    _verify_shards_flag(p)
+    _threads_flag(p)
 
     def run(args):
         from ardistill.training.distill import distill_command
         from ardistill.training.loop import NonFiniteLossError
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "preset", "dry_run")}
+        _threads(args.threads)
+        options = {k: v for k, v in vars(args).items()
+                   if k not in ("command", "func", "resume", "preset", "dry_run", "threads")}
         if args.preset or args.dry_run:
             import json
 
@@ -232,11 +258,6 @@ def _add_encode_latents(sub):
     p.set_defaults(func=run)
 
 
-def _threads(n):
-    """torch.set_num_threads when given: on a shared CPU, 1 thread can be several times faster than 2."""
-    if n is not None:
-        import torch
-        torch.set_num_threads(n)
 
 
 def _add_train_teacher(sub):
@@ -265,7 +286,7 @@ def _add_train_teacher(sub):
     p.add_argument("--checkpoint-every", type=int, help="[500]")
     p.add_argument("--no-resume", action="store_true", default=False,
                    help="start over even if --out holds a training state")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 is fastest)")
+    _threads_flag(p)
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
 
     def run(args):
@@ -292,7 +313,7 @@ def _add_train_classifier(sub):
     p.add_argument("--feature-dim", type=int, help="penultimate (feature) layer size [64]")
     p.add_argument("--seed", type=int, help="[0]")
     p.add_argument("--data-seed", type=int, help="seed of the train / held-out split [0]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 is fastest)")
+    _threads_flag(p)
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
 
     def run(args):
@@ -363,11 +384,14 @@ def _add_finetune_gan(sub):
     g.add_argument("--d-betas", type=float, nargs=2, metavar=("B1", "B2"), help="discriminator Adam betas (default 0 0.99)")
     g.add_argument("--d-grad-clip", type=float, help="discriminator max gradient norm, 0 = off (default)")
     _run_group(p, seed_help="data order, head init, step choice (default 0)")
+    _verify_shards_flag(p)
+    _threads_flag(p)
 
     def run(args):
         from ardistill.training.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
         from ardistill.training.loop import NonFiniteLossError
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume")}
+        _threads(args.threads)
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "threads")}
         try:
             finetune_gan_command(options, resume=args.resume)
         except NonFiniteLossError as e:
@@ -395,7 +419,7 @@ def _compare_args(p, default_out: str):
     p.add_argument("--on-policy-prob", type=float, help="on-policy history probability for every variant")
     p.add_argument("--on-policy-start", type=int, help="teacher-forced optimizer steps before on-policy batches begin")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _threads_flag(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -526,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"ardistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from ardistill.io.fileio import DiskFullError
+        if not isinstance(e, DiskFullError):
+            raise
         print(f"ardistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(out) if isinstance(out, int) else 0

@@ -3,11 +3,15 @@
 Every sample has its own seed (noise depends only on it) and a class-balanced label, so results do
 not depend on batch size or process count. Under torchrun each rank samples the indices i with
 i % world == rank into its own file (rank-local shards); rank 0 then merges them in index order into
-one ADM .npz (uint8 NHWC ``arr_0``). Latent students decode through a VAE folder (``--vae``).
+one ADM .npz (uint8 NHWC ``arr_0``). Each rank file has a ``.json`` beside it with the settings it
+was made with (student sha256, count, seeds, batch size, VAE, device, world size): a rerun reuses it
+only when they all match, and samples again otherwise. Latent students decode through a VAE folder
+(``--vae``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ardistill.io import distributed as dist
+from ardistill.io.fileio import atomic_write_json
 from ardistill.sampling.ode import randn_from_seeds
 
 
@@ -65,7 +70,10 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
         rank, world = dist.rank(), dist.world_size()
         idx = np.arange(rank, num_samples, world)
         part = out.with_name(f"{out.stem}.rank{rank:03d}-of-{world:03d}.npz")
-        if not part.exists():  # a finished rank file is kept on rerun
+        settings = rank_settings(student_path, num_samples, base_seed, batch_size, vae, dev, rank, world)
+        _drop_stale_rank_file(part, settings)
+        if not part.exists():  # a finished rank file made with the same settings is kept on rerun
+            atomic_write_json(_settings_path(part), settings)  # before the samples: no rank file without its settings
             labels = torch.from_numpy(balanced_labels(idx, student.cfg.teacher.num_classes))
             t0 = time.perf_counter()
             imgs = sample_student(student, (base_seed + idx).tolist(), labels, batch_size, codec, dev,
@@ -86,10 +94,50 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
             labels[r::world] = p.labels
         write_adm_npz(out, images, labels=labels)
         for r in range(world):
-            out.with_name(f"{out.stem}.rank{r:03d}-of-{world:03d}.npz").unlink()
+            done = out.with_name(f"{out.stem}.rank{r:03d}-of-{world:03d}.npz")
+            done.unlink()
+            _settings_path(done).unlink(missing_ok=True)
         return out
     finally:
         dist.cleanup()
+
+
+def rank_settings(student_path, num_samples: int, base_seed: int, batch_size: int, vae, device, rank: int,
+                  world: int) -> dict:
+    """What a rank file's samples depend on; a rank file is reused only when all of it matches."""
+    from ardistill.io.fileio import sha256_file
+    from ardistill.io.student_io import resolve_student_path
+    return {"student_sha256": sha256_file(resolve_student_path(student_path)), "num_samples": int(num_samples),
+            "base_seed": int(base_seed), "batch_size": int(batch_size),
+            "vae": None if vae is None else str(Path(vae).resolve()), "device": torch.device(device).type,
+            "sampler": "ARDStudent.sample, KV cache; seed base_seed + i, label i % num_classes",
+            "rank": rank, "world_size": world}
+
+
+def _settings_path(part: Path) -> Path:
+    return part.with_suffix(".json")
+
+
+def _drop_stale_rank_file(part: Path, settings: dict) -> None:
+    """Delete a rank file (left by a killed run) that was made with other settings, saying so."""
+    import sys
+
+    from ardistill.data.trajectories import plan_differences
+    meta = _settings_path(part)
+    if not part.exists():
+        meta.unlink(missing_ok=True)
+        return
+    try:
+        old = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old == settings:
+        return
+    why = ("it carries no settings" if old is None
+           else "it was made with other settings: " + "; ".join(plan_differences(old, settings)[:6]))
+    print(f"generate: {part} is left from an interrupted run and {why}; sampling again", file=sys.stderr)
+    part.unlink()
+    meta.unlink(missing_ok=True)
 
 
 def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int], labels: list[int] | None = None,

@@ -13,6 +13,7 @@ stage reads its real latents from there instead of running the VAE every step.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def encode_latents(dataset: ImageFolder, codec, out_dir: str | Path, *, batch_si
     import time
 
     from ardistill.io import distributed as dist
-    from ardistill.data.trajectories import (finalize, num_shards, prepare_output, read_progress, shard_range,
+    from ardistill.data.trajectories import (check_listed, finalize, num_shards, prepare_output, shard_range,
                                         write_shard)
 
     t0 = time.perf_counter()
@@ -264,7 +265,11 @@ def encode_latents(dataset: ImageFolder, codec, out_dir: str | Path, *, batch_si
 
     todo: list[int] = []
     if status != "complete":
-        done = read_progress(out)
+        # as `record`: rank 0 hashes the shards listed before; damaged ones are encoded again
+        done, problems = dist.broadcast_object(check_listed(out) if dist.is_main() else None)
+        if problems and dist.is_main():
+            print(f"encode-latents: {len(problems)} listed shard(s) failed their check and are encoded again: "
+                  f"{'; '.join(problems[:10])}", file=sys.stderr)
         todo = [k for k in range(num_shards(len(dataset), shard_size)) if k % world == rank and k not in done]
     progress_path = out / "progress" / f"rank-{rank:05d}.json"
     listed = read_json(progress_path, "progress file")["shards"] if progress_path.exists() else {}
@@ -343,13 +348,15 @@ def load_latent_manifest(root: str | Path) -> dict:
 class LatentStore(ShardedRecords):
     """Random access to pre-encoded latents (memory-mapped shards): ``batch`` and seeded ``sample``.
 
-    Sizes and headers are checked on open; ``verify_checksums=True`` also hashes every shard.
+    Sizes and headers are checked on open; each shard's sha256 when it is first read
+    (``verify_shards=False`` skips that); ``verify_checksums=True`` hashes every shard up front.
     """
 
     kind = "latent"
 
-    def __init__(self, root: str | Path, verify_checksums: bool = False):
+    def __init__(self, root: str | Path, verify_checksums: bool = False, verify_shards: bool = True):
         self.root = Path(root)
+        self.verify_shards = verify_shards
         self.manifest = load_latent_manifest(self.root)
         self.layout = LatentLayout.from_dict(self.manifest["layout"])
         self.shards = self.manifest["shards"]
@@ -359,6 +366,8 @@ class LatentStore(ShardedRecords):
         if problems:
             raise CorruptRecordingError(f"latent store {self.root}: " + "; ".join(problems))
         self._open_shards()
+        if verify_checksums:
+            self._verified.update(range(len(self.shards)))
 
     @property
     def shape(self) -> tuple[int, int, int]:

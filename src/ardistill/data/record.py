@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ from ardistill.io import distributed as dist
 from ardistill.sampling.diffusion import process_for, student_grid
 from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import SOLVERS, grid_times, randn_from_seeds, solve
-from ardistill.data.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, finalize, labels_for,
-                                    num_shards, prepare_output, read_progress, seeds_for, shard_range, verify)
+from ardistill.data.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, check_listed, finalize,
+                                         labels_for, num_shards, prepare_output, seeds_for, shard_range, verify)
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,13 @@ def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device
     todo: list[int] = []
     recorded = 0
     if status != "complete":
-        done = read_progress(out)
+        # rank 0 hashes the shards listed before; damaged ones are unlisted, deleted and recorded again
+        done, problems = _on_main(lambda: check_listed(out)) if status == "resume" else ({}, [])
+        if problems and dist.is_main():
+            print(f"record: {len(problems)} shard(s) listed by the interrupted run failed their check and are "
+                  f"recorded again: {'; '.join(problems[:10])}", file=sys.stderr)
         todo = [k for k in range(num_shards(cfg.count, cfg.shard_size)) if k % world == rank and k not in done]
-        # what this run records over all ranks (rank 0 read the progress before anything was written)
+        # what this run records over all ranks (rank 0 checked the progress before anything was written)
         recorded = cfg.count - sum(s.count for s in done.values())
     mine = sum(len(shard_range(k, cfg.shard_size, cfg.count)) for k in todo)
 

@@ -121,11 +121,28 @@ def pack_records(layout: Layout, seeds, labels, states: torch.Tensor | np.ndarra
             raise ValueError("pack_records: the layout stores x0_preds but none were given")
         rec["x0_preds"] = _as_numpy(x0_preds)
     for name in ("states", "x0_preds") if layout.x0_preds else ("states",):
-        if not np.isfinite(rec[name]).all():
+        finite = np.isfinite(rec[name].reshape(len(rec), rec[name].shape[1], -1)).all(axis=2)  # (B, steps)
+        if not finite.all():
             # e.g. an fp16 overflow or a diverging teacher: fail loudly rather than store garbage
-            raise ValueError(f"non-finite values in {name} (storage dtype {layout.dtype}); "
-                             f"seeds {int(rec['seed'][0])}..{int(rec['seed'][-1])}")
+            b, step = (int(v) for v in np.argwhere(~finite)[0])
+            n_bad = int((~finite.all(axis=1)).sum())
+            what = "ODE state" if name == "states" else "x0-prediction"
+            raise ValueError(f"refusing to write non-finite values: {what} at step {step} of seed "
+                             f"{int(rec['seed'][b])} (label {int(rec['label'][b])}) is NaN or inf in storage dtype "
+                             f"{layout.dtype}; {n_bad} of {len(rec)} trajectories in seeds "
+                             f"{int(rec['seed'][0])}..{int(rec['seed'][-1])} are affected"
+                             + ("; float16 overflows beyond 65504: record with --dtype float32"
+                                if layout.dtype == "float16" else ""))
     return rec
+
+
+def nonfinite_records(rec: np.ndarray) -> np.ndarray:
+    """Positions (within ``rec``) of the structured records whose float fields hold NaN or inf."""
+    bad = np.zeros(len(rec), dtype=bool)
+    for name in rec.dtype.names:
+        if rec.dtype[name].subdtype is not None and np.issubdtype(rec.dtype[name].subdtype[0], np.floating):
+            bad |= ~np.isfinite(rec[name].reshape(len(rec), -1)).all(axis=1)
+    return np.nonzero(bad)[0]
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -223,6 +240,45 @@ def read_progress(root: str | os.PathLike) -> dict[int, ShardInfo]:
         listed.update(_read_progress_file(p))
     return {k: s for k, s in listed.items()
             if (root / s.file).exists() and (root / s.file).stat().st_size == s.bytes}
+
+
+def check_listed(root: str | os.PathLike) -> tuple[dict[int, ShardInfo], list[str]]:
+    """Hash every shard the progress files list; unlist and delete the bad ones. Returns (good shards, problems).
+
+    Run on one process before a resume records anything: a listed shard damaged since it was
+    written (flaky disk, a copy gone wrong) is recorded again instead of being vouched for by the
+    manifest. Costs one read of the listed shards.
+    """
+    root = Path(root)
+    files = sorted((root / PROGRESS_DIR).glob("rank-*.json"))
+    listed = {p: _read_progress_file(p) for p in files}
+    found: dict[str, tuple[int, str] | None] = {}  # file -> (size, sha256) on disk, each hashed once
+    for entries in listed.values():
+        for s in entries.values():
+            if s.file not in found:
+                path = root / s.file
+                found[s.file] = (path.stat().st_size, sha256_file(path)) if path.exists() else None
+
+    def problem(s: ShardInfo) -> str | None:
+        got = found[s.file]
+        if got is None:
+            return "missing"
+        if got[0] != s.bytes:
+            return f"{got[0]} bytes, listed with {s.bytes}"
+        if got[1] != s.sha256:
+            return f"checksum mismatch (sha256 {got[1][:16]}..., listed {s.sha256[:16]}...)"
+        return None
+
+    good = {k: s for entries in listed.values() for k, s in entries.items() if problem(s) is None}
+    problems = sorted({f"{s.file}: {problem(s)}" for entries in listed.values() for k, s in entries.items()
+                       if k not in good})
+    for p, entries in listed.items():
+        keep = {k: s for k, s in entries.items() if problem(s) is None}
+        if keep != entries:  # stale entries of a rewritten shard are dropped silently
+            atomic_write_json(p, {"shards": {str(i): asdict(s) for i, s in sorted(keep.items())}})
+    for name in {s.file for entries in listed.values() for k, s in entries.items() if k not in good}:
+        (root / name).unlink(missing_ok=True)  # nothing vouches for it any more
+    return good, problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,7 +388,8 @@ def load_manifest(root: str | os.PathLike) -> dict:
 def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
     """Check every shard against the manifest; returns the manifest.
 
-    Always: presence, size, .npy header. With ``checksums``: sha256 and the seeds/labels of every record.
+    Always: presence, size, .npy header. With ``checksums``: sha256, the seeds/labels of every record
+    and that every stored state and x0-prediction is finite.
 
     Raises CorruptRecordingError listing every problem found.
     """
@@ -343,7 +400,7 @@ def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
     for s in m["shards"]:
         problem = check_shard_file(root, s, layout, checksum=checksums)
         if problem is None and checksums:  # reads every record's ids: part of the deep check only
-            problem = _check_ids(root / s["file"], s, m)
+            problem = _check_ids(root / s["file"], s, m) or _check_finite(root / s["file"], s)
         if problem:
             problems.append(problem)
     if problems:
@@ -385,6 +442,16 @@ def _check_ids(path: Path, s: dict, m: dict) -> str | None:
         return f"{s['file']}: seeds do not match indices {s['start']}..{s['start'] + s['count'] - 1}"
     if not np.array_equal(arr["label"], labels_for(idx, m["labels"]["classes"])):
         return f"{s['file']}: labels do not match the class assignment"
+    return None
+
+
+def _check_finite(path: Path, s: dict, chunk: int = 4096) -> str | None:
+    arr = np.load(path, mmap_mode="r")
+    bad = np.concatenate([i + nonfinite_records(arr[i:i + chunk]) for i in range(0, len(arr), chunk)] or [[]])
+    if bad.size:
+        bad = bad.astype(np.int64)
+        return (f"{s['file']}: non-finite values (NaN or inf) in records {_short(bad)} "
+                f"(indices {_short(bad + s['start'])}, seeds {_short(arr['seed'][bad])})")
     return None
 
 
@@ -457,16 +524,20 @@ class StudentDataSpec:
 class ShardedRecords:
     """Random access to fixed-size records in memory-mapped ``.npy`` shards (recordings, latent stores).
 
-    Subclasses set ``root``, ``shards`` (manifest entries with ``file`` and ``start``), ``layout`` (with
-    ``record_dtype()``) and call ``_open_shards()``. Shards are opened lazily, so the object is
-    fork-safe and pickles into DataLoader workers without the mapped data.
+    Subclasses set ``root``, ``shards`` (manifest entries with ``file``, ``start`` and ``sha256``),
+    ``layout`` (with ``record_dtype()``), ``verify_shards`` and call ``_open_shards()``. Shards are
+    opened lazily, so the object is fork-safe and pickles into DataLoader workers without the mapped
+    data. With ``verify_shards`` each shard's sha256 is checked against the manifest when it is
+    first opened (one extra read of its bytes), so a damaged shard never reaches a batch.
     """
 
     kind = "record"
+    verify_shards = True
 
     def _open_shards(self) -> None:
         self._starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
         self._maps: list[np.ndarray | None] = [None] * len(self.shards)
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -476,8 +547,33 @@ class ShardedRecords:
 
     def _map(self, k: int) -> np.ndarray:
         if self._maps[k] is None:
-            self._maps[k] = np.load(self.root / self.shards[k]["file"], mmap_mode="r")
+            s = self.shards[k]
+            path = self.root / s["file"]
+            if self.verify_shards and k not in self._verified:
+                got = sha256_file(path)
+                if got != s["sha256"]:
+                    raise CorruptRecordingError(
+                        f"{self.kind} store {self.root}: {s['file']} does not match its manifest (sha256 "
+                        f"{got[:16]}..., manifest {s['sha256'][:16]}...): corrupted since it was written; "
+                        f"restore the folder (or record it again) and check it with `ardistill verify-trajectories`")
+                self._verified.add(k)
+            self._maps[k] = np.load(path, mmap_mode="r")
         return self._maps[k]
+
+    def shard_of(self, indices) -> np.ndarray:
+        """Shard number of each global record index."""
+        return np.searchsorted(self._starts, np.asarray(indices, dtype=np.int64), side="right") - 1
+
+    def locate(self, indices) -> str:
+        """Where records live, for error messages: 'shard-000001.npy records 3, 5 (indices 11, 13)'."""
+        idx = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+        shard_of = self.shard_of(idx)
+        parts = []
+        for k in np.unique(shard_of):
+            glob = idx[shard_of == k]
+            local = glob - self._starts[k]
+            parts.append(f"{self.shards[int(k)]['file']} records {_short(local)} (indices {_short(glob)})")
+        return f"{self.root}: " + "; ".join(parts)
 
     def records(self, indices) -> np.ndarray:
         """Raw structured records (numpy, storage dtype) in the order of ``indices``."""
@@ -485,7 +581,7 @@ class ShardedRecords:
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"{self.kind} index out of range [0, {len(self)}): {idx[(idx < 0) | (idx >= len(self))][:5]}")
         out = np.empty(idx.size, dtype=self.layout.record_dtype())
-        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        shard_of = self.shard_of(idx)
         for k in np.unique(shard_of):
             sel = np.nonzero(shard_of == k)[0]
             local = idx[sel] - self._starts[k]
@@ -493,19 +589,37 @@ class ShardedRecords:
             out[sel[order]] = self._map(int(k))[local[order]]
         return out
 
+    def describe_batch(self, indices) -> str:
+        """For a NaN report: where a batch's records live and which of them hold non-finite values."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = idx[nonfinite_records(self.records(idx))]
+        text = f"the batch held {self.kind} records of {self.locate(idx)}"
+        if bad.size:
+            text += f"; non-finite values stored in {self.locate(bad)}"
+        return text
+
+
+def _short(values, limit: int = 12) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:limit])) + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
 
 class TrajectoryDataset(ShardedRecords):
     """Random access to a recording (memory-mapped shards), in the layout the student trains on.
 
     ``ds[i]`` and ``ds.batch(indices)`` return ``inputs`` (S, C, H, W) and ``targets`` (S, C, H, W)
     as float32 per the spec's target ("state" when no spec), plus ``label``, ``seed``, ``index``.
-    Sizes and headers are checked on open; ``verify_checksums=True`` also hashes every shard.
+    Sizes and headers are checked on open; each shard's sha256 when it is first read
+    (``verify_shards=False`` skips that); ``verify_checksums=True`` hashes every shard and checks
+    every record's seed and label and finite values up front.
     """
 
     kind = "trajectory"
 
-    def __init__(self, root: str | os.PathLike, expect: StudentDataSpec | None = None, verify_checksums: bool = False):
+    def __init__(self, root: str | os.PathLike, expect: StudentDataSpec | None = None, verify_checksums: bool = False,
+                 verify_shards: bool = True):
         self.root = Path(root)
+        self.verify_shards = verify_shards
         self.manifest = verify(self.root) if verify_checksums else load_manifest(self.root)
         if expect is not None:
             expect.check(self.manifest, where=f"recording {self.root}")
@@ -519,6 +633,8 @@ class TrajectoryDataset(ShardedRecords):
         if problems:
             raise CorruptRecordingError(f"recording {self.root}: " + "; ".join(problems))
         self._open_shards()
+        if verify_checksums:
+            self._verified.update(range(len(self.shards)))  # verify() just hashed them all
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Student batch: inputs, targets (B, S, C, H, W) float32; label, seed, index (B,) int64."""

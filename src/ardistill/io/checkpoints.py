@@ -103,11 +103,17 @@ def _torch_load(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure here means "not a loadable checkpoint"; keep the cause
-        msg = " ".join(str(e).split())
-        start = msg.find("WeightsUnpickler error:")  # the useful part of torch's long weights-only message
-        detail = msg[max(start, 0):][:300]
         raise CheckpointError(f"{path} is not a checkpoint that torch.load(weights_only=True) can read "
-                              f"({type(e).__name__}: {detail})") from e
+                              f"({torch_load_reason(e)})") from e
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """torch.load's error on one line: its boilerplate dropped, the refused global (or other cause) kept whole."""
+    paragraphs = [" ".join(p.split()) for p in str(e).replace("\n\t", "\n\n").split("\n\n")]
+    boiler = ("Weights only load failed", "Check the documentation of torch.load", "(1) In PyTorch",
+              "(2) Alternatively")
+    kept = [p for p in paragraphs if p and not p.startswith(boiler)]
+    return f"{type(e).__name__}: {' '.join(kept) or ' '.join(paragraphs)}"
 
 
 def _select_state(obj: object, path: Path, which: str | None) -> tuple[dict, object]:

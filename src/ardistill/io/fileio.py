@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 
+class DiskFullError(OSError):
+    """A write failed because the file system is full (or over quota); the message says what to do."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # one line, without "[Errno 28]"
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(path: str | os.PathLike, err: BaseException) -> DiskFullError | None:
+    """A one-line DiskFullError for ``err`` when it is a full disk, else None.
+
+    OSError carries errno ENOSPC / EDQUOT; torch.save reports the same as a RuntimeError from its zip
+    writer ("PytorchStreamWriter failed writing file ...: file write failed") and safetensors as its
+    own error ("StorageFull"), without an errno, so those are recognised by the message.
+    """
+    text = str(err)
+    full = (isinstance(err, OSError) and err.errno in _FULL) or any(
+        m in text for m in ("file write failed", "No space left on device", "StorageFull", "Disk quota exceeded"))
+    if not full:
+        return None
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+        left = f" ({free / 2**20:.1f} MiB left)"
+    except OSError:
+        left = ""
+    return DiskFullError(errno.ENOSPC, f"no space left on the device of {folder}{left} while writing "
+                         f"{Path(path).name}; nothing complete was lost: free space and run the same command again "
+                         f"(it resumes)")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (same folder, fsynced)."""
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (same folder, fsynced).
+
+    A full disk raises ``DiskFullError`` naming the file (the temp file is removed).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise disk_full_error(path, e) or e
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -24,9 +65,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = disk_full_error(path, e) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from e
         raise
     _fsync_dir(path.parent)
     return path

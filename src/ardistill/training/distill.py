@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ardistill.io import distributed as dist
@@ -49,7 +50,8 @@ ROLLOUT_MODELS = ("student", "ema")
 # recording is identified by content, the teacher by its sha256. ``lr`` may be lowered to recover from
 # a divergence (the run then differs from an uninterrupted one, by choice).
 RUNTIME_FIELDS = ("recording", "teacher", "run_dir", "steps", "lr", "ckpt_every", "keep_every", "log_every",
-                  "tensorboard", "progress")
+                  "tensorboard", "progress", "verify_shards")
+PATH_FIELDS = ("recording", "teacher", "run_dir")  # stored resolved, so a run resumes from any directory
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class DistillConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    verify_shards: bool = True  # check each shard's sha256 before its first use (False skips it)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -198,7 +201,7 @@ def _open_data(cfg: DistillConfig, teacher):
     spec = StudentDataSpec(num_steps=int(manifest["layout"]["num_steps"]), target=cfg.target,
                            shape=(tc.in_channels, tc.input_size, tc.input_size), num_classes=tc.num_classes,
                            teacher_sha256=weights_sha256(teacher))
-    return TrajectoryDataset(cfg.recording, expect=spec), manifest
+    return TrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards), manifest
 
 
 def recording_id(manifest: dict) -> str:
@@ -208,9 +211,9 @@ def recording_id(manifest: dict) -> str:
 
 def load_run_config(run_dir: str | Path) -> DistillConfig:
     """The DistillConfig of an existing run (from its latest checkpoint, else config.json)."""
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints").latest()
-    if ckpt is not None:
-        return DistillConfig.from_dict(Checkpointer.load_state(ckpt)["config"])
+    point = Checkpointer(Path(run_dir) / "checkpoints").resume_point()
+    if point is not None:
+        return DistillConfig.from_dict(point[1]["config"])
     return DistillConfig.from_dict(read_json(Path(run_dir) / "config.json", "run config")["distill"])
 
 
@@ -222,6 +225,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
         resume: continue from the latest checkpoint of ``cfg.run_dir`` (a fresh start if it has none).
     Works in one process or under torchrun (the process group is started here if needed).
     """
+    cfg = replace(cfg, **{k: resolve_path(getattr(cfg, k)) for k in PATH_FIELDS})
     owns_group = not dist.is_distributed()
     device = dist.init(cfg.device)
     try:
@@ -229,6 +233,11 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     finally:
         if owns_group:
             dist.cleanup()
+
+
+def resolve_path(path: str) -> str:
+    """An absolute path (symlinks resolved), so the saved config does not depend on the working directory."""
+    return str(Path(path).expanduser().resolve())
 
 
 def distill_command(options: dict, resume: bool = False) -> DistillResult:
@@ -336,6 +345,10 @@ class _Distiller:
         micro = self.order.next_step()
         per_step_sum = torch.zeros(self.scfg.num_steps, device=dev)
         n_on_policy = 0
+
+        def batch() -> str:  # for the NaN guard: which records of which shard this rank trained on
+            return self.data.describe_batch(np.concatenate([np.asarray(i, dtype=np.int64) for i in micro]))
+
         for m, idx in enumerate(micro):
             b = self.data.batch(idx)
             x, target, y = (b[k].to(dev, non_blocking=True) for k in ("inputs", "targets", "label"))
@@ -352,10 +365,10 @@ class _Distiller:
             per_step_sum += per_step.detach()
         # global mean over ranks and micro-batches; the guard runs before any weight changes
         stats = dist.all_reduce_sum(per_step_sum / (len(micro) * dist.world_size()))
-        check_finite(stats, self.step, "loss per step", self.last_ckpt)
+        check_finite(stats, self.step, "loss per step", self.last_ckpt, batch)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        check_finite(grad_norm.reshape(1), self.step, "gradient norm", self.last_ckpt)
+        check_finite(grad_norm.reshape(1), self.step, "gradient norm", self.last_ckpt, batch)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.student)

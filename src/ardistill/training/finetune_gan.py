@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ardistill.io import distributed as dist
@@ -53,7 +54,7 @@ GAN_STEPS = ("last", "all")
 START_WEIGHTS = ("ema", "student")
 # Fields that may change on resume: paths (checked by content), run length, learning rates, logging.
 RUNTIME_FIELDS = ("student", "recording", "teacher", "real", "run_dir", "steps", "lr", "d_lr", "ckpt_every",
-                  "keep_every", "log_every", "tensorboard", "progress", "stop_on_collapse")
+                  "keep_every", "log_every", "tensorboard", "progress", "stop_on_collapse", "verify_shards")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class GANConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    verify_shards: bool = True  # check each recording / latent shard's sha256 before its first use
 
     def __post_init__(self):
         for name in ("betas", "d_betas", "feature_noise", "loss_weights"):
@@ -222,9 +224,9 @@ class DigitsReal:
 class LatentReal:
     """Pre-encoded latents (``ardistill encode-latents``); the mirrored latent half the time."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, verify_shards: bool = True):
         from ardistill.data.image_folder import LatentStore
-        self.store = LatentStore(root)
+        self.store = LatentStore(root, verify_shards=verify_shards)
         self.shape, self.num_classes = tuple(self.store.shape), self.store.num_classes
 
     def __len__(self) -> int:
@@ -239,9 +241,9 @@ class LatentReal:
         return {"kind": "latents", "count": len(self), "shape": list(self.shape), "content": content}
 
 
-def open_real(spec: str) -> RealData:
+def open_real(spec: str, verify_shards: bool = True) -> RealData:
     """"digits" -> the digits train split; anything else is a latent store folder."""
-    return DigitsReal("train") if spec == "digits" else LatentReal(spec)
+    return DigitsReal("train") if spec == "digits" else LatentReal(spec, verify_shards)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +259,9 @@ def finetune_gan(cfg: GANConfig, resume: bool = False) -> GANResult:
     Works in one process or under torchrun. Raises DiscriminatorCollapseError when the guard trips
     and ``cfg.stop_on_collapse`` (after writing a checkpoint).
     """
+    from ardistill.training.distill import resolve_path
+    paths = [k for k in ("student", "recording", "teacher", "run_dir", "real") if not (k == "real" and cfg.real == "digits")]
+    cfg = replace(cfg, **{k: resolve_path(getattr(cfg, k)) for k in paths})  # resumable from any directory
     owns_group = not dist.is_distributed()
     device = dist.init(cfg.device)
     try:
@@ -268,9 +273,9 @@ def finetune_gan(cfg: GANConfig, resume: bool = False) -> GANResult:
 
 def load_gan_run_config(run_dir: str | Path) -> GANConfig:
     """The GANConfig of an existing run (from its latest checkpoint, else config.json)."""
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints").latest()
-    if ckpt is not None:
-        return GANConfig.from_dict(Checkpointer.load_state(ckpt)["config"])
+    point = Checkpointer(Path(run_dir) / "checkpoints").resume_point()
+    if point is not None:
+        return GANConfig.from_dict(point[1]["config"])
     return GANConfig.from_dict(read_json(Path(run_dir) / "config.json", "run config")["gan"])
 
 
@@ -329,7 +334,7 @@ class _GANTrainer:
         tc = teacher.cfg
         spec = StudentDataSpec(num_steps=scfg.num_steps, target=scfg.target, shape=(tc.in_channels, tc.input_size,
                                tc.input_size), num_classes=tc.num_classes, teacher_sha256=weights_sha256(teacher))
-        self.data = TrajectoryDataset(cfg.recording, expect=spec)
+        self.data = TrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards)
         proc = dict(manifest["sampler"]["process"])
         self.process = make_process(proc.pop("kind"), **proc)
         self.grid_times = [float(t) for t in manifest["grid"]["times"]]
@@ -341,7 +346,7 @@ class _GANTrainer:
             raise ValueError("GANConfig.gan_steps 'all' needs a student with target 'state': x0-prediction "
                              "targets of intermediate steps are not samples of the data distribution")
         self.recording_id = recording_id(manifest)
-        self.real = open_real(cfg.real)
+        self.real = open_real(cfg.real, cfg.verify_shards)
         if self.real.shape != spec.shape or self.real.num_classes != tc.num_classes:
             raise ValueError(f"real data {cfg.real}: images {self.real.shape} with {self.real.num_classes} classes, "
                              f"the teacher's are {spec.shape} with {tc.num_classes}")
@@ -527,17 +532,24 @@ class _GANTrainer:
         gan_on = cfg.gan_factor > 0 and self.step >= cfg.gan_warmup
         micro, real_micro = self.order.next_step(), self.real_order.next_step()
         stats = torch.zeros(self.S + len(_STATS), device=dev)
+
+        def batch() -> str:  # for the NaN guard: which stored records this rank trained on
+            text = self.data.describe_batch(np.concatenate([np.asarray(i, dtype=np.int64) for i in micro]))
+            if isinstance(self.real, LatentReal):
+                text += "; " + self.real.store.describe_batch(np.concatenate([np.asarray(i) for i in real_micro]))
+            return text
+
         for m, (idx, ridx) in enumerate(zip(micro, real_micro)):
             b = self.data.batch(idx)
             x, target, y = (b[key].to(dev, non_blocking=True) for key in ("inputs", "targets", "label"))
             xr, yr = self.real.batch(ridx, self.gen)
             stats += self._micro_step(x, target, y, xr.to(dev), yr.to(dev), gan_on, m == len(micro) - 1, len(micro))
         stats = dist.all_reduce_sum(stats / (len(micro) * dist.world_size()))
-        check_finite(stats, self.step, "losses", self.last_ckpt)  # before any weight changes
+        check_finite(stats, self.step, "losses", self.last_ckpt, batch)  # before any weight changes
         norms = []
         for params, clip in ((self.g_params, cfg.grad_clip), (self.d_params, cfg.d_grad_clip)):
             norms.append(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
-        check_finite(torch.stack(norms), self.step, "gradient norms (generator, discriminator)", self.last_ckpt)
+        check_finite(torch.stack(norms), self.step, "gradient norms (generator, discriminator)", self.last_ckpt, batch)
         for opt in (self.opt_g, self.opt_d):
             opt.step()
             opt.zero_grad(set_to_none=True)

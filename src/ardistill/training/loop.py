@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -30,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from ardistill.io import distributed as dist
-from ardistill.io.fileio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+from ardistill.io.fileio import (DiskFullError, atomic_write, atomic_write_bytes, atomic_write_json, disk_full_error,
+                                 read_json)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,13 +217,18 @@ def _python_state_from_list(s) -> tuple:
 STATE_FILE = "state.pt"
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint's training state cannot be read (truncated, corrupted or not ours)."""
+
+
 class Checkpointer:
     """Numbered checkpoint folders ``root/step_XXXXXXXX/`` and an atomic ``root/latest.json`` pointer.
 
     A folder is written completely under a temporary name, renamed, and only then does
     ``latest.json`` point at it: a run killed at any moment leaves the previous checkpoint valid.
-    ``keep_every`` > 0 keeps folders whose step is a multiple of it; others are deleted once newer.
-    Only rank 0 writes; ``save`` is a barrier for all ranks.
+    The newest two folders are kept (the older one is the fallback when the newest is damaged
+    later, see ``resume_point``); ``keep_every`` > 0 also keeps folders whose step is a multiple
+    of it. Only rank 0 writes; ``save`` is a barrier for all ranks.
     """
 
     def __init__(self, root: str | Path, keep_every: int = 0):
@@ -241,17 +248,54 @@ class Checkpointer:
             raise FileNotFoundError(f"{pointer} points to {folder}, which does not exist")
         return folder
 
+    def folders(self) -> list[Path]:
+        """Complete checkpoint folders, newest first (those the pointer has pointed at or could)."""
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+    def resume_point(self) -> tuple[Path, dict] | None:
+        """(folder, training state) of the newest readable checkpoint, or None when there is none.
+
+        When the newest one's state cannot be read (damaged after it was written), it warns and
+        falls back to the previous checkpoint; when none is readable, CheckpointReadError says
+        which files were tried.
+        """
+        latest = self.latest()
+        if latest is None:
+            return None
+        errors = []
+        for folder in [latest] + [f for f in self.folders() if int(f.name[5:]) < int(latest.name[5:])]:
+            try:
+                state = self.load_state(folder)
+            except (CheckpointReadError, FileNotFoundError) as e:
+                errors.append(str(e))
+                continue
+            if errors:
+                warnings.warn(f"resuming from {folder.name}: newer checkpoint(s) unreadable: {'; '.join(errors)}")
+            return folder, state
+        raise CheckpointReadError(f"no readable checkpoint in {self.root}: {'; '.join(errors)}; restore a checkpoint "
+                                  f"folder from a copy, or start a new run in another --run-dir")
+
     def save(self, step: int, files: dict[str, Callable[[str], None]], state: dict) -> Path:
         """Write ``files`` (name -> writer(tmp_path)) and ``state`` (torch.save'd) as checkpoint ``step``."""
         final = self.folder(step)
         if dist.is_main():
             tmp = self.root / f".{final.name}.partial"
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a run killed mid-save
-            tmp.mkdir(parents=True)
-            for name, write in files.items():
-                atomic_write(tmp / name, write)
-            atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a run killed mid-save
+                tmp.mkdir(parents=True)
+                for name, write in files.items():
+                    atomic_write(tmp / name, write)
+                atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees the space of the half-written checkpoint
+                full = e if isinstance(e, DiskFullError) else disk_full_error(tmp / STATE_FILE, e)
+                if full is None:
+                    raise
+                previous = self.latest()
+                raise DiskFullError(errno.ENOSPC, f"checkpoint {final} not written: {full.strerror}; the last "
+                                    f"complete checkpoint is {previous or 'none yet'}") from e
             if final.exists():
                 shutil.rmtree(final)  # an orphan never pointed to (killed between rename and pointer)
             tmp.rename(final)
@@ -261,18 +305,28 @@ class Checkpointer:
         return final
 
     def _prune(self, step: int) -> None:
-        for folder in self.root.glob("step_*"):
-            s = int(folder.name.split("_")[1])
-            if s != step and not (self.keep_every and s % self.keep_every == 0):
+        folders = [f for f in self.folders() if int(f.name[5:]) <= step]
+        keep = {f.name for f in folders[:2]}  # this one and the one before it
+        for folder in self.folders():
+            s = int(folder.name[5:])
+            if folder.name not in keep and not (self.keep_every and s % self.keep_every == 0):
                 shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def load_state(folder: str | Path) -> dict:
-        """The training state of a checkpoint folder (weights_only: tensors and primitives only)."""
+        """The training state of a checkpoint folder (weights_only: tensors and primitives only).
+
+        A file that cannot be read raises CheckpointReadError naming it and what to do.
+        """
         path = Path(folder) / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint state not found: {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, flipped bytes, a pickle that is not ours
+            from ardistill.io.checkpoints import torch_load_reason
+            raise CheckpointReadError(f"checkpoint state {path} is unreadable ({torch_load_reason(e)}); delete the folder "
+                                      f"{Path(folder).name} and resume from the previous checkpoint") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,14 +337,23 @@ class NonFiniteLossError(RuntimeError):
     """A loss or gradient norm became NaN/inf; the weights were not updated."""
 
 
-def check_finite(values: torch.Tensor, step: int, what: str, last_checkpoint: Path | None) -> None:
-    """Raise ``NonFiniteLossError`` on every rank if any rank's ``values`` are not all finite."""
+def check_finite(values: torch.Tensor, step: int, what: str, last_checkpoint: Path | None,
+                 batch: Callable[[], str] | None = None) -> None:
+    """Raise ``NonFiniteLossError`` on every rank if any rank's ``values`` are not all finite.
+
+    ``batch`` (called only on failure, on every rank) says which data records were in this rank's
+    batch; the message lists every rank's answer.
+    """
     bad = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0], device=values.device)
     if dist.all_reduce_sum(bad).item() > 0:
         where = (f"the last good checkpoint is {last_checkpoint} (resume from it with --resume, e.g. with a lower "
                  f"learning rate)" if last_checkpoint else "no checkpoint was written yet")
-        raise NonFiniteLossError(f"non-finite {what} at step {step + 1}: {values.tolist()}; the run stopped before "
-                                 f"updating the weights; {where}")
+        data = ""
+        if batch is not None:
+            parts = dist.all_gather_object(batch())
+            data = "; " + "; ".join(p if len(parts) == 1 else f"rank {r}: {p}" for r, p in enumerate(parts))
+        raise NonFiniteLossError(f"non-finite {what} at step {step + 1}: {values.tolist()}{data}; the run stopped "
+                                 f"before updating the weights; {where}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,16 +410,22 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._fields is None:  # the first record fixes the CSV columns
-            self._fields = list(record)
-            new = not self.csv.is_file() or self.csv.stat().st_size == 0
-            if new:
-                with open(self.csv, "w", newline="") as f:
-                    csv.writer(f).writerow(self._fields)
-        with open(self.csv, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(record.get(k)) for k in self._fields])
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self._fields is None:  # the first record fixes the CSV columns
+                self._fields = list(record)
+                new = not self.csv.is_file() or self.csv.stat().st_size == 0
+                if new:
+                    with open(self.csv, "w", newline="") as f:
+                        csv.writer(f).writerow(self._fields)
+            with open(self.csv, "a", newline="") as f:
+                csv.writer(f).writerow([_fmt(record.get(k)) for k in self._fields])
+        except OSError as e:  # a resume truncates the logs to the checkpoint, so a half line does no harm
+            full = disk_full_error(self.jsonl, e)
+            if full is None:
+                raise
+            raise full from e
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), step)
@@ -422,7 +491,7 @@ def start_run(cfg, resume: bool, device: torch.device, runtime_fields: tuple[str
         if not resume:
             raise ValueError(f"{run_dir} already holds a run (checkpoint {latest.name}); "
                              f"pass --resume to continue it or choose another --run-dir")
-        state = Checkpointer.load_state(latest)
+        latest, state = ckpt.resume_point()  # the newest readable one
         cfg = check_resume_config(type(cfg).from_dict(state["config"]), cfg, latest, runtime_fields)
     world = dist.world_size()
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -431,4 +500,5 @@ def start_run(cfg, resume: bool, device: torch.device, runtime_fields: tuple[str
     precision = resolve_precision(cfg.precision, device)
     setup_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed + dist.rank())
+    random.seed(cfg.seed + dist.rank())  # nothing draws from it today; seeded so a checkpoint is a function of the run
     return RunStart(cfg=cfg, ckpt=ckpt, latest=latest, state=state, precision=precision)
