@@ -115,11 +115,12 @@ def pack_records(layout: Layout, seeds, labels, states: torch.Tensor | np.ndarra
     rec = np.empty(len(seeds), dtype=layout.record_dtype())
     rec["seed"] = np.asarray(seeds, dtype=np.int64)
     rec["label"] = np.asarray(labels, dtype=np.int64)
-    rec["states"] = _as_numpy(states)
-    if layout.x0_preds:
-        if x0_preds is None:
-            raise ValueError("pack_records: the layout stores x0_preds but none were given")
-        rec["x0_preds"] = _as_numpy(x0_preds)
+    with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming seed and step
+        rec["states"] = _as_numpy(states)
+        if layout.x0_preds:
+            if x0_preds is None:
+                raise ValueError("pack_records: the layout stores x0_preds but none were given")
+            rec["x0_preds"] = _as_numpy(x0_preds)
     for name in ("states", "x0_preds") if layout.x0_preds else ("states",):
         finite = np.isfinite(rec[name].reshape(len(rec), rec[name].shape[1], -1)).all(axis=2)  # (B, steps)
         if not finite.all():

@@ -41,8 +41,8 @@ def disk_full_error(path: str | os.PathLike, err: BaseException) -> DiskFullErro
     except OSError:
         left = ""
     return DiskFullError(errno.ENOSPC, f"no space left on the device of {folder}{left} while writing "
-                         f"{Path(path).name}; nothing complete was lost: free space and run the same command again "
-                         f"(it resumes)")
+                         f"{Path(path).name}; nothing complete was lost: free space and run the command again (it "
+                         f"resumes; training commands with --resume)")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ardistill.io import distributed as dist
+from ardistill.io.checkpoints import torch_load_reason
 from ardistill.io.fileio import (DiskFullError, atomic_write, atomic_write_bytes, atomic_write_json, disk_full_error,
                                  read_json)
 
@@ -260,11 +261,15 @@ class Checkpointer:
         falls back to the previous checkpoint; when none is readable, CheckpointReadError says
         which files were tried.
         """
-        latest = self.latest()
-        if latest is None:
+        pointer = self.root / "latest.json"
+        if not pointer.is_file():
             return None
-        errors = []
-        for folder in [latest] + [f for f in self.folders() if int(f.name[5:]) < int(latest.name[5:])]:
+        name = str(read_json(pointer, "checkpoint pointer")["dir"])
+        newest = self.root / name
+        errors = [] if newest.is_dir() else [f"{pointer} points to {name}, which does not exist"]
+        step = int(name[5:]) if name[5:].isdigit() else 0
+        older = [f for f in self.folders() if int(f.name[5:]) < step]
+        for folder in ([newest] if newest.is_dir() else []) + older:
             try:
                 state = self.load_state(folder)
             except (CheckpointReadError, FileNotFoundError) as e:
@@ -290,12 +295,12 @@ class Checkpointer:
                 atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space of the half-written checkpoint
-                full = e if isinstance(e, DiskFullError) else disk_full_error(tmp / STATE_FILE, e)
-                if full is None:
+                if not isinstance(e, DiskFullError) and disk_full_error(tmp / STATE_FILE, e) is None:
                     raise
                 previous = self.latest()
-                raise DiskFullError(errno.ENOSPC, f"checkpoint {final} not written: {full.strerror}; the last "
-                                    f"complete checkpoint is {previous or 'none yet'}") from e
+                raise DiskFullError(errno.ENOSPC, f"no space left on the device of {self.root} while writing checkpoint "
+                                    f"{final.name}; the last complete checkpoint is {previous or 'none yet'}: "
+                                    f"free space and continue with --resume") from e
             if final.exists():
                 shutil.rmtree(final)  # an orphan never pointed to (killed between rename and pointer)
             tmp.rename(final)
@@ -324,7 +329,6 @@ class Checkpointer:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, flipped bytes, a pickle that is not ours
-            from ardistill.io.checkpoints import torch_load_reason
             raise CheckpointReadError(f"checkpoint state {path} is unreadable ({torch_load_reason(e)}); delete the folder "
                                       f"{Path(folder).name} and resume from the previous checkpoint") from e
 
@@ -485,11 +489,11 @@ def start_run(cfg, resume: bool, device: torch.device, runtime_fields: tuple[str
     from ardistill.io import distributed as dist
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.keep_every)
-    latest = ckpt.latest()
-    state = None
-    if latest is not None:
+    latest, state = None, None
+    pointer = ckpt.root / "latest.json"
+    if pointer.is_file():
         if not resume:
-            raise ValueError(f"{run_dir} already holds a run (checkpoint {latest.name}); "
+            raise ValueError(f"{run_dir} already holds a run (checkpoint {read_json(pointer, 'checkpoint pointer')['dir']}); "
                              f"pass --resume to continue it or choose another --run-dir")
         latest, state = ckpt.resume_point()  # the newest readable one
         cfg = check_resume_config(type(cfg).from_dict(state["config"]), cfg, latest, runtime_fields)
