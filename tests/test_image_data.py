@@ -120,8 +120,11 @@ def test_encode_latents_resumes_an_interrupted_run(tmp_path):
     (out / "progress" / "rank-00000.json").write_text(json.dumps({"shards": {"0": manifest["shards"][0]}}))
     for s in manifest["shards"][1:]:
         (out / s["file"]).unlink()
+    data = bytearray((out / manifest["shards"][0]["file"]).read_bytes())
+    data[-1] ^= 0x01  # the listed shard was damaged before the resume: it is encoded again
+    (out / manifest["shards"][0]["file"]).write_bytes(bytes(data))
     resumed = encode_latents(ds, IdentityCodec(3), out, batch_size=2, shard_size=2, progress=False)
-    assert resumed.status == "resume" and resumed.encoded == 4
+    assert resumed.status == "resume" and resumed.encoded == 6
     assert [s["sha256"] for s in load_latent_manifest(out)["shards"]] == \
         [s["sha256"] for s in load_latent_manifest(tmp_path / "ref")["shards"]]
     assert full.total_bytes == resumed.total_bytes
@@ -137,7 +140,10 @@ def test_corrupted_shard_is_detected(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    LatentStore(out)  # sizes still match: only the checksum can tell
+    LatentStore(out)  # sizes still match: only the checksum can tell, before the shard's first use
+    with pytest.raises(CorruptRecordingError, match="shard-000000.npy does not match its manifest"):
+        LatentStore(out).batch([0])
+    assert LatentStore(out, verify_shards=False).batch([0])[0].shape[0] == 1  # the explicit opt-out
     with pytest.raises(CorruptRecordingError, match="checksum"):
         LatentStore(out, verify_checksums=True)
     shard.write_bytes(bytes(data[:-10]))
