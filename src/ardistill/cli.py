@@ -99,7 +99,8 @@ def _add_record(sub):
 
 
 def _add_verify_trajectories(sub):
-    p = sub.add_parser("verify-trajectories", help="check a trajectory recording's shards against its manifest")
+    p = sub.add_parser("verify-trajectories", help="check a trajectory recording's shards against its manifest "
+                                                   "(sha256, seeds, labels, finite values)")
     p.add_argument("root", help="recording folder (holds manifest.json)")
     p.add_argument("--quick", action="store_true", help="sizes and headers only, no checksums")
 

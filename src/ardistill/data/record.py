@@ -4,7 +4,8 @@ Trajectory i has seed ``base_seed + i`` and label ``classes[i % len(classes)]`` 
 Shard k holds the fixed index range [k * shard_size, (k + 1) * shard_size) and is computed in
 micro-batches of ``batch_size`` aligned to the shard's start, so its bytes depend only on k and the
 recording's settings, never on the number of processes: rank r records the shards with
-k % world_size == r. Resuming skips the shards already listed in the progress files.
+k % world_size == r. Resuming skips the shards already listed in the progress files whose sha256
+still matches (rank 0 hashes them first; damaged ones are recorded again).
 
 What is exact: the same settings (batch size included), device type and torch build give
 byte-identical shards for any number of processes, killed and resumed or not. A different batch
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ardistill.io import distributed as dist
+from ardistill.io.fileio import DiskFullError
 from ardistill.sampling.diffusion import process_for, student_grid
 from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import SOLVERS, grid_times, randn_from_seeds, solve
@@ -224,7 +226,7 @@ def _on_main(fn):
     if dist.is_main():
         try:
             result = fn()
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, DiskFullError) as e:
             result = e
     result = dist.broadcast_object(result)
     if isinstance(result, Exception):
