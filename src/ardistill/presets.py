@@ -149,7 +149,7 @@ class Preset:
         from ardistill.models.student import StudentConfig, block_times_for
         tcfg = self.teacher_config()
         rec = self.record_config()
-        process = process_for(tcfg.prediction)
+        process = process_for(tcfg)
         times = grid_times(process, rec.teacher_steps)
         grid = [times[p] for p in rec.grid_positions()]
         s = {k: v for k, v in self.raw["student"].items() if k != "num_steps"}
@@ -339,7 +339,7 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
                           f"evaluate on noise the student never trained on (eval.base_seed >= {a1})")
 
     # derived numbers, for --dry-run and the docs
-    process = process_for(tcfg.prediction)
+    process = process_for(tcfg)
     times = grid_times(process, rcfg.teacher_steps)
     layout = Layout(num_steps=rcfg.num_steps, shape=(C, H, H), dtype=rcfg.dtype, x0_preds=rcfg.x0_preds)
     steps = distill.get("steps", DistillConfig.__dataclass_fields__["steps"].default)

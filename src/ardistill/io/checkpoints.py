@@ -303,7 +303,8 @@ def diffusers_config_to_dit(config: dict, source: str = "config.json") -> DiTCon
                          num_heads=c["num_attention_heads"], mlp_ratio=4.0,  # diffusers' FeedForward: mult 4
                          class_dropout_prob=0.1,  # diffusers always has the null-class row
                          num_classes=c["num_embeds_ada_norm"], learn_sigma=out == 2 * C,
-                         prediction=config.get("_ardistill_prediction", "eps"))
+                         prediction=config.get("_ardistill_prediction", "eps"),
+                         process=config.get("_ardistill_process"))
     except ValueError as e:
         raise CheckpointError(f"{source}: invalid DiT config: {e}") from e
 
@@ -389,6 +390,8 @@ def save_diffusers_dit(model: DiT, folder: str | os.PathLike) -> Path:
         "patch_size": cfg.patch_size, "sample_size": cfg.input_size, "upcast_attention": False,
         "_ardistill_prediction": cfg.prediction,  # diffusers ignores "_" keys; we read it back
     }
+    if cfg.process is not None:
+        config["_ardistill_process"] = cfg.process
     try:
         import diffusers
         config["_diffusers_version"] = diffusers.__version__

@@ -98,7 +98,9 @@ def block_times_for(grid_times: list[float], num_steps: int, time_labels: str, m
         grid_times: the true times of the student's states on the teacher grid (S + 1 values, the last
             is the clean end point), e.g. a recording manifest's ``times``.
         time_labels: "true" -> the true times of the S input states; "uniform" -> the public code's
-            labels t_0 * (S - k) / S (999, 749.25, 499.5, 249.75 for DiT with S = 4).
+            labels t_0 * (S - k) / S (999, 749.25, 499.5, 249.75 for DiT with S = 4): in general the
+            network times spaced evenly from the first state's (k = 0) towards the data end's (t = 0),
+            so a teacher whose network time runs the other way (SiT: 0 = noise) gets 0, 0.25, 0.5, 0.75.
         model_time: maps a process time to the network's input (FlowProcess.model_time); None = identity.
     """
     if len(grid_times) != num_steps + 1:
@@ -107,8 +109,8 @@ def block_times_for(grid_times: list[float], num_steps: int, time_labels: str, m
     if time_labels == "true":
         return tuple(mt(t) for t in grid_times[:num_steps])
     if time_labels == "uniform":
-        t0 = mt(grid_times[0])
-        return tuple(t0 * (num_steps - k) / num_steps for k in range(num_steps))
+        t0, t_data = mt(grid_times[0]), mt(0.0)
+        return tuple(t_data + (t0 - t_data) * (num_steps - k) / num_steps for k in range(num_steps))
     raise ValueError(f"time_labels must be one of {TIME_LABELS}, got {time_labels!r}")
 
 
@@ -127,8 +129,9 @@ def ode_step_coeffs(process, grid_times: list[float]) -> tuple[tuple[float, floa
             a2 = 1.0 if t_next == CLEAN_TIME else float(process.abar(torch.tensor([t_next]))[0])
             A = (a2 / a) ** 0.5
             out.append((A, (1 - a2) ** 0.5 - A * (1 - a) ** 0.5))
-        else:
-            out.append((1.0, (0.0 if t_next == CLEAN_TIME else t_next) - t))
+        else:  # the head predicts the network's velocity, whose sign is the teacher's convention
+            sign = 1.0 if process.velocity_sign == "noise_minus_data" else -1.0
+            out.append((1.0, sign * ((0.0 if t_next == CLEAN_TIME else t_next) - t)))
     return tuple(out)
 
 
