@@ -282,3 +282,44 @@ def _head_from_final_layer(sd: dict, tc: DiTConfig) -> dict:
 def build_student(teacher: DiT, **kw) -> ARDStudent:
     """Convenience: StudentConfig(teacher=teacher.cfg, **kw) initialised from the teacher."""
     return ARDStudent.from_teacher(teacher, StudentConfig(teacher=teacher.cfg, **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# Named student recipes
+
+# The public ARD code's student (alsdudrla10/ARD models_ARD.py, train_ARD.py): the teacher's
+# x0-predictions as inputs/targets, k/S time labels (999, 749.25, 499.5, 249.75 for DiT, S = 4),
+# one output head per step, block-causal history (M4) in the lower ``--stack`` layers.
+STUDENT_RECIPES: dict[str, dict] = {
+    "public-ard": dict(mask="M4", target="x0", time_labels="uniform", heads="per_step", output="direct"),
+}
+
+
+def recipe_student_config(recipe: str, teacher: DiTConfig, num_steps: int = 4, history_layers: int = 6,
+                          teacher_steps: int = 25, grid: str = "ard", **overrides) -> StudentConfig:
+    """The StudentConfig of a named recipe, its block times computed from the teacher's process and grid.
+
+    Args:
+        recipe: a key of STUDENT_RECIPES ("public-ard").
+        teacher: the teacher's DiTConfig (its process decides the network times).
+        num_steps, history_layers: S and N_h (the public code: 4 and ``--stack`` = 6).
+        teacher_steps, grid: the teacher grid the recording uses (diffusion.student_grid).
+        overrides: any other StudentConfig field.
+    """
+    from ardistill.sampling.diffusion import process_for, student_grid
+    from ardistill.sampling.ode import grid_times
+    if recipe not in STUDENT_RECIPES:
+        raise ValueError(f"unknown student recipe {recipe!r}; choose from {sorted(STUDENT_RECIPES)}")
+    fields = {**STUDENT_RECIPES[recipe], **overrides}
+    process = process_for(teacher)
+    times = grid_times(process, teacher_steps)
+    on_grid = [times[p] for p in student_grid(teacher_steps, num_steps, grid)]
+    block_times = block_times_for(on_grid, num_steps, fields["time_labels"], process.model_time)
+    return StudentConfig(teacher=teacher, num_steps=num_steps, history_layers=history_layers,
+                         block_times=block_times, **fields)
+
+
+def public_ard_student(teacher: DiT, num_steps: int = 4, history_layers: int = 6, **kw) -> ARDStudent:
+    """An ARD student with the public ARD code's settings, initialised from ``teacher``."""
+    return ARDStudent.from_teacher(teacher, recipe_student_config("public-ard", teacher.cfg, num_steps,
+                                                                  history_layers, **kw))
