@@ -132,3 +132,16 @@ def test_public_ard_recipe_builds_the_same_student(random_dit):
     assert recipe_student_config("public-ard", sit).block_times == (0.0, 0.25, 0.5, 0.75)
     with pytest.raises(ValueError, match="unknown student recipe 'ard'"):
         recipe_student_config("ard", teacher.cfg)
+
+
+def test_presets_name_the_recipe():
+    from ardistill.presets import PresetError, load_preset
+    p = load_preset("imagenet256-ard")
+    s = p.student_config()
+    assert p.derived["student_recipe"] == "public-ard"
+    assert (s.target, s.time_labels, s.heads, s.mask) == ("x0", "uniform", "per_step", "M4")
+    assert s.block_times == (999.0, 749.25, 499.5, 249.75)
+    # a field the section sets wins over the recipe
+    assert load_preset("imagenet256-ard", overrides={"student.heads": "shared"}).student_config().heads == "shared"
+    with pytest.raises(PresetError, match=r"student.recipe 'ard' is not a named recipe"):
+        load_preset("imagenet256-ard", overrides={"student.recipe": "ard"})

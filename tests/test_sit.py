@@ -234,3 +234,16 @@ def test_record_and_student_from_a_sit_teacher(tmp_path, sit_pt):
         cfg = DistillConfig(recording=str(tmp_path / "rec"), teacher="-", run_dir="-", time_labels=labels)
         student = build_distill_student(cfg, teacher, manifest)
         assert student.cfg.block_times == want  # SiT's network time: 0 = noise
+
+
+def test_sit_and_repa_presets():
+    from ardistill.presets import load_preset
+    sit, repa = load_preset("imagenet256-sit-ard"), load_preset("imagenet256-repa-ard")
+    assert sit.teacher_config().process == "sit" and repa.teacher_config().process == "repa"
+    assert not repa.teacher_config().learn_sigma and sit.teacher_config().learn_sigma
+    assert (sit.record_config().solver, sit.record_config().guidance_channels) == ("heun", 3)
+    assert (repa.record_config().solver, repa.record_config().teacher_steps, repa.record_config().guidance_channels) \
+        == ("euler", 50, None)
+    assert sit.student_config().block_times == (0.0, 0.25, 0.5, 0.75)  # k/S labels in SiT's time (0 = noise)
+    assert repa.student_config().block_times == (1.0, 0.75, 0.5, 0.25)
+    assert repa.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
