@@ -145,3 +145,14 @@ def test_presets_name_the_recipe():
     assert load_preset("imagenet256-ard", overrides={"student.heads": "shared"}).student_config().heads == "shared"
     with pytest.raises(PresetError, match=r"student.recipe 'ard' is not a named recipe"):
         load_preset("imagenet256-ard", overrides={"student.recipe": "ard"})
+
+
+def test_cli_import_student(tmp_path, public, capsys):
+    from ardistill.cli import main
+    out = tmp_path / "student.safetensors"
+    assert main(["import-student", "--pt", str(public[0]), "--out", str(out)]) == 0
+    assert "heads='per_step'" in capsys.readouterr().out
+    assert load_student(out).cfg == import_public_ard(public[0]).cfg
+    torch.save(public[1], tmp_path / "bare.pt")
+    assert main(["import-student", "--pt", str(tmp_path / "bare.pt"), "--out", str(out)]) == 2
+    assert "pass history_layers" in capsys.readouterr().err

@@ -247,3 +247,13 @@ def test_sit_and_repa_presets():
     assert sit.student_config().block_times == (0.0, 0.25, 0.5, 0.75)  # k/S labels in SiT's time (0 = noise)
     assert repa.student_config().block_times == (1.0, 0.75, 0.5, 0.25)
     assert repa.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
+
+
+def test_cli_import_teacher(tmp_path, sit_pt, capsys):
+    from ardistill.cli import main
+    out = tmp_path / "sit.safetensors"
+    assert main(["import-teacher", "--pt", str(sit_pt[0]), "--process", "sit", "--out", str(out)]) == 0
+    assert "process='sit'" in capsys.readouterr().out
+    assert load_any_teacher(out).cfg == load_sit_pt(sit_pt[0]).cfg  # every later command reads the convention
+    assert main(["import-teacher", "--pt", str(tmp_path / "absent.pt"), "--out", str(out)]) == 2
+    assert "absent.pt" in capsys.readouterr().err

@@ -633,3 +633,14 @@ def load_any_teacher(path: str | os.PathLike, *, which: str | None = None, num_h
         return load_teacher(p)
     raise CheckpointError(f"{p}: unrecognised teacher checkpoint; expected a facebookresearch/DiT .pt/.pth file, "
                           f"an ardistill .safetensors file, or a diffusers DiTTransformer2DModel folder")
+
+
+def import_teacher(path: str | os.PathLike, out: str | os.PathLike, *, process: str | None = None,
+                   which: str | None = None, num_heads: int | None = None) -> Path:
+    """Any teacher file (DiT/SiT/REPA .pt, diffusers folder, ours) -> our .safetensors, conventions in its config.
+
+    ``process`` says what a .pt holds ("vp" DiT, "flow" SD3-style, "sit", "repa"; None = what the file says,
+    else DiT). Every later command then needs no flag: the config carries the process.
+    """
+    model = load_any_teacher(path, which=which, num_heads=num_heads, process=process)
+    return save_checkpoint_safetensors(model, out, extra_metadata={"imported_from": Path(path).name})

@@ -180,3 +180,10 @@ def import_public_ard(path: str | Path, history_layers: int | None = None, which
         ours[name] = t.float().contiguous()
     student.load_state_dict(ours, strict=True)
     return student.eval()
+
+
+def import_public_ard_file(path: str | Path, out: str | Path, history_layers: int | None = None,
+                           which: str | None = None) -> Path:
+    """A public-ARD .pt -> our student .safetensors (config inside), so ``generate`` and ``evaluate`` read it."""
+    student = import_public_ard(path, history_layers=history_layers, which=which)
+    return save_student(out, student, extra_metadata={"imported_from": Path(path).name})
