@@ -2,6 +2,8 @@
 
 - facebookresearch/DiT ``.pt``: a bare state dict (the released DiT-XL-2-256x256.pt) or a training
   checkpoint ``{"model", "ema", "opt", "args"}``; names are ours already. ``load_dit_pt``.
+- willisma/SiT and sihyun-yu/REPA ``.pt``: DiT's keys (REPA adds projector heads, dropped), flow-matching
+  conventions named in the config (``process`` "sit" / "repa"). ``load_sit_pt``.
 - diffusers ``DiTTransformer2DModel`` folder (config.json + safetensors, maybe sharded): names are
   mapped to ours, our numerics are kept (see docs/checkpoints.md). ``load_diffusers_dit`` /
   ``save_diffusers_dit``.
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,7 +310,6 @@ def _sit_from_obj(obj: object, path: Path, process: str | None, cfg: DiTConfig |
     _check_sit_args(args, process, str(path))
     state, dropped = sit_to_dit_state(state, str(path))
     if dropped:
-        import warnings
         warnings.warn(f"{path}: ignoring REPA's projector heads ({len(dropped)} tensors: {_list(dropped, 3)}); "
                       f"they serve only REPA's representation-alignment loss, sampling never uses them",
                       stacklevel=3)
