@@ -241,7 +241,9 @@ def test_sit_and_repa_presets():
     sit, repa = load_preset("imagenet256-sit-ard"), load_preset("imagenet256-repa-ard")
     assert sit.teacher_config().process == "sit" and repa.teacher_config().process == "repa"
     assert not repa.teacher_config().learn_sigma and sit.teacher_config().learn_sigma
-    assert (sit.record_config().solver, sit.record_config().guidance_channels) == ("heun", 3)
+    assert (sit.record_config().solver, sit.record_config().teacher_steps, sit.record_config().guidance_channels) \
+        == ("heun", 50, 3)
+    assert sit.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
     assert (repa.record_config().solver, repa.record_config().teacher_steps, repa.record_config().guidance_channels) \
         == ("euler", 50, None)
     assert sit.student_config().block_times == (0.0, 0.25, 0.5, 0.75)  # k/S labels in SiT's time (0 = noise)
