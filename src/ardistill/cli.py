@@ -532,10 +532,43 @@ def _add_evaluate(sub):
     p.set_defaults(func=run)
 
 
+def _add_import_teacher(sub):
+    p = sub.add_parser("import-teacher", help="convert a DiT / SiT / REPA .pt (or diffusers folder) to ardistill's "
+                                              ".safetensors with its process conventions in the config")
+    p.add_argument("--pt", required=True, help="teacher checkpoint: .pt/.pth, diffusers folder or .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--process", choices=("vp", "flow", "sit", "repa"), default=None,
+                   help="what the .pt holds: vp (DiT), flow (SD3-style), sit (willisma/SiT), repa (sihyun-yu/REPA); "
+                        "default: what the file says (REPA projectors, SiT/REPA training args), else DiT")
+    p.add_argument("--which", choices=("ema", "model"), default=None, help="entry of a training checkpoint (default ema)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of an unregistered width")
+
+    def run(args):
+        from ardistill.io.checkpoints import import_teacher, load_teacher
+        out = import_teacher(args.pt, args.out, process=args.process, which=args.which, num_heads=args.num_heads)
+        print(f"{out}: {load_teacher(out).cfg}")
+    p.set_defaults(func=run)
+
+
+def _add_import_student(sub):
+    p = sub.add_parser("import-student", help="convert a public-ARD student .pt (alsdudrla10/ARD) to ardistill's "
+                                              ".safetensors")
+    p.add_argument("--pt", required=True, help="train_ARD.py checkpoint (or a bare models_ARD state dict)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--history-layers", type=int, default=None, help="N_h (default: the checkpoint's args.stack)")
+    p.add_argument("--which", choices=("ema", "model"), default=None, help="entry of a training checkpoint (default ema)")
+
+    def run(args):
+        from ardistill.io.student_io import import_public_ard_file, read_student_file
+        out = import_public_ard_file(args.pt, args.out, args.history_layers, args.which)
+        print(f"{out}: {read_student_file(out)[0]}")
+    p.set_defaults(func=run)
+
+
 # Subcommand registrations, in the order they appear in --help.
 _REGISTRATIONS = [_add_version, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
                   _add_train_teacher, _add_train_classifier, _add_sample, _add_finetune_gan, _add_demo, _add_sweep,
-                  _add_generate, _add_evaluate]
+                  _add_generate, _add_evaluate, _add_import_teacher, _add_import_student]
 
 
 def build_parser() -> argparse.ArgumentParser:

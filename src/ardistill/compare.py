@@ -265,7 +265,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     teacher = load_any_teacher(teacher_path).to(device).eval()
     net = get_feature_network("digits", device=device)
     real = net.features(load_digits_split("heldout").images.to(device)).float().cpu()
-    process = process_for(teacher.cfg.prediction)
+    process = process_for(teacher.cfg)
     model_fn = make_model_fn(teacher, cfg.cfg_scale)
     lat_noise, lat_y = ev.noise[:cfg.latency_batch].to(device), ev.labels[:cfg.latency_batch].to(device)
 

@@ -149,7 +149,7 @@ class Preset:
         from ardistill.models.student import StudentConfig, block_times_for
         tcfg = self.teacher_config()
         rec = self.record_config()
-        process = process_for(tcfg.prediction)
+        process = process_for(tcfg)
         times = grid_times(process, rec.teacher_steps)
         grid = [times[p] for p in rec.grid_positions()]
         s = {k: v for k, v in self.raw["student"].items() if k != "num_steps"}
@@ -294,8 +294,16 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
             raise PresetError(f"{where}: record.positions {positions} contradict record.grid {rcfg.grid!r}, "
                               f"which gives {implied} for {rcfg.num_steps} of {rcfg.teacher_steps} steps")
 
-    # student
-    _check_keys(student, STUDENT_KEYS, "student", where)
+    # student: a named recipe (models.student.STUDENT_RECIPES) fills the fields the section leaves out
+    _check_keys(student, STUDENT_KEYS + ("recipe",), "student", where)
+    recipe = student.pop("recipe", None)
+    if recipe is not None:
+        from ardistill.models.student import STUDENT_RECIPES
+        if recipe not in STUDENT_RECIPES:
+            raise PresetError(f"{where}: student.recipe {recipe!r} is not a named recipe; choose from "
+                              f"{sorted(STUDENT_RECIPES)}")
+        for key, value in STUDENT_RECIPES[recipe].items():
+            student.setdefault(key, value)
     if student.get("num_steps", rcfg.num_steps) != rcfg.num_steps:
         raise PresetError(f"{where}: student.num_steps = {student['num_steps']} but the recording has "
                           f"record.num_steps = {rcfg.num_steps} ({len(positions)} grid positions)")
@@ -339,12 +347,13 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
                           f"evaluate on noise the student never trained on (eval.base_seed >= {a1})")
 
     # derived numbers, for --dry-run and the docs
-    process = process_for(tcfg.prediction)
+    process = process_for(tcfg)
     times = grid_times(process, rcfg.teacher_steps)
     layout = Layout(num_steps=rcfg.num_steps, shape=(C, H, H), dtype=rcfg.dtype, x0_preds=rcfg.x0_preds)
     steps = distill.get("steps", DistillConfig.__dataclass_fields__["steps"].default)
     fl = sampling_flops(tcfg, rcfg.teacher_steps, rcfg.num_steps, scfg.history_layers, scfg.mask, rcfg.cfg_scale)
     derived = {
+        "student_recipe": recipe,
         "batch": batch,
         "grid": {"positions": positions, "times": [times[p] for p in positions],
                  "block_times": list(scfg.block_times)},

@@ -25,7 +25,7 @@ def sample_teacher(teacher: nn.Module, process: Process, labels: torch.Tensor | 
 
     Args:
         teacher: a DiT (eval mode is set here).
-        process: its diffusion process (``diffusion.process_for(teacher.cfg.prediction)`` for ours).
+        process: its diffusion process (``diffusion.process_for(teacher.cfg)`` for ours).
         labels: class of each sample (N,).
         seeds: noise seed of each sample (N,).
         steps: solver steps over the process's respaced grid (DDIM-25 is DiT's setting).
@@ -91,7 +91,7 @@ def sample_grid(teacher_path: str | Path | None, out: str | Path, seeds: str = "
     teacher = load_any_teacher(path).to(device)
     seed_list = parse_int_list(seeds, "seeds")
     y = resolve_labels(labels, len(seed_list), teacher.cfg.num_classes)
-    images = sample_teacher(teacher, process_for(teacher.cfg.prediction), y, seed_list, steps, solver, cfg_scale,
+    images = sample_teacher(teacher, process_for(teacher.cfg), y, seed_list, steps, solver, cfg_scale,
                             guidance_channels, device=device)
     if images.shape[1] not in (1, 3):
         raise ValueError(f"{path}: the teacher makes {images.shape[1]}-channel images (latents?); "
@@ -119,7 +119,7 @@ def digits_teacher_metrics(teacher: nn.Module, num_samples: int = 2000, steps: i
     net = get_feature_network("digits", classifier=classifier or load_digits_classifier(), device=device)
     real = net.features(load_digits_split(reference).images.to(device)).cpu()
     seeds = list(range(first_seed, first_seed + num_samples))
-    images = sample_teacher(teacher.to(device), process_for(teacher.cfg.prediction),
+    images = sample_teacher(teacher.to(device), process_for(teacher.cfg),
                             balanced_labels(num_samples, teacher.cfg.num_classes), seeds, steps, solver, cfg_scale,
                             device=device)
     # Clamped to the image range, as when samples are written to image files: a few out-of-range

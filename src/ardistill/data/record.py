@@ -119,7 +119,7 @@ def weights_sha256(model: nn.Module) -> str:
 def build_plan(teacher: nn.Module, cfg: RecordConfig, device: torch.device) -> dict:
     """Everything that determines the recorded bytes: the manifest without its shard list."""
     tcfg = teacher.cfg
-    process = process_for(tcfg.prediction)
+    process = process_for(tcfg)
     positions = cfg.grid_positions()
     times = grid_times(process, cfg.teacher_steps)
     classes = list(cfg.classes) if cfg.classes is not None else list(range(tcfg.num_classes))
@@ -183,7 +183,7 @@ def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device
     mine = sum(len(shard_range(k, cfg.shard_size, cfg.count)) for k in todo)
 
     model_fn = make_model_fn(teacher, cfg.cfg_scale, cfg.guidance_channels)
-    process = process_for(teacher.cfg.prediction)
+    process = process_for(teacher.cfg)
     positions = plan["grid"]["positions"]
     classes = plan["labels"]["classes"]
     writer = ShardWriter(out, rank) if todo else None

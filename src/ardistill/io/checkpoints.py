@@ -2,6 +2,8 @@
 
 - facebookresearch/DiT ``.pt``: a bare state dict (the released DiT-XL-2-256x256.pt) or a training
   checkpoint ``{"model", "ema", "opt", "args"}``; names are ours already. ``load_dit_pt``.
+- willisma/SiT and sihyun-yu/REPA ``.pt``: DiT's keys (REPA adds projector heads, dropped), flow-matching
+  conventions named in the config (``process`` "sit" / "repa"). ``load_sit_pt``.
 - diffusers ``DiTTransformer2DModel`` folder (config.json + safetensors, maybe sharded): names are
   mapped to ours, our numerics are kept (see docs/checkpoints.md). ``load_diffusers_dit`` /
   ``save_diffusers_dit``.
@@ -19,6 +21,8 @@ import json
 import math
 import os
 import re
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -200,16 +204,127 @@ def load_dit_pt(path: str | os.PathLike, cfg: DiTConfig | None = None, which: st
             bare state dict, which holds one set of weights.
         num_heads: attention heads when inferring (shapes cannot tell); default from args.model or the
             registered size with this hidden size.
-        prediction: "eps" (DiT) or "velocity" (SiT-style) when inferring.
+        prediction: "eps" (DiT) or "velocity" (SD3-style flow) when inferring; SiT and REPA files: ``load_sit_pt``.
     """
     path = _require(path, "DiT checkpoint")
-    state, args = _select_state(_torch_load(path), path, which)
+    return _dit_from_obj(_torch_load(path), path, cfg, which, num_heads, prediction)
+
+
+def _dit_from_obj(obj: object, path: Path, cfg: DiTConfig | None, which: str | None, num_heads: int | None,
+                  prediction: str) -> DiT:
+    state, args = _select_state(obj, path, which)
     state = _strip_wrapper_prefix(state)
     if cfg is None:
         model_name = getattr(args, "model", None) if not isinstance(args, dict) else args.get("model")
         cfg = infer_dit_config(state, num_heads, prediction, str(path), model_name)
     elif num_heads is not None and num_heads != cfg.num_heads:
         raise ValueError(f"num_heads={num_heads} contradicts cfg.num_heads={cfg.num_heads}")
+    return _assign(_new_dit(cfg), state, str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# SiT (willisma/SiT) and REPA's SiT (sihyun-yu/REPA) .pt files: DiT's key names, flow conventions
+#
+# SiT: SiT-XL-2-256x256.pt is a bare state dict, train.py writes {"model", "ema", "opt", "args"};
+#   learned sigma (2C outputs, the ODE uses the first C); linear interpolant x_t = t x_data + (1 - t) noise,
+#   velocity x_data - noise, time in [0, 1] unscaled: process "sit".
+# REPA: train.py writes {"model", "ema", "opt", "args", "steps"}; no learned sigma; adds projector MLPs
+#   (``projectors.<i>.{0,2,4}``) after block ``encoder_depth`` for its alignment loss only; its linear
+#   path is x_t = (1 - t) x_data + t noise with velocity noise - x_data, time unscaled: process "repa".
+#   Older REPA files name the blocks after encoder_depth ``decoder_blocks.<i>`` (its --legacy flag).
+
+SIT_PROCESSES = ("sit", "repa")
+_REPA_PROJECTOR = "projectors."
+
+
+def _args_get(args: object, key: str):
+    return args.get(key) if isinstance(args, dict) else getattr(args, key, None)
+
+
+def detect_sit_process(state: dict, args: object) -> str | None:
+    """"repa" for a REPA file (projector heads or REPA's training args), "sit" for a SiT training
+    checkpoint (its args name the transport), None when the file cannot tell (a bare SiT state dict
+    has DiT's keys and shapes exactly)."""
+    if any(k.startswith(_REPA_PROJECTOR) for k in state) or any(k.startswith("decoder_blocks.") for k in state):
+        return "repa"
+    if args is not None and (_args_get(args, "enc_type") is not None or _args_get(args, "proj_coeff") is not None):
+        return "repa"
+    if args is not None and _args_get(args, "path_type") is not None:
+        return "sit"
+    return None
+
+
+def sit_to_dit_state(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """SiT/REPA keys -> DiT's: REPA's projector heads dropped (returned), legacy ``decoder_blocks`` renumbered."""
+    dropped = sorted(k for k in state if k.startswith(_REPA_PROJECTOR))
+    out = {k: v for k, v in state.items() if not k.startswith(_REPA_PROJECTOR)}
+    qk = sorted(k for k in out if re.match(r"blocks\.\d+\.attn\.[qk]_norm\.", k))
+    if qk:
+        raise CheckpointError(f"{source}: the attention has q/k normalisation (REPA's --qk-norm), which the DiT "
+                              f"architecture does not have; keys: {_list(qk)}")
+    legacy = [k for k in out if k.startswith("decoder_blocks.")]
+    if legacy:  # REPA's load_legacy_checkpoints: decoder_blocks.i -> blocks.(i + encoder_depth)
+        encoder_depth = 1 + max((int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+        renamed = {}
+        for k, v in out.items():
+            m = re.match(r"decoder_blocks\.(\d+)\.(.*)", k)
+            renamed[f"blocks.{int(m.group(1)) + encoder_depth}.{m.group(2)}" if m else k] = v
+        out = renamed
+    return out, dropped
+
+
+def _check_sit_args(args: object, process: str, source: str) -> None:
+    """A training checkpoint's args must describe the linear velocity model this loader implements."""
+    if args is None:
+        return
+    path_type, prediction = _args_get(args, "path_type"), _args_get(args, "prediction")
+    if path_type is not None and str(path_type).lower() != "linear":
+        raise CheckpointError(f"{source}: args.path_type = {path_type!r}; only the linear interpolant is supported "
+                              f"(SiT's 'Linear', REPA's 'linear')")
+    if prediction is not None and prediction not in ("velocity", "v"):
+        raise CheckpointError(f"{source}: args.prediction = {prediction!r}; only velocity prediction is supported")
+
+
+def load_sit_pt(path: str | os.PathLike, process: str | None = None, cfg: DiTConfig | None = None,
+                which: str | None = None, num_heads: int | None = None) -> DiT:
+    """A SiT or REPA-SiT ``.pt`` file -> DiT (eval, float32) whose config names its flow convention.
+
+    Args:
+        path: SiT's released state dict, or a SiT / REPA training checkpoint ("ema" first, as both repos load).
+        process: "sit" (willisma/SiT) or "repa" (sihyun-yu/REPA); None = what the file says (REPA's projector
+            heads or either repo's training args), else "sit".
+        cfg: the architecture; None infers it from the weight shapes (heads from args.model or the registry).
+        which: "ema" or "model" entry of a training checkpoint.
+        num_heads: attention heads when inferring an unregistered width.
+    REPA's projector heads serve its training loss only; they are dropped with a warning that says so.
+    """
+    path = _require(path, "SiT checkpoint")
+    return _sit_from_obj(_torch_load(path), path, process, cfg, which, num_heads)
+
+
+def _sit_from_obj(obj: object, path: Path, process: str | None, cfg: DiTConfig | None, which: str | None,
+                  num_heads: int | None) -> DiT:
+    if process is not None and process not in SIT_PROCESSES:
+        raise ValueError(f"process must be one of {SIT_PROCESSES} or None, got {process!r}")
+    state, args = _select_state(obj, path, which)
+    state = _strip_wrapper_prefix(state)
+    found = detect_sit_process(state, args)
+    if process is not None and found is not None and found != process:
+        raise CheckpointError(f"{path}: asked to load it as {process!r} but the file is a {found!r} checkpoint "
+                              f"({'projector heads' if found == 'repa' else 'SiT training args'} found)")
+    process = process or found or "sit"
+    _check_sit_args(args, process, str(path))
+    state, dropped = sit_to_dit_state(state, str(path))
+    if dropped:
+        warnings.warn(f"{path}: ignoring REPA's projector heads ({len(dropped)} tensors: {_list(dropped, 3)}); "
+                      f"they serve only REPA's representation-alignment loss, sampling never uses them",
+                      stacklevel=3)
+    if cfg is None:
+        model_name = _args_get(args, "model") if args is not None else None
+        if isinstance(model_name, str):
+            model_name = model_name.replace("SiT-", "DiT-", 1)  # same sizes under SiT's names
+        cfg = infer_dit_config(state, num_heads, "velocity", str(path), model_name)
+    cfg = replace(cfg, prediction="velocity", process=process)
     return _assign(_new_dit(cfg), state, str(path))
 
 
@@ -309,7 +424,8 @@ def diffusers_config_to_dit(config: dict, source: str = "config.json") -> DiTCon
                          num_heads=c["num_attention_heads"], mlp_ratio=4.0,  # diffusers' FeedForward: mult 4
                          class_dropout_prob=0.1,  # diffusers always has the null-class row
                          num_classes=c["num_embeds_ada_norm"], learn_sigma=out == 2 * C,
-                         prediction=config.get("_ardistill_prediction", "eps"))
+                         prediction=config.get("_ardistill_prediction", "eps"),
+                         process=config.get("_ardistill_process"))
     except ValueError as e:
         raise CheckpointError(f"{source}: invalid DiT config: {e}") from e
 
@@ -395,6 +511,8 @@ def save_diffusers_dit(model: DiT, folder: str | os.PathLike) -> Path:
         "patch_size": cfg.patch_size, "sample_size": cfg.input_size, "upcast_attention": False,
         "_ardistill_prediction": cfg.prediction,  # diffusers ignores "_" keys; we read it back
     }
+    if cfg.process is not None:
+        config["_ardistill_process"] = cfg.process
     try:
         import diffusers
         config["_diffusers_version"] = diffusers.__version__
@@ -480,10 +598,13 @@ def load_teacher(path: str | os.PathLike) -> DiT:
 
 
 def load_any_teacher(path: str | os.PathLike, *, which: str | None = None, num_heads: int | None = None,
-                     prediction: str = "eps") -> DiT:
-    """A teacher from whatever ``path`` is: DiT .pt/.pth, our .safetensors, or a diffusers folder.
+                     prediction: str = "eps", process: str | None = None) -> DiT:
+    """A teacher from whatever ``path`` is: DiT/SiT/REPA .pt/.pth, our .safetensors, or a diffusers folder.
 
-    ``which``, ``num_heads`` and ``prediction`` apply to .pt files only (the other formats carry a config).
+    ``which``, ``num_heads``, ``prediction`` and ``process`` apply to .pt files only (the other formats
+    carry a config). A .pt file is SiT/REPA when ``process`` is "sit"/"repa" or when the file says so
+    (REPA's projector heads, or a SiT/REPA training checkpoint's args); a bare SiT state dict has
+    DiT's keys and shapes, so it needs ``process="sit"`` (or ``ardistill import-teacher --process sit``).
     """
     p = _require(path, "teacher checkpoint")
     if p.is_dir():
@@ -498,7 +619,16 @@ def load_any_teacher(path: str | os.PathLike, *, which: str | None = None, num_h
                               f"_class_name) or one .safetensors file with a config.json")
     suffix = p.suffix.lower()
     if suffix in (".pt", ".pth"):
-        return load_dit_pt(p, which=which, num_heads=num_heads, prediction=prediction)
+        if process in SIT_PROCESSES:
+            return load_sit_pt(p, process=process, which=which, num_heads=num_heads)
+        if process not in (None, "vp", "flow"):
+            raise ValueError(f"process must be one of ('vp', 'flow') + {SIT_PROCESSES} or None, got {process!r}")
+        obj = _torch_load(p)
+        if process is None and isinstance(obj, dict):
+            state, args = _select_state(obj, p, which)
+            if detect_sit_process(_strip_wrapper_prefix(state), args) is not None:
+                return _sit_from_obj(obj, p, None, None, which, num_heads)
+        return _dit_from_obj(obj, p, None, which, num_heads, "velocity" if process == "flow" else prediction)
     if suffix == ".safetensors":
         beside = p.parent / DIFFUSERS_CONFIG
         try:
@@ -511,3 +641,14 @@ def load_any_teacher(path: str | os.PathLike, *, which: str | None = None, num_h
         return load_teacher(p)
     raise CheckpointError(f"{p}: unrecognised teacher checkpoint; expected a facebookresearch/DiT .pt/.pth file, "
                           f"an ardistill .safetensors file, or a diffusers DiTTransformer2DModel folder")
+
+
+def import_teacher(path: str | os.PathLike, out: str | os.PathLike, *, process: str | None = None,
+                   which: str | None = None, num_heads: int | None = None) -> Path:
+    """Any teacher file (DiT/SiT/REPA .pt, diffusers folder, ours) -> our .safetensors, conventions in its config.
+
+    ``process`` says what a .pt holds ("vp" DiT, "flow" SD3-style, "sit", "repa"; None = what the file says,
+    else DiT). Every later command then needs no flag: the config carries the process.
+    """
+    model = load_any_teacher(path, which=which, num_heads=num_heads, process=process)
+    return save_checkpoint_safetensors(model, out, extra_metadata={"imported_from": Path(path).name})

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
+from ardistill.sampling.diffusion import PROCESS_NAMES
 from ardistill.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                               get_2d_sincos_pos_embed, unpatchify)
 
@@ -29,7 +30,10 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
-    prediction: str = "eps"  # "eps" (VP process, DiT) or "velocity" (rectified flow, SiT-style)
+    prediction: str = "eps"  # "eps" (VP process, DiT) or "velocity" (rectified flow)
+    # named process of sampling.diffusion (PROCESS_NAMES): "vp", or a flow convention "flow" (SD3-style),
+    # "sit", "repa"; None = the default for ``prediction`` (VP for eps, "flow" for velocity)
+    process: str | None = None
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -45,6 +49,12 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.prediction not in ("eps", "velocity"):
             raise ValueError(f"DiTConfig: prediction must be 'eps' or 'velocity', got {self.prediction!r}")
+        if self.process is not None:
+            if self.process not in PROCESS_NAMES:
+                raise ValueError(f"DiTConfig: process must be one of {PROCESS_NAMES} or None, got {self.process!r}")
+            if (self.process == "vp") != (self.prediction == "eps"):
+                raise ValueError(f"DiTConfig: process {self.process!r} does not fit prediction {self.prediction!r} "
+                                 f"('vp' predicts eps; the flow conventions predict a velocity)")
 
     @property
     def out_channels(self) -> int:
@@ -55,7 +65,10 @@ class DiTConfig:
         return (self.input_size // self.patch_size) ** 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["process"] is None:  # configs written before the field existed stay byte-identical
+            del d["process"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":

@@ -98,7 +98,9 @@ def block_times_for(grid_times: list[float], num_steps: int, time_labels: str, m
         grid_times: the true times of the student's states on the teacher grid (S + 1 values, the last
             is the clean end point), e.g. a recording manifest's ``times``.
         time_labels: "true" -> the true times of the S input states; "uniform" -> the public code's
-            labels t_0 * (S - k) / S (999, 749.25, 499.5, 249.75 for DiT with S = 4).
+            labels t_0 * (S - k) / S (999, 749.25, 499.5, 249.75 for DiT with S = 4): in general the
+            network times spaced evenly from the first state's (k = 0) towards the data end's (t = 0),
+            so a teacher whose network time runs the other way (SiT: 0 = noise) gets 0, 0.25, 0.5, 0.75.
         model_time: maps a process time to the network's input (FlowProcess.model_time); None = identity.
     """
     if len(grid_times) != num_steps + 1:
@@ -107,8 +109,8 @@ def block_times_for(grid_times: list[float], num_steps: int, time_labels: str, m
     if time_labels == "true":
         return tuple(mt(t) for t in grid_times[:num_steps])
     if time_labels == "uniform":
-        t0 = mt(grid_times[0])
-        return tuple(t0 * (num_steps - k) / num_steps for k in range(num_steps))
+        t0, t_data = mt(grid_times[0]), mt(0.0)
+        return tuple(t_data + (t0 - t_data) * (num_steps - k) / num_steps for k in range(num_steps))
     raise ValueError(f"time_labels must be one of {TIME_LABELS}, got {time_labels!r}")
 
 
@@ -127,8 +129,9 @@ def ode_step_coeffs(process, grid_times: list[float]) -> tuple[tuple[float, floa
             a2 = 1.0 if t_next == CLEAN_TIME else float(process.abar(torch.tensor([t_next]))[0])
             A = (a2 / a) ** 0.5
             out.append((A, (1 - a2) ** 0.5 - A * (1 - a) ** 0.5))
-        else:
-            out.append((1.0, (0.0 if t_next == CLEAN_TIME else t_next) - t))
+        else:  # the head predicts the network's velocity, whose sign is the teacher's convention
+            sign = 1.0 if process.velocity_sign == "noise_minus_data" else -1.0
+            out.append((1.0, sign * ((0.0 if t_next == CLEAN_TIME else t_next) - t)))
     return tuple(out)
 
 
@@ -279,3 +282,44 @@ def _head_from_final_layer(sd: dict, tc: DiTConfig) -> dict:
 def build_student(teacher: DiT, **kw) -> ARDStudent:
     """Convenience: StudentConfig(teacher=teacher.cfg, **kw) initialised from the teacher."""
     return ARDStudent.from_teacher(teacher, StudentConfig(teacher=teacher.cfg, **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# Named student recipes
+
+# The public ARD code's student (alsdudrla10/ARD models_ARD.py, train_ARD.py): the teacher's
+# x0-predictions as inputs/targets, k/S time labels (999, 749.25, 499.5, 249.75 for DiT, S = 4),
+# one output head per step, block-causal history (M4) in the lower ``--stack`` layers.
+STUDENT_RECIPES: dict[str, dict] = {
+    "public-ard": dict(mask="M4", target="x0", time_labels="uniform", heads="per_step", output="direct"),
+}
+
+
+def recipe_student_config(recipe: str, teacher: DiTConfig, num_steps: int = 4, history_layers: int = 6,
+                          teacher_steps: int = 25, grid: str = "ard", **overrides) -> StudentConfig:
+    """The StudentConfig of a named recipe, its block times computed from the teacher's process and grid.
+
+    Args:
+        recipe: a key of STUDENT_RECIPES ("public-ard").
+        teacher: the teacher's DiTConfig (its process decides the network times).
+        num_steps, history_layers: S and N_h (the public code: 4 and ``--stack`` = 6).
+        teacher_steps, grid: the teacher grid the recording uses (diffusion.student_grid).
+        overrides: any other StudentConfig field.
+    """
+    from ardistill.sampling.diffusion import process_for, student_grid
+    from ardistill.sampling.ode import grid_times
+    if recipe not in STUDENT_RECIPES:
+        raise ValueError(f"unknown student recipe {recipe!r}; choose from {sorted(STUDENT_RECIPES)}")
+    fields = {**STUDENT_RECIPES[recipe], **overrides}
+    process = process_for(teacher)
+    times = grid_times(process, teacher_steps)
+    on_grid = [times[p] for p in student_grid(teacher_steps, num_steps, grid)]
+    block_times = block_times_for(on_grid, num_steps, fields["time_labels"], process.model_time)
+    return StudentConfig(teacher=teacher, num_steps=num_steps, history_layers=history_layers,
+                         block_times=block_times, **fields)
+
+
+def public_ard_student(teacher: DiT, num_steps: int = 4, history_layers: int = 6, **kw) -> ARDStudent:
+    """An ARD student with the public ARD code's settings, initialised from ``teacher``."""
+    return ARDStudent.from_teacher(teacher, recipe_student_config("public-ard", teacher.cfg, num_steps,
+                                                                  history_layers, **kw))

@@ -4,9 +4,16 @@ Two teacher types:
 - ``VPProcess``: DiT's discrete variance-preserving process. Linear betas 1e-4..0.02 over 1000
   steps, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, model predicts eps, times are the integer
   indices 0..999 (the model sees the original index even after respacing, as in DiT).
-- ``FlowProcess``: rectified flow / flow matching (SiT, SD3-style). x_t = (1 - t) x0 + t eps with
-  t in [0, 1], model predicts the velocity v = eps - x0. The model sees ``t * 1000`` so the same
-  DiT timestep embedder serves both.
+- ``FlowProcess``: rectified flow / flow matching. In the process's own time t in [0, 1]
+  x_t = (1 - t) x0 + t eps (t = 1 is noise) and the ODE is dx/dt = eps - x0. What the *network*
+  sees and predicts is a named convention of the teacher, three explicit options:
+  ``time_direction`` ("noise_at_1": the network's time is t; "data_at_1": it is 1 - t, SiT's
+  interpolant from noise at 0 to data at 1), ``velocity_sign`` ("noise_minus_data": the network
+  predicts eps - x0; "data_minus_noise": x0 - eps, SiT's) and ``time_scale`` (the network sees
+  its time times this: 1000 lets the DiT timestep embedder serve as in SD3; SiT and REPA use 1).
+  ``FLOW_CONVENTIONS`` names the known teachers' settings ("flow" = SD3-style, "sit", "repa").
+  Solvers, grids and recordings always work in the process's own t; only ``model_time`` and
+  ``velocity_from_output`` / ``training_target`` cross to the network's convention.
 
 Glossary: abar = alpha-bar (cumulative product of 1 - beta); sigma = sqrt((1 - abar) / abar) is the
 noise level of the scaled state x / sqrt(abar), in which DDIM is exactly Euler's method.
@@ -124,14 +131,30 @@ class VPProcess:
         return ((1 - a) / a).sqrt()
 
 
+TIME_DIRECTIONS = ("noise_at_1", "data_at_1")
+VELOCITY_SIGNS = ("noise_minus_data", "data_minus_noise")
+
+
 @dataclass(frozen=True)
 class FlowProcess:
-    """Rectified flow: x_t = (1 - t) x0 + t eps, velocity prediction v = eps - x0, t in [0, 1]."""
+    """Rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1]; the network's conventions are named options."""
 
-    time_scale: float = 1000.0  # the network sees t * time_scale
+    time_scale: float = 1000.0  # the network sees its time * time_scale
     shift: float = 1.0  # SD3-style timestep shift of the sampling grid (1 = uniform)
     kind: str = "flow"
     prediction: str = "velocity"
+    time_direction: str = "noise_at_1"  # "data_at_1": the network's time is 1 - t (SiT)
+    velocity_sign: str = "noise_minus_data"  # "data_minus_noise": the network predicts x0 - eps (SiT)
+
+    def __post_init__(self):
+        if self.time_direction not in TIME_DIRECTIONS:
+            raise ValueError(f"FlowProcess: time_direction must be one of {TIME_DIRECTIONS}, got {self.time_direction!r}")
+        if self.velocity_sign not in VELOCITY_SIGNS:
+            raise ValueError(f"FlowProcess: velocity_sign must be one of {VELOCITY_SIGNS}, got {self.velocity_sign!r}")
+        if not self.time_scale > 0:
+            raise ValueError(f"FlowProcess: time_scale must be > 0, got {self.time_scale}")
+        if not self.shift > 0:
+            raise ValueError(f"FlowProcess: shift must be > 0, got {self.shift}")
 
     def timesteps(self, steps: int | str) -> list[float]:
         """Sampling grid t_0 = 1 > ... > t_{n-1} > 0 (the final t = 0 is implicit), descending."""
@@ -141,21 +164,33 @@ class FlowProcess:
         return [float(v) for v in t]
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The network's time input: t * time_scale (float32)."""
+        """The network's time input (float32): t, or 1 - t for "data_at_1", times time_scale."""
+        t = t.double()
+        if self.time_direction == "data_at_1":
+            t = 1 - t
         return (t * self.time_scale).float()
+
+    @property
+    def _sign(self) -> float:
+        return 1.0 if self.velocity_sign == "noise_minus_data" else -1.0
+
+    def velocity_from_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The network's output -> dx/dt = eps - x0 in the process's time."""
+        return out if self._sign > 0 else -out
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         t = _expand(t.double(), x0)
         return (1 - t) * x0 + t * eps
 
-    def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return x_t - _expand(t.double(), x_t) * v
+    def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x_t - _expand(t.double(), x_t) * self.velocity_from_output(out)
 
-    def eps_from_output(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return x_t + (1 - _expand(t.double(), x_t)) * v
+    def eps_from_output(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x_t + (1 - _expand(t.double(), x_t)) * self.velocity_from_output(out)
 
     def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return eps - x0
+        """What the network should output: eps - x0, with the convention's sign."""
+        return self._sign * (eps - x0)
 
     def sample_train_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.rand(n, generator=generator, dtype=torch.float64).to(device)
@@ -164,8 +199,17 @@ class FlowProcess:
 Process = VPProcess | FlowProcess
 
 
+# The network conventions of known flow teachers (docs/checkpoints.md has the table).
+FLOW_CONVENTIONS: dict[str, dict] = {
+    "flow": dict(),  # ours and SD3's: network time t * 1000, predicts eps - x0
+    "sit": dict(time_direction="data_at_1", velocity_sign="data_minus_noise", time_scale=1.0),  # willisma/SiT
+    "repa": dict(time_scale=1.0),  # sihyun-yu/REPA's SiT: t = 1 is noise, predicts eps - x0, time unscaled
+}
+PROCESS_NAMES = ("vp",) + tuple(FLOW_CONVENTIONS)
+
+
 def make_process(kind: str, **kw) -> Process:
-    """'vp' (DiT) or 'flow' (rectified flow)."""
+    """'vp' (DiT) or 'flow' (rectified flow), with the fields of that process."""
     if kind == "vp":
         return VPProcess(**kw)
     if kind == "flow":
@@ -173,8 +217,27 @@ def make_process(kind: str, **kw) -> Process:
     raise ValueError(f"unknown process {kind!r}; choose 'vp' or 'flow'")
 
 
-def process_for(prediction: str) -> Process:
-    """The default process for a teacher's prediction type ('eps' -> VP, 'velocity' -> flow)."""
+def named_process(name: str) -> Process:
+    """A process by name: 'vp' (DiT) or a flow convention of FLOW_CONVENTIONS ('flow', 'sit', 'repa')."""
+    if name == "vp":
+        return VPProcess()
+    if name in FLOW_CONVENTIONS:
+        return FlowProcess(**FLOW_CONVENTIONS[name])
+    raise ValueError(f"unknown process {name!r}; choose from {PROCESS_NAMES}")
+
+
+def process_for(teacher) -> Process:
+    """The process of a teacher: its DiTConfig's named ``process``, else the default for its prediction.
+
+    ``teacher`` is a DiTConfig (anything with ``prediction`` and ``process``) or a prediction string
+    ('eps' -> VP, 'velocity' -> the SD3-style flow).
+    """
+    if isinstance(teacher, str):
+        prediction, name = teacher, None
+    else:
+        prediction, name = teacher.prediction, getattr(teacher, "process", None)
+    if name is not None:
+        return named_process(name)
     return VPProcess() if prediction == "eps" else FlowProcess()
 
 

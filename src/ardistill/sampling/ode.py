@@ -8,7 +8,9 @@ VP process (DiT): with abar_i at grid time t_i, the scaled state xh = x / sqrt(a
 d xh / d sigma = eps(x, t), sigma = sqrt((1 - abar) / abar). DDIM (eta = 0) is Euler's method in
 this parameterisation; Heun adds the trapezoidal correction (skipped on the last step, where
 sigma = 0, as in EDM). The last step ends at abar = 1 (the clean sample), as in DiT's DDIM.
-Flow process: d x / d t = v(x, t), t from 1 to 0; Euler or Heun.
+Flow process: d x / d t = v(x, t) = eps - x0, t from 1 (noise) to 0 (data); Euler or Heun. A teacher
+with another convention (SiT: time from noise at 0 to data at 1, velocity x0 - eps) runs on the same
+grid: the process maps the time it is fed and the velocity it returns (diffusion.FlowProcess).
 """
 
 from __future__ import annotations
@@ -117,10 +119,11 @@ def _step(process, solver, x, out, x0, times, i, evaluate):
             xh_next = xh + (s_next - s_cur) * 0.5 * (eps + eps2)
             return xh_next * a_next ** 0.5, 1
         return xh_next * a_next ** 0.5, 0
-    # flow: dx/dt = v
+    # flow: dx/dt = v = eps - x0 in the process's time (the network's sign convention undone)
     t_cur, t_next = times[i], (0.0 if times[i + 1] == CLEAN_TIME else times[i + 1])
-    x_next = x + (t_next - t_cur) * out
-    if solver == "heun" and t_next > 0:
-        v2, _ = evaluate(x_next, i + 1)
-        return x + (t_next - t_cur) * 0.5 * (out + v2), 1
+    v = process.velocity_from_output(out)
+    x_next = x + (t_next - t_cur) * v
+    if solver == "heun" and t_next > 0:  # no correction on the last step (EDM's and REPA's Heun)
+        out2, _ = evaluate(x_next, i + 1)
+        return x + (t_next - t_cur) * 0.5 * (v + process.velocity_from_output(out2)), 1
     return x_next, 0

@@ -1,0 +1,261 @@
+"""SiT and REPA flow teachers: the process conventions, the .pt loaders, and parity of our fixed-grid
+Euler/Heun with a straightforward re-implementation of SiT's and REPA's samplers (tests/reference_impl.py)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+
+from ardistill.io.checkpoints import (CheckpointError, load_any_teacher, load_sit_pt, load_teacher,
+                                      save_checkpoint_safetensors)
+from ardistill.models.dit import DiTConfig
+from ardistill.models.student import ode_step_coeffs
+from ardistill.sampling.diffusion import (FLOW_CONVENTIONS, FlowProcess, VPProcess, named_process, process_for)
+from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.ode import grid_times, randn_from_seeds, solve
+from reference_impl import Ref, repa_euler, sit_ode
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def _random_state(learn_sigma: bool, seed: int = 0, projectors: bool = False) -> dict[str, torch.Tensor]:
+    """An original-layout SiT (or REPA SiT) state dict with every weight random (the fixed pos_embed kept)."""
+    from ardistill.models.dit import DiT
+    model = DiT(DiTConfig(**TINY, learn_sigma=learn_sigma))
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: (v if k == "pos_embed" else torch.randn(v.shape, generator=g) * 0.1) for k, v in model.state_dict().items()}
+    if projectors:  # REPA's build_mlp(hidden, projector_dim, z_dim): Linear, SiLU, Linear, SiLU, Linear
+        for i, z in enumerate((12, 20)):
+            for j, (o, n) in enumerate(((32, 64), (32, 32), (z, 32))):
+                sd[f"projectors.{i}.{2 * j}.weight"] = torch.randn(o, n, generator=g)
+                sd[f"projectors.{i}.{2 * j}.bias"] = torch.randn(o, generator=g)
+    return sd
+
+
+def _sit_args(**kw):
+    return argparse.Namespace(**{**dict(model="SiT-T/2", path_type="Linear", prediction="velocity", image_size=64), **kw})
+
+
+def _repa_args(**kw):
+    return argparse.Namespace(**{**dict(model="SiT-T/2", path_type="linear", prediction="v", enc_type="dinov2-vit-b",
+                                        proj_coeff=0.5, encoder_depth=1, qk_norm=False), **kw})
+
+
+# ------------------------------------------------------------------------------------------------
+# The process conventions
+
+
+@pytest.mark.parametrize("direction,sign", list(itertools.product(("noise_at_1", "data_at_1"),
+                                                                  ("noise_minus_data", "data_minus_noise"))))
+def test_flow_conventions_round_trip(direction, sign):
+    p = FlowProcess(time_direction=direction, velocity_sign=sign, time_scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    x_t = p.q_sample(x0, t, eps)
+    out = p.training_target(x0, eps, t)  # what a perfect network of this convention outputs
+    assert torch.allclose(out, (1 if sign == "noise_minus_data" else -1) * (eps - x0))
+    assert torch.allclose(p.x0_from_output(x_t, t, out).float(), x0, atol=1e-6)
+    assert torch.allclose(p.eps_from_output(x_t, t, out).float(), eps, atol=1e-6)
+    assert torch.allclose(p.velocity_from_output(out), eps - x0)  # dx/dt in the process's time
+    want = t if direction == "noise_at_1" else 1 - t
+    assert torch.allclose(p.model_time(t), want.float())
+
+
+def test_named_conventions_and_errors():
+    sit, repa, flow = named_process("sit"), named_process("repa"), named_process("flow")
+    t = torch.tensor([1.0, 0.25], dtype=torch.float64)  # the process's time: 1 = noise
+    assert sit.model_time(t).tolist() == [0.0, 0.75]  # SiT: 0 = noise, unscaled
+    assert repa.model_time(t).tolist() == [1.0, 0.25]  # REPA: 1 = noise, unscaled
+    assert flow.model_time(t).tolist() == [1000.0, 250.0]  # ours / SD3: 1 = noise, x 1000
+    assert (sit.velocity_sign, repa.velocity_sign) == ("data_minus_noise", "noise_minus_data")
+    assert set(FLOW_CONVENTIONS) == {"flow", "sit", "repa"} and isinstance(named_process("vp"), VPProcess)
+    with pytest.raises(ValueError, match="time_direction"):
+        FlowProcess(time_direction="forward")
+    with pytest.raises(ValueError, match="velocity_sign"):
+        FlowProcess(velocity_sign="minus")
+    with pytest.raises(ValueError, match="unknown process 'edm'"):
+        named_process("edm")
+    with pytest.raises(ValueError, match="process 'sit' does not fit prediction 'eps'"):
+        DiTConfig(**TINY, process="sit")
+    assert process_for(DiTConfig(**TINY, prediction="velocity", process="sit")) == sit
+    assert process_for("velocity") == flow and process_for(DiTConfig(**TINY)) == VPProcess()
+    assert "process" not in DiTConfig(**TINY).to_dict()  # older configs keep their exact form
+    # one ODE jump of the student's "ode_step" output carries the convention's sign
+    assert ode_step_coeffs(sit, [1.0, 0.5, -1.0]) == ((1.0, 0.5), (1.0, 0.5))
+    assert ode_step_coeffs(repa, [1.0, 0.5, -1.0]) == ((1.0, -0.5), (1.0, -0.5))
+
+
+def test_training_target_matches_the_ode():
+    # A network that outputs the training target of the exact straight path lands on x0 in one Euler step.
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for name in FLOW_CONVENTIONS:
+        p = named_process(name)
+        fn = lambda x, t_model, y, p=p: p.training_target(x0, eps, None).float()  # noqa: E731
+        out = solve(fn, p, eps, torch.zeros(2, dtype=torch.long), 1, "euler")
+        assert torch.allclose(out.sample, x0, atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+@pytest.fixture
+def sit_pt(tmp_path):
+    sd = _random_state(learn_sigma=True)
+    torch.save(sd, tmp_path / "SiT-tiny.pt")
+    return tmp_path / "SiT-tiny.pt", sd
+
+
+def test_bare_sit_pt_loads_with_sit_convention(sit_pt):
+    path, sd = sit_pt
+    model = load_sit_pt(path)
+    assert model.cfg == DiTConfig(**TINY, learn_sigma=True, prediction="velocity", process="sit")
+    ref = Ref(sd, 4, 2, 8)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0, 9, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), ref.forward(x, t, y), rtol=1e-5, atol=1e-5)
+    # a bare SiT file has DiT's keys and shapes: only the caller can say it is SiT
+    assert load_any_teacher(path).cfg.process is None
+    assert load_any_teacher(path, process="sit").cfg == model.cfg
+
+
+def test_sit_training_checkpoint_is_detected(tmp_path):
+    model_sd, ema_sd = _random_state(True, seed=1), _random_state(True, seed=2)
+    torch.save({"model": model_sd, "ema": ema_sd, "opt": {}, "args": _sit_args()}, tmp_path / "0050000.pt")
+    ema = load_any_teacher(tmp_path / "0050000.pt")  # args.path_type says SiT
+    assert ema.cfg.process == "sit" and torch.equal(ema.blocks[0].attn.qkv.weight, ema_sd["blocks.0.attn.qkv.weight"])
+    raw = load_sit_pt(tmp_path / "0050000.pt", which="model")
+    assert torch.equal(raw.blocks[1].mlp.fc2.weight, model_sd["blocks.1.mlp.fc2.weight"])
+    torch.save({"ema": ema_sd, "args": _sit_args(path_type="GVP")}, tmp_path / "gvp.pt")
+    with pytest.raises(CheckpointError, match=r"gvp.pt: args.path_type = 'GVP'"):
+        load_sit_pt(tmp_path / "gvp.pt")
+    torch.save({"ema": ema_sd, "args": _sit_args(prediction="noise")}, tmp_path / "noise.pt")
+    with pytest.raises(CheckpointError, match=r"args.prediction = 'noise'"):
+        load_any_teacher(tmp_path / "noise.pt")
+
+
+def test_repa_checkpoint_drops_projectors_with_a_message(tmp_path):
+    sd = _random_state(learn_sigma=False, projectors=True)
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": _repa_args(), "steps": 4000000}, tmp_path / "repa.pt")
+    with pytest.warns(UserWarning, match=r"repa.pt: ignoring REPA's projector heads \(12 tensors"):
+        model = load_any_teacher(tmp_path / "repa.pt")
+    assert model.cfg == DiTConfig(**TINY, learn_sigma=False, prediction="velocity", process="repa")
+    ref = Ref(sd, 4, 2, 4)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9]), torch.tensor([1, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), ref.forward(x, t, y), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match=r"asked to load it as 'sit' but the file is a 'repa' checkpoint"):
+        load_sit_pt(tmp_path / "repa.pt", process="sit")
+    # REPA's --legacy layout: blocks after encoder_depth named decoder_blocks.<i>
+    legacy = {(k.replace("blocks.1.", "decoder_blocks.0.") if k.startswith("blocks.1.") else k): v for k, v in sd.items()}
+    torch.save({"ema": legacy, "args": _repa_args(cfg_prob=0.1)}, tmp_path / "legacy.pt")
+    with pytest.warns(UserWarning, match="projector"):
+        old = load_sit_pt(tmp_path / "legacy.pt")
+    assert torch.equal(old.blocks[1].mlp.fc1.weight, sd["blocks.1.mlp.fc1.weight"])
+    # q/k-normalised attention is another architecture: named, not loaded
+    qk = dict(sd, **{"blocks.0.attn.q_norm.weight": torch.ones(16), "blocks.0.attn.k_norm.weight": torch.ones(16)})
+    torch.save({"ema": qk, "args": _repa_args()}, tmp_path / "qk.pt")
+    with pytest.raises(CheckpointError, match=r"qk.pt: .*q/k normalisation.*blocks.0.attn.k_norm.weight"):
+        load_sit_pt(tmp_path / "qk.pt")
+
+
+def test_wrong_or_missing_keys_are_named(tmp_path):
+    sd = _random_state(learn_sigma=True)
+    bad = {k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}
+    bad["blocks.1.extra.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad.pt: 1 missing keys: blocks.1.attn.proj.bias; "
+                                              r"1 unexpected keys: blocks.1.extra.weight"):
+        load_sit_pt(tmp_path / "bad.pt")
+    torch.save({k: v for k, v in sd.items() if k != "pos_embed"}, tmp_path / "nopos.pt")
+    with pytest.raises(CheckpointError, match=r"nopos.pt: cannot infer the DiT config: key 'pos_embed' is missing"):
+        load_sit_pt(tmp_path / "nopos.pt")
+    with pytest.raises(ValueError, match="process must be one of"):
+        load_sit_pt(tmp_path / "bad.pt", process="flow")
+
+
+def test_sit_teacher_round_trips_through_our_format(tmp_path, sit_pt):
+    model = load_sit_pt(sit_pt[0])
+    save_checkpoint_safetensors(model, tmp_path / "sit.safetensors")
+    again = load_teacher(tmp_path / "sit.safetensors")
+    assert again.cfg == model.cfg and again.cfg.process == "sit"
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling parity with the reference samplers
+
+
+@pytest.mark.parametrize("solver,steps", [("euler", 6), ("heun", 5)])
+def test_sit_ode_matches_reference(sit_pt, solver, steps):
+    path, sd = sit_pt
+    model = load_sit_pt(path)
+    noise, y = randn_from_seeds([0, 1, 2], (4, 8, 8)), torch.tensor([3, 7, 9])
+    ours = solve(make_model_fn(model, 1.5, guidance_channels=3), process_for(model.cfg), noise, y, steps, solver)
+    with torch.no_grad():
+        ref = sit_ode(Ref(sd, 4, 2, 8), 4, noise, y, 10, 1.5, steps, solver)
+    assert ours.nfe == (steps if solver == "euler" else 2 * steps - 1)
+    assert (ref - noise).abs().mean() > 0.1  # the sampler moved the state
+    torch.testing.assert_close(ours.sample, ref, rtol=1e-4, atol=1e-5)
+    # all-channel guidance is another function: the option is what makes the two agree
+    other = solve(make_model_fn(model, 1.5), process_for(model.cfg), noise, y, steps, solver).sample
+    assert (other - ref)[:, 3].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("heun", [False, True])
+def test_repa_euler_matches_reference(tmp_path, heun):
+    sd = _random_state(learn_sigma=False, seed=4, projectors=True)
+    torch.save({"ema": sd, "args": _repa_args()}, tmp_path / "repa.pt")
+    with pytest.warns(UserWarning):
+        model = load_sit_pt(tmp_path / "repa.pt")
+    noise, y = randn_from_seeds([5, 6], (4, 8, 8)), torch.tensor([0, 4])
+    ours = solve(make_model_fn(model, 1.8), process_for(model.cfg), noise, y, 8, "heun" if heun else "euler").sample
+    with torch.no_grad():
+        ref = repa_euler(Ref(sd, 4, 2, 4), noise, y, 10, 1.8, 8, heun=heun)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_record_and_student_from_a_sit_teacher(tmp_path, sit_pt):
+    from ardistill.data.record import RecordConfig, record
+    from ardistill.data.trajectories import load_manifest
+    from ardistill.training.distill import DistillConfig, build_distill_student
+    teacher = load_sit_pt(sit_pt[0])
+    rec = RecordConfig(count=4, num_steps=2, teacher_steps=4, solver="heun", cfg_scale=1.5, guidance_channels=3,
+                       shard_size=4, batch_size=4, dtype="float32")
+    record(teacher, tmp_path / "rec", rec, progress=False)
+    manifest = load_manifest(tmp_path / "rec")
+    assert manifest["sampler"]["process"]["time_direction"] == "data_at_1"
+    assert manifest["grid"]["times"] == grid_times(process_for(teacher.cfg), 4)[::2]  # positions 0, 2, 4
+    for labels, want in (("true", (0.0, 0.5)), ("uniform", (0.0, 0.5))):
+        cfg = DistillConfig(recording=str(tmp_path / "rec"), teacher="-", run_dir="-", time_labels=labels)
+        student = build_distill_student(cfg, teacher, manifest)
+        assert student.cfg.block_times == want  # SiT's network time: 0 = noise
+
+
+def test_sit_and_repa_presets():
+    from ardistill.presets import load_preset
+    sit, repa = load_preset("imagenet256-sit-ard"), load_preset("imagenet256-repa-ard")
+    assert sit.teacher_config().process == "sit" and repa.teacher_config().process == "repa"
+    assert not repa.teacher_config().learn_sigma and sit.teacher_config().learn_sigma
+    assert (sit.record_config().solver, sit.record_config().teacher_steps, sit.record_config().guidance_channels) \
+        == ("heun", 50, 3)
+    assert sit.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
+    assert (repa.record_config().solver, repa.record_config().teacher_steps, repa.record_config().guidance_channels) \
+        == ("euler", 50, None)
+    assert sit.student_config().block_times == (0.0, 0.25, 0.5, 0.75)  # k/S labels in SiT's time (0 = noise)
+    assert repa.student_config().block_times == (1.0, 0.75, 0.5, 0.25)
+    assert repa.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
+
+
+def test_cli_import_teacher(tmp_path, sit_pt, capsys):
+    from ardistill.cli import main
+    out = tmp_path / "sit.safetensors"
+    assert main(["import-teacher", "--pt", str(sit_pt[0]), "--process", "sit", "--out", str(out)]) == 0
+    assert "process='sit'" in capsys.readouterr().out
+    assert load_any_teacher(out).cfg == load_sit_pt(sit_pt[0]).cfg  # every later command reads the convention
+    assert main(["import-teacher", "--pt", str(tmp_path / "absent.pt"), "--out", str(out)]) == 2
+    assert "absent.pt" in capsys.readouterr().err
