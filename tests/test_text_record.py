@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ardistill.data.prompts import Prompt, PromptStore, store_id, write_prompt_store
-from ardistill.data.record import TextRecordConfig, record_text, trim_text
+from ardistill.data.prompts import trim_text
+from ardistill.data.record import TextRecordConfig, record_text
 from ardistill.data.trajectories import Layout, TrajectoryDataset, load_manifest, verify
 from ardistill.models.text_dit import TextDiT, text_dit_config
 from ardistill.sampling.diffusion import VPProcess

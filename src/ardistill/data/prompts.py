@@ -33,8 +33,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ardistill.data.trajectories import (CorruptRecordingError, ShardedRecords, check_shard_file, finalize,
-                                         num_shards, prepare_output, read_progress, shard_range, write_shard)
+from ardistill.data.trajectories import (CorruptRecordingError, ShardedRecords, StudentDataSpec, TrajectoryDataset,
+                                         check_shard_file, finalize, num_shards, prepare_output, read_progress,
+                                         shard_range, write_shard)
 from ardistill.io.fileio import atomic_write_json, read_json, sha256_file
 
 FORMAT = "ardistill-prompt-embeddings"
@@ -343,3 +344,42 @@ class PromptStore(ShardedRecords):
     def verify(self) -> None:
         """Hash every shard against the manifest (reads all data)."""
         verify_prompt_store(self.root, checksums=True)
+
+
+def trim_text(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no caption of the batch uses (masked tokens change nothing, they cost time)."""
+    used = mask.any(dim=0).nonzero()
+    T = int(used.max()) + 1 if used.numel() else 1
+    return text[:, :T], mask[:, :T]
+
+
+class TextTrajectoryDataset(TrajectoryDataset):
+    """A text recording with its prompt store: ``batch`` adds the captions ``text`` (B, T, C) and ``text_mask`` (B, T).
+
+    The store is the one the manifest names (``prompt_store`` overrides the path, e.g. after moving
+    it); its manifest must have the sha256 the recording pinned.
+    """
+
+    def __init__(self, root: str | os.PathLike, expect: StudentDataSpec | None = None,
+                 prompt_store: str | os.PathLike | None = None, verify_checksums: bool = False):
+        super().__init__(root, expect, verify_checksums)
+        ref = self.manifest.get("prompts")
+        if ref is None or self.layout.condition != "prompt":
+            raise ValueError(f"recording {self.root} is class-conditional, not a text recording (no 'prompts')")
+        path = Path(prompt_store) if prompt_store is not None else Path(ref["store"])
+        if not (path / MANIFEST).exists():
+            raise FileNotFoundError(f"prompt store of recording {self.root} not found at {path}; pass its new path")
+        if store_id(path) != ref["store_sha256"]:
+            raise ValueError(f"prompt store {path} is not the one recording {self.root} was made with "
+                             f"(manifest sha256 differs)")
+        self.store = PromptStore(path, verify_checksums=verify_checksums)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """Student batch plus ``text`` (B, T, C) float32 and ``text_mask`` (B, T) bool, trimmed to the batch's longest caption."""
+        b = super().batch(indices)
+        b["text"], b["text_mask"] = trim_text(*self.store.get(b["prompt"].numpy()))
+        return b
+
+    def null_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The store's empty prompt (1, T, C), (1, T), trimmed."""
+        return trim_text(*self.store.null())

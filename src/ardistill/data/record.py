@@ -301,13 +301,6 @@ class TextRecordConfig(RecordConfig):
                 raise ValueError("TextRecordConfig: prompt_rows must not be empty")
 
 
-def trim_text(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the padding columns no caption of the batch uses (masked tokens change nothing, they cost time)."""
-    used = mask.any(dim=0).nonzero()
-    T = int(used.max()) + 1 if used.numel() else 1
-    return text[:, :T], mask[:, :T]
-
-
 def build_text_plan(teacher: nn.Module, store, cfg: TextRecordConfig, device: torch.device) -> dict:
     """The manifest of a text recording without its shard list; the prompt store is pinned by its manifest's sha256."""
     from ardistill.data.prompts import store_id
@@ -356,7 +349,7 @@ def record_text(teacher: nn.Module, prompt_store: str | os.PathLike, out: str | 
         cfg: what to record; the guidance scale and the null text are stored in the manifest.
     Works in one process or under torchrun, as ``record``.
     """
-    from ardistill.data.prompts import PromptStore
+    from ardistill.data.prompts import PromptStore, trim_text
     from ardistill.sampling.guidance import make_text_model_fn
     t0 = time.perf_counter()
     out, device = Path(out), torch.device(device)
