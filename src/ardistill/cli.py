@@ -267,14 +267,40 @@ def _add_train_teacher(sub):
                    help="start over even if --out holds a training state")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 is fastest)")
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    t2i = p.add_argument_group("--task t2i", "the text-conditioned teacher on the two-digit benchmark (docs/t2i.md)")
+    t2i.add_argument("--task", choices=("c2i", "t2i"), default="c2i",
+                     help="c2i: class-conditional DiT on the digits; t2i: text-conditioned TextDiT (PixArt form) "
+                          "on two digits side by side with captions [c2i]")
+    t2i.add_argument("--caption-dropout-prob", type=float, help="null-text probability for guidance [0.1]")
+    t2i.add_argument("--train-pairs", type=int, help="training examples drawn once, seen pairs only [30000]")
+    t2i.add_argument("--encoder-width", type=int, help="width of the fixed word encoder's tokens [32]")
+    t2i.add_argument("--encoder-seed", type=int, help="seed of the fixed word encoder's table [0]")
+    t2i.add_argument("--split-seed", type=int, help="seed of the digits' train / held-out split [0]")
 
     def run(args):
+        if args.task == "t2i":
+            return _train_text_teacher(args)
         from ardistill.training.teacher import TeacherTrainConfig, train_teacher
         _threads(args.threads)
         cfg = TeacherTrainConfig(**{k: v for k, v in vars(args).items()
                                     if k in TeacherTrainConfig.__dataclass_fields__})
         print(train_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress))
     p.set_defaults(func=run)
+
+
+def _train_text_teacher(args):
+    """``train-teacher --task t2i``: the TextTeacherTrainConfig fields given on the command line."""
+    from ardistill.training.text_teacher import TextTeacherTrainConfig, train_text_teacher
+    _threads(args.threads)
+    fields = TextTeacherTrainConfig.__dataclass_fields__
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("out", "threads", "no_resume", "no_progress", "task", "func", "command")}
+    wrong = sorted(k for k in given if k not in fields)
+    if wrong:
+        raise SystemExit(f"train-teacher --task t2i: {', '.join('--' + k.replace('_', '-') for k in wrong)} "
+                         "apply to the class-conditional teacher only")
+    cfg = TextTeacherTrainConfig(**given)
+    print(train_text_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress))
 
 
 def _add_train_classifier(sub):

@@ -445,7 +445,7 @@ TextDiT_models: dict[str, dict] = {
                         input_size=(128, 128), sample_size=128, in_channels=4, learn_sigma=True),
     "TextDiT-T": dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, caption_channels=32,
                       input_size=(8, 16), sample_size=8, in_channels=1, learn_sigma=False),
-    "TextDiT-digits": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2, caption_channels=32,
+    "TextDiT-digits": dict(depth=4, hidden_size=96, num_heads=4, patch_size=2, caption_channels=32,
                            input_size=(8, 16), sample_size=8, in_channels=1, learn_sigma=False),
 }
 
