@@ -449,9 +449,22 @@ def _add_demo(sub):
     p.add_argument("--preset", choices=("quick", "full"), default="quick")
     p.add_argument("--history-layers", type=int, default=None, help="ARD's N_h (default: 6/28 of the depth)")
     p.add_argument("--gan", action="store_true", help="add the GAN fine-tuning stage: an ARD (R+G) row")
+    p.add_argument("--task", choices=("digits", "t2i"), default="digits",
+                   help="digits: class-conditional digits; t2i: the text-to-image two-digit benchmark (docs/t2i.md; "
+                        "default out runs/t2i, teacher = the shipped text teacher)")
     _compare_args(p, "runs/demo")
 
     def run(args):
+        if args.task == "t2i":
+            from ardistill.compare_t2i import compare_t2i, t2i_config
+            if args.gan:
+                raise SystemExit("demo --task t2i: --gan is for the class-conditional digits task")
+            _threads(args.threads)
+            opts = {k: getattr(args, k) for k in ("out", "teacher", "train_count", "eval_count", "num_steps", "steps",
+                                                  "batch_size", "lr", "seeds", "device", "history_layers")}
+            student = {k: getattr(args, k) for k in ("target", "output", "on_policy_prob", "on_policy_start")}
+            print(compare_t2i(t2i_config(args.preset, opts, student, progress=not args.no_progress)))
+            return
         from ardistill.compare import DEMO_PRESETS, compare, demo_variants
         from ardistill.io.checkpoints import load_any_teacher
         from ardistill.assets import DIGITS_TEACHER, shipped
