@@ -59,6 +59,11 @@ class TextDiTConfig:
     learn_sigma: bool = True
     prediction: str = "eps"  # "eps" (VP process) or "velocity" (rectified flow)
     caption_dropout_prob: float = 0.1  # training-time chance of the null text (what makes CFG possible)
+    # PixArt-alpha 1024's micro-conditions (diffusers' name): the image's pixel size and aspect ratio are
+    # embedded and added to the time embedding. ``resolution`` is the pixel (H, W) a fixed-size model
+    # (the teacher of a recording, the student) is conditioned on; None = 8 x input_size (the VAE's factor).
+    use_additional_conditions: bool = False
+    resolution: tuple[int, int] | None = None
 
     def __post_init__(self):
         size = self.input_size
@@ -87,6 +92,13 @@ class TextDiTConfig:
             raise ValueError(f"TextDiTConfig: caption_dropout_prob must be in [0, 1), got {self.caption_dropout_prob}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"TextDiTConfig: prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.resolution is not None:
+            object.__setattr__(self, "resolution", tuple(int(r) for r in self.resolution))
+            if len(self.resolution) != 2 or min(self.resolution) < 1:
+                raise ValueError(f"TextDiTConfig: resolution must be a pixel (H, W), got {self.resolution}")
+        if self.use_additional_conditions and self.hidden_size % 3:
+            raise ValueError(f"TextDiTConfig: micro-conditions embed into hidden_size / 3 channels each; "
+                             f"hidden_size {self.hidden_size} is not divisible by 3")
 
     @property
     def out_channels(self) -> int:
@@ -106,9 +118,16 @@ class TextDiTConfig:
         s = self.interpolation_scale
         return float(max(self.sample_size // 64, 1) if s is None else s)
 
+    @property
+    def micro_resolution(self) -> tuple[int, int]:
+        """Pixel (H, W) given to the micro-condition embedders by default."""
+        return self.resolution or (8 * self.input_size[0], 8 * self.input_size[1])
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
+        if d["resolution"] is not None:
+            d["resolution"] = list(d["resolution"])
         return d
 
     @classmethod
@@ -184,16 +203,45 @@ class _CombinedTimestepEmbedder(nn.Module):
 
 
 class AdaLNSingle(nn.Module):
-    """adaLN-single: one shared time MLP; t (any shape) -> (t_mod (*t.shape, 6D), t_emb (*t.shape, D))."""
+    """adaLN-single: one shared time MLP; t (any shape) -> (t_mod (*t.shape, 6D), t_emb (*t.shape, D)).
 
-    def __init__(self, dim: int):
+    With ``resolution`` (PixArt-alpha 1024's micro-conditions) the embedded pixel size (H, W) and aspect
+    ratio H / W, D/3 channels each, are added to t_emb before the shared linear, as in PixArtMS.
+    """
+
+    def __init__(self, dim: int, resolution: tuple[int, int] | None = None):
         super().__init__()
         self.emb = _CombinedTimestepEmbedder(dim)
+        self.resolution = resolution  # default micro-condition (pixels); None = no micro-conditions
+        if resolution is not None:
+            self.emb.resolution_embedder = _TimestepMLP(self.emb.frequency_embedding_size, dim // 3)
+            self.emb.aspect_ratio_embedder = _TimestepMLP(self.emb.frequency_embedding_size, dim // 3)
         self.silu = nn.SiLU()
         self.linear = nn.Linear(dim, 6 * dim, bias=True)
 
-    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def size_embedding(self, resolution: torch.Tensor, aspect_ratio: torch.Tensor) -> torch.Tensor:
+        """Micro-conditions: resolution (B, 2) pixels, aspect_ratio (B, 1) -> (B, D) added to the time embedding."""
+        B, f = resolution.shape[0], self.emb.frequency_embedding_size
+        dtype = self.linear.weight.dtype
+        res = TimestepEmbedder.timestep_embedding(resolution.reshape(-1), f).to(dtype)
+        ar = TimestepEmbedder.timestep_embedding(aspect_ratio.reshape(-1), f).to(dtype)
+        return torch.cat([self.emb.resolution_embedder(res).reshape(B, -1),
+                          self.emb.aspect_ratio_embedder(ar).reshape(B, -1)], dim=1)
+
+    def forward(self, t: torch.Tensor, resolution: torch.Tensor | None = None,
+                aspect_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``resolution`` (B, 2) and ``aspect_ratio`` (B, 1) override the default micro-condition (t then (B,))."""
         t_emb = self.emb(t)
+        if self.resolution is not None:
+            if resolution is None:  # one fixed size: a constant added to every time embedding
+                h, w = self.resolution
+                resolution = torch.tensor([[float(h), float(w)]], device=t_emb.device)
+                aspect_ratio = torch.tensor([[h / w]], device=t_emb.device)
+            elif aspect_ratio is None:
+                raise ValueError("micro-conditions: give aspect_ratio (B, 1) with resolution (B, 2)")
+            t_emb = t_emb + self.size_embedding(resolution.to(t_emb.device), aspect_ratio.to(t_emb.device))
+        elif resolution is not None or aspect_ratio is not None:
+            raise ValueError("this model has no micro-conditions (use_additional_conditions is False)")
         return self.linear(self.silu(t_emb)), t_emb
 
 
@@ -363,7 +411,7 @@ class TextDiT(nn.Module):
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.proj_out = nn.Linear(D, cfg.patch_size * cfg.patch_size * cfg.out_channels)
-        self.adaln_single = AdaLNSingle(D)
+        self.adaln_single = adaln_single_for(cfg)
         self.caption_projection = CaptionProjection(cfg.caption_channels, D)
         self.initialize_weights()
 
@@ -382,6 +430,10 @@ class TextDiT(nn.Module):
         nn.init.normal_(self.adaln_single.emb.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.adaln_single.emb.timestep_embedder.linear_2.weight, std=0.02)
         nn.init.normal_(self.adaln_single.linear.weight, std=0.02)
+        if self.cfg.use_additional_conditions:
+            for mlp in (self.adaln_single.emb.resolution_embedder, self.adaln_single.emb.aspect_ratio_embedder):
+                nn.init.normal_(mlp.linear_1.weight, std=0.02)
+                nn.init.normal_(mlp.linear_2.weight, std=0.02)
         nn.init.normal_(self.caption_projection.linear_1.weight, std=0.02)
         nn.init.normal_(self.caption_projection.linear_2.weight, std=0.02)
         D = self.cfg.hidden_size
@@ -398,9 +450,10 @@ class TextDiT(nn.Module):
         """Images (B, C, H, W) -> tokens with position embedding (B, N, D)."""
         return self.pos_embed(x)
 
-    def time_modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def time_modulation(self, t: torch.Tensor, resolution: torch.Tensor | None = None,
+                        aspect_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (any shape) -> (t_mod (*t.shape, 6D) for the blocks, t_emb (*t.shape, D) for the output)."""
-        return self.adaln_single(t)
+        return self.adaln_single(t, resolution, aspect_ratio)
 
     def text_kvs(self, text: torch.Tensor, text_mask: torch.Tensor) -> list[TextKV]:
         """Encoder tokens (B, T, C) and mask (B, T) -> every block's text keys/values (once per sample)."""
@@ -416,16 +469,25 @@ class TextDiT(nn.Module):
         return final_layer(h, t_emb, self.scale_shift_table, self.proj_out, self.norm_out)
 
     # ---- forward ----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) timesteps, text (B, T, C_text), text_mask (B, T) bool -> (B, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                resolution: torch.Tensor | None = None, aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps, text (B, T, C_text), text_mask (B, T) bool -> (B, out_channels, H, W).
+
+        ``resolution`` (B, 2) / ``aspect_ratio`` (B, 1): micro-conditions other than the config's (models that have them).
+        """
         if tuple(x.shape[-2:]) != self.cfg.input_size:
             raise ValueError(f"TextDiT was built for {self.cfg.input_size} inputs, got {tuple(x.shape[-2:])}")
         h = self.embed(x)
-        t_mod, t_emb = self.time_modulation(t)
+        t_mod, t_emb = self.time_modulation(t, resolution, aspect_ratio)
         for block, kv in zip(self.transformer_blocks, self.text_kvs(text, text_mask)):
             h = block(h, t_mod, kv)
         h = self.output(h, t_emb)
         return unpatchify(h, self.cfg.grid_size, self.patch_size, self.out_channels)
+
+
+def adaln_single_for(cfg: TextDiTConfig) -> AdaLNSingle:
+    """The adaLN-single module of a config (with its micro-condition embedders when it has them)."""
+    return AdaLNSingle(cfg.hidden_size, cfg.micro_resolution if cfg.use_additional_conditions else None)
 
 
 def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

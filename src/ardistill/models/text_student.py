@@ -26,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ardistill.models.kv_cache import KVCache
 from ardistill.models.student import StudentConfig
-from ardistill.models.text_dit import (AdaLNSingle, CaptionProjection, PatchEmbed, TextDiT, TextDiTBlock,
-                                       TextDiTConfig, TextKV, final_layer, unpatchify)
+from ardistill.models.text_dit import (CaptionProjection, PatchEmbed, TextDiT, TextDiTBlock,
+                                       TextDiTConfig, TextKV, adaln_single_for, final_layer, unpatchify)
 
 
 @dataclass(frozen=True, eq=True)
@@ -68,7 +68,7 @@ class TextARDStudent(nn.Module):
         D = tc.hidden_size
         self.in_channels = tc.in_channels
         self.pos_embed = PatchEmbed(tc)
-        self.adaln_single = AdaLNSingle(D)
+        self.adaln_single = adaln_single_for(tc)
         self.caption_projection = CaptionProjection(tc.caption_channels, D)
         self.transformer_blocks = nn.ModuleList([TextDiTBlock(D, tc.num_heads, tc.mlp_ratio) for _ in range(tc.depth)])
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
