@@ -47,6 +47,13 @@ def _add_record(sub):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 when done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t2i = p.add_argument_group("text-to-image teachers", "PixArt folders or .pth files, or ours; docs/t2i.md")
+    t2i.add_argument("--prompt-store", default=None,
+                     help="prompt store (ardistill embed-prompts): record a text teacher on its prompts; guidance "
+                          "uses its empty prompt (PixArt: --cfg-scale 4.5)")
+    t2i.add_argument("--image-size", type=int, default=None, help="original PixArt .pth only: pixels (256/512/1024)")
+    t2i.add_argument("--variant", choices=("alpha", "sigma"), default="sigma",
+                     help="original PixArt .pth only: position-embedding scale of PixArt-alpha or -Sigma")
 
     def fields(a):
         return dict(count=a.count, num_steps=a.num_steps, teacher_steps=a.teacher_steps, grid=a.grid,
@@ -68,10 +75,47 @@ def _add_record(sub):
             return
         if not (args.teacher and args.out):
             raise ValueError("--teacher and --out are required")
+        if args.prompt_store is not None:
+            from ardistill.data.record import TextRecordConfig, record_text_command
+            if record_fields.get("classes") is not None or record_fields.get("guidance_channels") is not None:
+                raise ValueError("--classes and --guidance-channels are for class-conditional teachers")
+            text_fields = {k: v for k, v in record_fields.items() if k not in ("classes", "guidance_channels")}
+            summary = record_text_command(args.teacher, args.prompt_store, args.out, TextRecordConfig(**text_fields),
+                                          device=args.device, verify_after=args.verify, progress=not args.no_progress,
+                                          image_size=args.image_size, variant=args.variant)
+            if summary is not None:
+                print(summary)
+            return
         cfg = RecordConfig(**record_fields)
         summary = record_command(args.teacher, args.out, cfg, device=args.device, verify_after=args.verify,
                                  progress=not args.no_progress)
         if summary is not None:  # rank 0 only
+            print(summary)
+    p.set_defaults(func=run)
+
+
+def _add_embed_prompts(sub):
+    p = sub.add_parser("embed-prompts", help="encode a prompt file once into a prompt store (T5 from a local folder; torchrun)",
+                       description="Each prompt (and the empty prompt, row 0) is encoded once; recordings reference "
+                                   "rows. Rerun the same command to resume. Needs transformers: pip install 'ardistill[t5]'.")
+    p.add_argument("--prompts", required=True, help="prompt file: one per line, or JSONL with id and prompt")
+    p.add_argument("--text-encoder", required=True,
+                   help="local T5 folder (weights + tokenizer), or a PixArt pipeline folder (text_encoder/, tokenizer/)")
+    p.add_argument("--out", required=True, help="prompt-store folder")
+    p.add_argument("--max-length", type=int, default=120, help="tokens per prompt: PixArt-alpha 120, PixArt-Sigma 300")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="encoder dtype (default bfloat16 on CUDA, float32 on CPU; T5 v1.1 overflows in float16)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (per process)")
+    p.add_argument("--shard-size", type=int, default=4096, help="prompts per shard file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    def run(args):
+        from ardistill.data.t5 import embed_prompts_command
+        summary = embed_prompts_command(args.prompts, args.text_encoder, args.out, max_length=args.max_length,
+                                        dtype=args.dtype, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                                        shard_size=args.shard_size, device=args.device)
+        if summary is not None:
             print(summary)
     p.set_defaults(func=run)
 
@@ -561,7 +605,7 @@ def _add_evaluate(sub):
 
 
 # Subcommand registrations, in the order they appear in --help.
-_REGISTRATIONS = [_add_version, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
+_REGISTRATIONS = [_add_version, _add_embed_prompts, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
                   _add_train_teacher, _add_train_classifier, _add_sample, _add_finetune_gan, _add_demo, _add_sweep,
                   _add_generate, _add_evaluate]
 
@@ -578,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         print(f"ardistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(out) if isinstance(out, int) else 0

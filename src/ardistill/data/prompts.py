@@ -36,6 +36,7 @@ import torch
 from ardistill.data.trajectories import (CorruptRecordingError, ShardedRecords, StudentDataSpec, TrajectoryDataset,
                                          check_shard_file, finalize, num_shards, prepare_output, read_progress,
                                          shard_range, write_shard)
+from ardistill.io import distributed as dist
 from ardistill.io.fileio import atomic_write_json, read_json, sha256_file
 
 FORMAT = "ardistill-prompt-embeddings"
@@ -201,7 +202,8 @@ def write_prompt_store(out: str | os.PathLike, prompts: list[Prompt], encode: En
         encoder: its identity, stored in the manifest: ``name``, ``sha256`` (of its weights), ``width``
             C, ``max_length`` L, and anything else that determines the output.
         dtype: storage dtype of the tokens ("float16", "bfloat16" or "float32").
-    Rerunning with the same settings resumes an interrupted run; other settings are refused.
+    Rerunning with the same settings resumes an interrupted run; other settings are refused. Under
+    torchrun (``distributed.init`` first) rank r encodes the shards k with k % world_size == r.
     """
     t0 = time.perf_counter()
     for key in ("name", "sha256", "width", "max_length"):
@@ -221,13 +223,15 @@ def write_prompt_store(out: str | os.PathLike, prompts: list[Prompt], encode: En
         "numerics": {"batch_size": batch_size, "torch": torch.__version__},
     }))
     out = Path(out)
-    status = prepare_output(out, plan)
+    rank, world = dist.rank(), dist.world_size()
+    from ardistill.data.record import _on_main  # rank 0 checks the folder; its error reaches every rank
+    status = _on_main(lambda: prepare_output(out, plan))
     encoded = 0
     if status != "complete":
         done = read_progress(out)
-        listed = {str(k): vars(s) for k, s in done.items()}
+        listed = {str(k): vars(s) for k, s in done.items()}  # every rank's file keeps what was done before
         for k in range(num_shards(len(items), shard_size)):
-            if k in done:
+            if k in done or k % world != rank:
                 continue
             rows = np.asarray(shard_range(k, shard_size, len(items)), dtype=np.int64)
             recs = []
@@ -237,9 +241,12 @@ def write_prompt_store(out: str | os.PathLike, prompts: list[Prompt], encode: En
                 recs.append(pack_prompt_records(layout, r, tokens, mask))
             info = write_shard(out, k, int(rows[0]), np.concatenate(recs))
             listed[str(k)] = vars(info)
-            atomic_write_json(out / PROGRESS_FILE, {"shards": listed})  # listed only after the rename
+            atomic_write_json(out / PROGRESS_FILE.replace("00000", f"{rank:05d}"), {"shards": listed})  # after the rename
             encoded += len(rows)
-        finalize(out, plan)
+        dist.barrier()  # every rank's shards are written and listed
+        if dist.is_main():
+            finalize(out, plan)
+        dist.barrier()
     m = verify_prompt_store(out, checksums=False)
     return PromptStoreSummary(out=str(out), count=len(items), encoded=encoded, total_bytes=m["total_bytes"],
                               seconds=time.perf_counter() - t0, status=status)

@@ -364,3 +364,24 @@ def record_text(teacher: nn.Module, prompt_store: str | os.PathLike, out: str | 
         return text.to(device), mask.to(device)
 
     return _record_loop(teacher, out, cfg, plan, model_fn, plan["prompts"]["rows"], condition, device, progress, t0)
+
+
+def record_text_command(teacher_path: str, prompt_store: str, out: str, cfg: TextRecordConfig,
+                        device: str | None = None, verify_after: bool = False, progress: bool = True,
+                        **teacher_kw) -> RecordSummary | None:
+    """`ardistill record --prompt-store`: a text teacher (PixArt folder or .pth, or ours) under torchrun, as record_command.
+
+    ``teacher_kw`` (image_size, variant, interpolation_scale, num_heads) apply to original PixArt .pth files.
+    """
+    from ardistill.io.pixart import load_any_text_teacher
+
+    dev = dist.init(device)
+    try:
+        teacher = load_any_text_teacher(teacher_path, **teacher_kw)
+        summary = record_text(teacher, prompt_store, out, cfg, device=dev, progress=progress)
+        if verify_after and dist.is_main():
+            verify(out, checksums=True)
+        dist.barrier()
+        return summary if dist.is_main() else None
+    finally:
+        dist.cleanup()

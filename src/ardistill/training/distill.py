@@ -184,9 +184,16 @@ def is_text_recording(manifest: dict) -> bool:
 def load_distill_teacher(path: str, manifest: dict):
     """The recording's teacher: a TextDiT for a text recording, else any DiT checkpoint."""
     if is_text_recording(manifest):
-        from ardistill.io.checkpoints import load_text_teacher
-        return load_text_teacher(path)
+        from ardistill.io.pixart import load_any_text_teacher  # ours, a PixArt folder or an original .pth
+        return load_any_text_teacher(path, **manifest_pth_options(manifest))
     return load_any_teacher(path)
+
+
+def manifest_pth_options(manifest: dict) -> dict:
+    """What an original PixArt .pth cannot tell (its image size, position scale), from the recorded teacher config."""
+    c = manifest["teacher"]["config"]
+    return {"image_size": 8 * int(c["input_size"][0]), "interpolation_scale": c.get("interpolation_scale"),
+            "num_heads": c.get("num_heads")}
 
 
 def build_distill_student(cfg: DistillConfig, teacher, manifest: dict) -> ARDStudent:
