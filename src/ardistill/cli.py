@@ -551,17 +551,43 @@ def _add_sweep(sub):
 
 
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="few-step samples from a student: ADM .npz (torchrun: rank-local shards) or a PNG grid")
-    p.add_argument("--student", required=True, help="student weights, checkpoint folder or run folder")
-    p.add_argument("--out", required=True, help="output .npz (ADM arr_0 uint8 NHWC) or .png (grid)")
+    p = sub.add_parser("generate", help="few-step samples from a student: ADM .npz (torchrun: rank-local shards) or a PNG grid; "
+                                        "--prompts: text-to-image samples into a folder")
+    p.add_argument("--student", default=None, help="student weights, checkpoint folder or run folder (required "
+                                                   "unless --pipeline)")
+    p.add_argument("--out", required=True, help="output .npz (ADM arr_0 uint8 NHWC) or .png (grid); with --prompts a "
+                                                "folder (samples.npz, samples.jsonl, images/)")
     p.add_argument("--num-samples", type=int, default=100, help="sample i has seed base+i and label i %% classes")
     p.add_argument("--base-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for latent students")
     p.add_argument("--scale", type=int, default=None, help="PNG: nearest-neighbour upscaling (default x8 below 64 px)")
     p.add_argument("--device", default=None)
+    t2i = p.add_argument_group("text-to-image (docs/t2i.md)")
+    t2i.add_argument("--prompts", default=None, help="prompt file (text or JSONL): images of a text-to-image student")
+    t2i.add_argument("--pipeline", default=None, help="an ARD pipeline folder (ardistill export-pipeline) instead "
+                                                      "of --student / --text-encoder / --vae")
+    t2i.add_argument("--text-encoder", default=None, help="the T5 folder the prompt store was embedded with")
+    t2i.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt (seeds base-seed + i)")
+    t2i.add_argument("--max-length", type=int, default=None,
+                     help="prompt tokens (default: the student's prompt store, found through its run folder)")
+    t2i.add_argument("--no-png", action="store_true", help="no PNG per image (samples.npz only)")
 
     def run(args):
+        if args.prompts is not None:
+            from ardistill.pipeline import ARDPipeline, generate_from_prompts
+            if args.pipeline:
+                pipe = ARDPipeline.from_pretrained(args.pipeline, device=args.device)
+            elif args.student and args.text_encoder:
+                pipe = ARDPipeline.from_parts(args.student, args.text_encoder, args.vae, max_length=args.max_length,
+                                              device=args.device)
+            else:
+                raise ValueError("--prompts needs --pipeline FOLDER, or --student and --text-encoder (and --vae)")
+            print(generate_from_prompts(pipe, args.prompts, args.out, args.num_images_per_prompt, args.base_seed,
+                                        args.batch_size, png=not args.no_png))
+            return
+        if args.student is None:
+            raise ValueError("--student is required")
         if str(args.out).endswith(".png"):
             from ardistill.generate import student_grid_png
             seeds = list(range(args.base_seed, args.base_seed + args.num_samples))
@@ -575,13 +601,38 @@ def _add_generate(sub):
     p.set_defaults(func=run)
 
 
+def _add_export_pipeline(sub):
+    p = sub.add_parser("export-pipeline", help="a text-to-image student + its T5 + VAE as an ARDPipeline folder",
+                       description="ARDPipeline.from_pretrained(OUT) then loads it; the encoder and VAE are referenced "
+                                   "by absolute path unless --copy-parts.")
+    p.add_argument("--student", required=True, help="student weights, checkpoint folder or run folder")
+    p.add_argument("--text-encoder", required=True, help="the T5 folder the prompt store was embedded with")
+    p.add_argument("--vae", default=None, help="the teacher's diffusers VAE folder (omit for pixel-space students)")
+    p.add_argument("--out", required=True, help="pipeline folder")
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: from the student's run)")
+    p.add_argument("--copy-parts", action="store_true", help="copy the encoder and VAE folders into OUT")
+
+    def run(args):
+        from ardistill.pipeline import ARDPipeline
+        pipe = ARDPipeline.from_parts(args.student, args.text_encoder, args.vae, max_length=args.max_length,
+                                      device="cpu")
+        print(pipe.save_pretrained(args.out, copy_parts=args.copy_parts))
+    p.set_defaults(func=run)
+
+
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="FID / IS / precision-recall of an ADM sample .npz against a reference batch",
+    p = sub.add_parser("evaluate", help="FID / IS / precision-recall of an ADM sample .npz against a reference batch; "
+                                        "--prompts: CLIP score (and FD) of text-to-image samples",
                        description="Both files are ADM .npz batches (uint8 NHWC arr_0). Features: 'inception' "
-                                   "(FID Inception-v3 from a local weights file) or 'digits' (the shipped classifier).")
-    p.add_argument("--samples", required=True, help="sample batch .npz (ardistill generate)")
-    p.add_argument("--reference", required=True, help="reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz")
-    p.add_argument("--features", choices=("inception", "digits"), default="inception")
+                                   "(FID Inception-v3 from a local weights file), 'digits' (the shipped classifier) "
+                                   "or 'clip' (the --clip model's image embeddings).")
+    p.add_argument("--samples", default=None, help="sample batch .npz (ardistill generate)")
+    p.add_argument("--reference", default=None, help="reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz "
+                                                     "(optional with --prompts: then FD is reported too)")
+    p.add_argument("--prompts", default=None, help="a folder of ardistill generate --prompts: report CLIP score")
+    p.add_argument("--clip", default=None, help="local transformers CLIP folder (CLIP score; 'clip' features)")
+    p.add_argument("--features", choices=("inception", "digits", "clip"), default=None,
+                   help="FD features (default inception; with --prompts: clip)")
     p.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05 .pth file (default: $ARDISTILL_INCEPTION_WEIGHTS)")
     p.add_argument("--reference-stats", choices=("recompute", "file"), default="recompute",
@@ -595,7 +646,24 @@ def _add_evaluate(sub):
         from ardistill.evaluation.evaluate import evaluate_npz
         from ardistill.evaluation.features import get_feature_network
         from ardistill.io.fileio import atomic_write_json
+        if args.prompts is not None:
+            from ardistill.evaluation.clip_score import evaluate_prompt_samples
+            if args.clip is None:
+                raise ValueError("--prompts needs --clip FOLDER (a local transformers CLIP folder)")
+            features = args.features or "clip"
+            kw = {"weights_path": args.inception_weights} if features == "inception" else {}
+            res = evaluate_prompt_samples(args.prompts, args.clip, args.reference, features, args.batch_size,
+                                          device=args.device, **kw)
+            if args.out:
+                atomic_write_json(args.out, res)
+            print(json.dumps(res, indent=2))
+            return
+        if args.samples is None or args.reference is None:
+            raise ValueError("--samples and --reference are required (or --prompts)")
+        args.features = args.features or "inception"
         kw = {"weights_path": args.inception_weights} if args.features == "inception" else {}
+        if args.features == "clip":
+            kw = {"folder": args.clip}
         net = get_feature_network(args.features, device=args.device, **kw)
         res = evaluate_npz(args.samples, args.reference, net, args.batch_size, args.reference_stats, device=args.device)
         if args.out:
@@ -607,7 +675,7 @@ def _add_evaluate(sub):
 # Subcommand registrations, in the order they appear in --help.
 _REGISTRATIONS = [_add_version, _add_embed_prompts, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
                   _add_train_teacher, _add_train_classifier, _add_sample, _add_finetune_gan, _add_demo, _add_sweep,
-                  _add_generate, _add_evaluate]
+                  _add_generate, _add_export_pipeline, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
