@@ -247,8 +247,8 @@ def _add_train_teacher(sub):
                                    "The defaults are the shipped teacher's recipe (docs/digits.md).")
     p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
     p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
-                                   "[DiT-digits-S]")
-    p.add_argument("--steps", type=int, help="optimizer steps [14000]")
+                                   "[DiT-digits-S; --task t2i: TextDiT-digits]")
+    p.add_argument("--steps", type=int, help="optimizer steps [14000; --task t2i: 6000]")
     p.add_argument("--batch-size", type=int, help="[32]")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate [1e-3]")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up [cosine]")
@@ -334,24 +334,38 @@ def _add_train_classifier(sub):
 
 def _add_sample(sub):
     p = sub.add_parser("sample", help="sample a teacher with its ODE solver into a PNG grid")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher, "
+                                                   "or with --prompt the shipped text-to-image teacher)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image: a caption, e.g. \"a 4 and a 1\" (repeat for more; one grid row each)")
     p.add_argument("--out", default="grid.png", help="output PNG")
     p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
     p.add_argument("--steps", type=int, default=25, help="solver steps")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1 = none) [1.5; with --prompt 3.0]")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = DiT's legacy forward_with_cfg); default all")
-    p.add_argument("--seeds", default="0-99", help="noise seeds, e.g. 0-63 or 0,5,7-9 (one image each)")
+    p.add_argument("--seeds", default=None,
+                   help="noise seeds, e.g. 0-63 or 0,5,7-9 (one image each) [0-99; with --prompt 0-7 per prompt]")
     p.add_argument("--labels", default=None, help="classes, cycled over the seeds, e.g. 3 or 0-4 (default: balanced)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: one per class when balanced)")
     p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of every pixel")
     p.add_argument("--device", default="cpu")
 
     def run(args):
+        if args.prompt:
+            from ardistill.sample import sample_prompt_grid
+            if args.labels is not None or args.guidance_channels is not None:
+                raise ValueError("--labels and --guidance-channels are for class-conditional teachers, not --prompt")
+            print(sample_prompt_grid(args.teacher, args.out, args.prompt, seeds=args.seeds or "0-7", steps=args.steps,
+                                     solver=args.solver, cfg_scale=3.0 if args.cfg_scale is None else args.cfg_scale,
+                                     nrow=args.nrow, scale=args.scale, device=args.device))
+            return
         from ardistill.sample import sample_grid
-        print(sample_grid(args.teacher, args.out, seeds=args.seeds, labels=args.labels, steps=args.steps,
-                          solver=args.solver, cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
-                          nrow=args.nrow, scale=args.scale, device=args.device))
+        print(sample_grid(args.teacher, args.out, seeds=args.seeds or "0-99", labels=args.labels, steps=args.steps,
+                          solver=args.solver, cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale,
+                          guidance_channels=args.guidance_channels, nrow=args.nrow, scale=args.scale,
+                          device=args.device))
     p.set_defaults(func=run)
 
 

@@ -129,3 +129,21 @@ def encoder_from_spec(spec: dict | str, source: str = "text encoder spec") -> Wo
         raise ValueError(f"{source}: the rebuilt text encoder's fingerprint {enc.fingerprint()[:12]} differs from "
                          f"the stored {str(spec['sha256'])[:12]} (a different NumPy stream?)")
     return enc
+
+
+def load_text_teacher_and_encoder(path) -> tuple:
+    """(TextDiT, its WordEncoder) from a text teacher file; the encoder spec comes from the file's metadata."""
+    from ardistill.io.checkpoints import CheckpointError, load_state_and_config, load_text_teacher
+
+    teacher = load_text_teacher(path)
+    _, _, metadata = load_state_and_config(path)
+    if "text_encoder" not in metadata:
+        raise CheckpointError(f"{path}: no 'text_encoder' spec in the metadata; pass the encoder explicitly")
+    try:
+        encoder = encoder_from_spec(metadata["text_encoder"], f"{path}: text_encoder")
+    except (ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(str(e)) from e
+    if encoder.width != teacher.cfg.caption_channels:
+        raise CheckpointError(f"{path}: text encoder width {encoder.width} differs from the teacher's "
+                              f"caption_channels {teacher.cfg.caption_channels}")
+    return teacher, encoder
