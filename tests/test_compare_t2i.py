@@ -26,6 +26,8 @@ def _teacher_file(path):
 
 
 def test_variants_pair_step_distillation_and_ard_for_every_s():
+    assert list(t2i_variants(28, (4, 3), extra_step_distillation=False)) == [
+        "step distillation", "ARD (N_h=6)", "ARD (N_h=6), S=3"]
     v = t2i_variants(28, (4, 3))
     assert v == {"step distillation": {"history_layers": 0, "num_steps": 4},
                  "ARD (N_h=6)": {"history_layers": 6, "num_steps": 4},
@@ -37,6 +39,7 @@ def test_demo_t2i_end_to_end_tiny(tmp_path):
     cfg = T2IConfig(out=str(tmp_path / "t2i"), teacher=str(_teacher_file(tmp_path / "teacher.safetensors")),
                     train_prompts=12, train_count=16, eval_count=8, real_count=24, num_steps=2, extra_steps=(3,),
                     teacher_steps=4, solver="euler", cfg_scale=2.0, record_batch=8, steps=2, batch_size=4,
+                    extra_step_distillation=True,
                     warmup_steps=0, grid_columns=4, latency_batch=4, progress=False)
     report = compare_t2i(cfg)
     md = report.read_text()

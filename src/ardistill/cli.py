@@ -291,8 +291,8 @@ def _add_train_teacher(sub):
                                    "The defaults are the shipped teacher's recipe (docs/digits.md).")
     p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
     p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
-                                   "[DiT-digits-S]")
-    p.add_argument("--steps", type=int, help="optimizer steps [14000]")
+                                   "[DiT-digits-S; --task t2i: TextDiT-digits]")
+    p.add_argument("--steps", type=int, help="optimizer steps [14000; --task t2i: 6000]")
     p.add_argument("--batch-size", type=int, help="[32]")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate [1e-3]")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up [cosine]")

@@ -57,7 +57,7 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
     dev = dist.init(device)
     out = Path(out)
     try:
-        student = load_student(student_path, device=dev)
+        student = _class_student(load_student(student_path, device=dev), student_path)
         codec = None
         if vae is not None:
             from ardistill.data.vae import load_codec
@@ -92,6 +92,15 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
         dist.cleanup()
 
 
+def _class_student(student, path):
+    """The class-conditional student this module samples; a text student is named as such."""
+    from ardistill.models.text_student import TextARDStudent
+    if isinstance(student, TextARDStudent):
+        raise ValueError(f"{path} is a text-to-image student: it samples from captions, not labels "
+                         f"(TextARDStudent.sample(noise, text, text_mask); `ardistill demo --task t2i` draws its grids)")
+    return student
+
+
 def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int], labels: list[int] | None = None,
                      nrow: int | None = None, scale: int | None = None, vae: str | None = None,
                      device: str = "cpu") -> Path:
@@ -99,7 +108,7 @@ def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int]
     from ardistill.io.images import save_image_grid
     from ardistill.io.student_io import load_student
 
-    student = load_student(student_path, device=device)
+    student = _class_student(load_student(student_path, device=device), student_path)
     codec = None
     if vae is not None:
         from ardistill.data.vae import load_codec

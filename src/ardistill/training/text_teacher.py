@@ -40,7 +40,7 @@ class TextTeacherTrainConfig:
     """Everything that determines a text-teacher training run (saved as config.json beside it)."""
 
     model: str = "TextDiT-digits"  # a key of text_dit.TextDiT_models (width, depth); the data set the shape
-    steps: int = 12000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
     lr_schedule: str = "cosine"
