@@ -83,3 +83,23 @@ def test_errors_name_the_folder_or_the_package(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'ardistill\[t5\]'"):
         T5PromptEncoder(tmp_path / "half")
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_store_as_one(t5, tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 2) + "\n")
+    embed_prompts_command(prompts, t5, tmp_path / "one", max_length=12, batch_size=2, shard_size=3, device="cpu")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ardistill",
+           "embed-prompts", "--prompts", str(prompts), "--text-encoder", str(t5), "--out", str(tmp_path / "two"),
+           "--max-length", "12", "--batch-size", "2", "--shard-size", "3", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "11 prompts" in proc.stdout
+    one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]] and len(two["shards"]) == 4

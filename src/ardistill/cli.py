@@ -108,13 +108,15 @@ def _add_embed_prompts(sub):
                    help="encoder dtype (default bfloat16 on CUDA, float32 on CPU; T5 v1.1 overflows in float16)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (per process)")
     p.add_argument("--shard-size", type=int, default=4096, help="prompts per shard file")
+    p.add_argument("--preprocess", choices=("lower", "none"), default="lower",
+                   help="lower: lower-case and strip each prompt, as diffusers' PixArt pipelines (default)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args):
         from ardistill.data.t5 import embed_prompts_command
         summary = embed_prompts_command(args.prompts, args.text_encoder, args.out, max_length=args.max_length,
                                         dtype=args.dtype, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
-                                        shard_size=args.shard_size, device=args.device)
+                                        shard_size=args.shard_size, device=args.device, preprocess=args.preprocess)
         if summary is not None:
             print(summary)
     p.set_defaults(func=run)

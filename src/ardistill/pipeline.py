@@ -39,13 +39,16 @@ def prompt_settings_of_run(student: str | os.PathLike) -> dict:
     for run in (p, *p.parents[:3]):
         if (run / "config.json").is_file():
             config = read_json(run / "config.json", "run config")
-            rec = config.get("distill", {}).get("recording")
+            if "distill" not in config:
+                continue  # not a distillation run's config
+            rec = config["distill"].get("recording")
             if not rec or not Path(rec).is_dir():
                 return {}
             prompts = load_manifest(rec).get("prompts")
             if not prompts:
                 return {}
-            out = {"max_length": int(prompts["encoder"]["max_length"])}
+            out = {"max_length": int(prompts["encoder"]["max_length"]),
+                   "preprocess": prompts["encoder"].get("preprocess", "lower")}
             store = Path(prompts["store"]) / "manifest.json"
             if store.is_file():
                 out["embedding_dtype"] = read_json(store, "prompt store manifest")["layout"]["dtype"]
@@ -75,7 +78,7 @@ class ARDPipeline:
     @classmethod
     def from_parts(cls, student: str | os.PathLike, text_encoder: str | os.PathLike, vae: str | os.PathLike | None = None,
                    max_length: int | None = None, embedding_dtype: str | None = None, device=None,
-                   text_dtype: str | None = None) -> "ARDPipeline":
+                   text_dtype: str | None = None, preprocess: str | None = None) -> "ARDPipeline":
         """Student (weights, checkpoint or run folder), a T5 folder and a VAE folder (None: pixel-space student).
 
         ``max_length`` / ``embedding_dtype`` default to the prompt store the student was distilled on.
@@ -92,7 +95,8 @@ class ARDPipeline:
         weights = resolve_student_path(student)
         model = load_student(weights, device=device)
         text_dtype = text_dtype or ("bfloat16" if device.type == "cuda" else "float32")
-        encoder = T5PromptEncoder(text_encoder, max_length=max_length, device=device, dtype=text_dtype)
+        encoder = T5PromptEncoder(text_encoder, max_length=max_length, device=device, dtype=text_dtype,
+                                  preprocess=preprocess or run.get("preprocess", "lower"))
         codec = load_vae_folder(vae, device=device) if vae is not None else None
         parts = {"student": str(weights), "text_encoder": str(text_encoder), "vae": None if vae is None else str(vae)}
         return cls(model, encoder, codec, max_length, embedding_dtype or run.get("embedding_dtype", "float16"),
@@ -117,7 +121,7 @@ class ARDPipeline:
             return None if p is None else (Path(p) if Path(p).is_absolute() else folder / p)
         return cls.from_parts(where(index["student"]), where(index["text_encoder"]), where(index.get("vae")),
                               max_length=int(index["max_length"]), embedding_dtype=index.get("embedding_dtype"),
-                              device=device, text_dtype=text_dtype)
+                              device=device, text_dtype=text_dtype, preprocess=index.get("preprocess"))
 
     def save_pretrained(self, folder: str | os.PathLike, copy_parts: bool = False) -> Path:
         """Write a pipeline folder: the student's weights, model_index.json; the encoder and VAE referenced
@@ -126,7 +130,8 @@ class ARDPipeline:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.parts["student"], folder / STUDENT_FILE)
         index = {"_class_name": "ARDPipeline", "student": STUDENT_FILE, "max_length": self.max_length,
-                 "embedding_dtype": self.embedding_dtype, "num_steps": self.student.cfg.num_steps}
+                 "embedding_dtype": self.embedding_dtype, "preprocess": self.encoder.preprocess,
+                 "num_steps": self.student.cfg.num_steps}
         for key in ("text_encoder", "vae"):
             src = self.parts.get(key)
             if src is None:
