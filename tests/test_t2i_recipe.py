@@ -120,3 +120,34 @@ def test_clip_score_streams_and_matches_a_direct_computation(parts):
         scorer.scores(images, prompts[:4])
     with pytest.raises(FileNotFoundError, match="no-clip"):
         CLIPScorer(parts / "no-clip")
+
+
+def test_original_pth_teacher_records_and_distils(parts, tmp_path):
+    """A PixArt .pth teacher: record needs its image size; distil finds it again through the recording's manifest."""
+    from ardistill.io.pixart import load_pixart_diffusers, save_pixart_pth
+    save_pixart_pth(load_pixart_diffusers(parts / "pixart"), tmp_path / "pixart.pth")
+    assert main(["embed-prompts", "--prompts", str(parts / "train.txt"), "--text-encoder", str(parts / "pixart"),
+                 "--out", str(tmp_path / "prompts"), "--max-length", "12", "--device", "cpu"]) == 0
+    # the file stores pos_embed (non-MS PixArt), so the size is read from it; alpha's position scale at 64 px
+    rec = ["record", "--teacher", str(tmp_path / "pixart.pth"), "--prompt-store", str(tmp_path / "prompts"),
+           "--out", str(tmp_path / "rec"), "--count", "4", "--num-steps", "2", "--teacher-steps", "6",
+           "--cfg-scale", "4.5", "--variant", "alpha", "--num-heads", "4", "--device", "cpu", "--no-progress"]
+    assert main(rec) == 0
+    assert main(["distill", "--recording", str(tmp_path / "rec"), "--teacher", str(tmp_path / "pixart.pth"),
+                 "--run-dir", str(tmp_path / "run"), "--history-layers", "1", "--steps", "2", "--batch-size", "2",
+                 "--device", "cpu", "--no-progress", "--no-tensorboard", "--ckpt-every", "2"]) == 0
+    assert (tmp_path / "run" / "ema.safetensors").exists()
+
+
+def test_vae_folder_uses_its_own_scaling_factor(tmp_path):
+    from ardistill.data.vae import TINY_VAE_CONFIG, LatentCodec, load_vae_folder
+    vae = LatentCodec.from_config({**TINY_VAE_CONFIG, "scaling_factor": 0.13025}).vae  # SDXL VAE's factor
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    codec = load_vae_folder(tmp_path / "pipe")  # a pipeline folder: its vae/
+    assert codec.scale == 0.13025
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        ref = vae.decode(z / 0.13025).sample
+    torch.testing.assert_close(codec.decode(z), ref)
+    with pytest.raises(FileNotFoundError, match="no-vae"):
+        load_vae_folder(tmp_path / "no-vae")

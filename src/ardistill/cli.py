@@ -54,6 +54,7 @@ def _add_record(sub):
     t2i.add_argument("--image-size", type=int, default=None, help="original PixArt .pth only: pixels (256/512/1024)")
     t2i.add_argument("--variant", choices=("alpha", "sigma"), default="sigma",
                      help="original PixArt .pth only: position-embedding scale of PixArt-alpha or -Sigma")
+    t2i.add_argument("--num-heads", type=int, default=None, help="original PixArt .pth only: heads (default width / 72)")
 
     def fields(a):
         return dict(count=a.count, num_steps=a.num_steps, teacher_steps=a.teacher_steps, grid=a.grid,
@@ -82,7 +83,7 @@ def _add_record(sub):
             text_fields = {k: v for k, v in record_fields.items() if k not in ("classes", "guidance_channels")}
             summary = record_text_command(args.teacher, args.prompt_store, args.out, TextRecordConfig(**text_fields),
                                           device=args.device, verify_after=args.verify, progress=not args.no_progress,
-                                          image_size=args.image_size, variant=args.variant)
+                                          image_size=args.image_size, variant=args.variant, num_heads=args.num_heads)
             if summary is not None:
                 print(summary)
             return
