@@ -157,8 +157,8 @@ SAMPLES_NPZ = "samples.npz"  # ADM layout: arr_0 uint8 (N, H, W, 3)
 SAMPLES_INDEX = "samples.jsonl"  # one line per image: index, prompt id, prompt, seed
 
 
-def read_prompt_samples(folder: str | os.PathLike) -> tuple[np.ndarray, list[dict]]:
-    """Images (N, H, W, 3) uint8 and their index rows of a ``generate --prompts`` folder; errors name the file."""
+def read_prompt_samples(folder: str | os.PathLike):
+    """The images (an ADM batch, read incrementally) and their index rows of a ``generate --prompts`` folder."""
     import json
 
     from ardistill.evaluation.adm import read_adm_npz
@@ -166,7 +166,7 @@ def read_prompt_samples(folder: str | os.PathLike) -> tuple[np.ndarray, list[dic
     for name in (SAMPLES_NPZ, SAMPLES_INDEX):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: not a folder written by ardistill generate --prompts")
-    images = read_adm_npz(folder / SAMPLES_NPZ, require_images=True).images()
+    images = read_adm_npz(folder / SAMPLES_NPZ, require_images=True)
     rows = []
     with open(folder / SAMPLES_INDEX, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
@@ -175,8 +175,8 @@ def read_prompt_samples(folder: str | os.PathLike) -> tuple[np.ndarray, list[dic
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{folder / SAMPLES_INDEX}:{n}: not valid JSON ({e})") from e
-    if len(rows) != len(images):
-        raise ValueError(f"{folder}: {len(images)} images in {SAMPLES_NPZ} but {len(rows)} rows in {SAMPLES_INDEX}")
+    if len(rows) != images.num_images:
+        raise ValueError(f"{folder}: {images.num_images} images in {SAMPLES_NPZ} but {len(rows)} rows in {SAMPLES_INDEX}")
     return images, rows
 
 
@@ -186,8 +186,9 @@ def evaluate_prompt_samples(samples: str | os.PathLike, clip: str | os.PathLike,
     recall against a reference ADM ``.npz`` of real images when given (in CLIP space, or Inception's)."""
     images, rows = read_prompt_samples(samples)
     scorer = CLIPScorer(clip, device=device)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    stats = clip_score(scorer, x, [r["prompt"] for r in rows], batch_size)
+    stats = CLIPScoreStats()
+    for i, x in enumerate(images.iter_tensors(batch_size)):  # streamed: memory holds one batch of images
+        stats.update(scorer.scores(x, [r["prompt"] for r in rows[i * batch_size:(i + 1) * batch_size]]))
     out = {"clip_score": stats.mean, "clip_score_std": stats.std, "num_samples": stats.count,
            "num_prompts": len({r["id"] for r in rows}), "clip": str(clip)}
     if reference is not None:

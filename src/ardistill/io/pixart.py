@@ -30,10 +30,9 @@ import torch
 from safetensors.torch import save_file
 
 from ardistill.io.checkpoints import (DIFFUSERS_CONFIG, DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, CheckpointError, _assign,
-                                      _model_folder, _read_diffusers_weights, _require, _torch_load, check_state_dict,
-                                      load_text_teacher)
+                                      _model_folder, _read_diffusers_weights, _require, _torch_load, load_text_teacher)
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
-from ardistill.models.text_dit import TextDiT, TextDiTConfig
+from ardistill.models.text_dit import TextDiT, TextDiTConfig, pixart_pos_embed
 
 PIXART_HEAD_DIM = 72  # PixArt-XL/2: 1152 = 16 heads x 72
 # PixArt-Sigma's position-embedding scale per image size (its scripts/inference.py); PixArt-alpha uses
@@ -116,8 +115,13 @@ def pixart_diffusers_config(cfg: TextDiTConfig) -> dict:
 
 
 def _new_text_dit(cfg: TextDiTConfig) -> TextDiT:
-    torch.manual_seed(0)  # every weight is overwritten; a fixed seed keeps construction deterministic
-    return TextDiT(cfg).eval()
+    """A TextDiT on the meta device (every weight comes from the file; no 0.6B-parameter init), its fixed
+    position table rebuilt from the config."""
+    with torch.device("meta"):
+        model = TextDiT(cfg)
+    pos = pixart_pos_embed(cfg.hidden_size, cfg.grid_size, cfg.sample_size // cfg.patch_size, cfg.pos_interpolation_scale)
+    model.pos_embed.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
+    return model
 
 
 def load_pixart_diffusers(folder: str | os.PathLike) -> TextDiT:
@@ -127,8 +131,7 @@ def load_pixart_diffusers(folder: str | os.PathLike) -> TextDiT:
     cfg = pixart_config_from_diffusers(read_json(config_path, "diffusers config"), str(config_path))
     state, source = _read_diffusers_weights(folder)
     model = _new_text_dit(cfg)
-    check_state_dict(model.state_dict(), state, source)
-    return _assign(model, {k: v.float() for k, v in state.items()}, source)
+    return _assign(model, state, source)
 
 
 def save_pixart_diffusers(model: TextDiT, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
@@ -335,9 +338,7 @@ def load_pixart_pth(path: str | os.PathLike, image_size: int | None = None, vari
             raise CheckpointError(f"{path}: stored pos_embed {tuple(theirs.shape)} differs from the one of image_size "
                                   f"{8 * cfg.input_size[0]} with interpolation_scale {cfg.pos_interpolation_scale}; "
                                   "pass the model's image_size / interpolation_scale / variant")
-    mapped = pixart_pth_to_diffusers_state(state)
-    check_state_dict(model.state_dict(), mapped, str(path))
-    return _assign(model, {k: v.float() for k, v in mapped.items()}, str(path))
+    return _assign(model, pixart_pth_to_diffusers_state(state), str(path))
 
 
 def pixart_pth_null_caption(path: str | os.PathLike) -> torch.Tensor | None:
@@ -393,13 +394,3 @@ def load_any_text_teacher(path: str | os.PathLike, image_size: int | None = None
         return load_text_teacher(p)
     raise CheckpointError(f"{p}: unrecognised text teacher; expected a diffusers PixArt folder, an original PixArt "
                           ".pth, or an ardistill text-teacher .safetensors")
-
-
-def describe_text_teacher(model: TextDiT) -> str:
-    """One line: size, tokens, micro-conditions."""
-    c = model.cfg
-    n = sum(p.numel() for p in model.parameters())
-    return (f"TextDiT depth {c.depth}, width {c.hidden_size}, {c.num_heads} heads, {c.num_patches} tokens of "
-            f"{c.input_size} latents, caption width {c.caption_channels}, {n / 1e6:.1f}M parameters"
-            + (f", micro-conditions at {c.micro_resolution} px" if c.use_additional_conditions else ""))
-
