@@ -517,7 +517,16 @@ def _add_generate(sub):
     p.add_argument("--scale", type=int, default=None, help="PNG: nearest-neighbour upscaling (default x8 below 64 px)")
     p.add_argument("--device", default=None)
 
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image students: a caption (repeat for more); writes a PNG grid, one column per "
+                        "caption and one row per seed (--num-samples seeds from --base-seed)")
+
     def run(args):
+        if args.prompt:
+            from ardistill.generate import student_prompt_grid
+            seeds = list(range(args.base_seed, args.base_seed + min(args.num_samples, 8)))
+            print(student_prompt_grid(args.student, args.out, args.prompt, seeds, device=args.device or "cpu"))
+            return
         if str(args.out).endswith(".png"):
             from ardistill.generate import student_grid_png
             seeds = list(range(args.base_seed, args.base_seed + args.num_samples))
