@@ -576,6 +576,10 @@ def _add_generate(sub):
                      help="prompt tokens (default: the student's prompt store, found through its run folder)")
     t2i.add_argument("--no-png", action="store_true", help="no PNG per image (samples.npz only)")
 
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image students: a caption (repeat for more); writes a PNG grid, one column per "
+                        "caption and one row per seed (--num-samples seeds from --base-seed)")
+
     def run(args):
         if args.prompts is not None:
             from ardistill.pipeline import ARDPipeline, generate_from_prompts
@@ -591,6 +595,11 @@ def _add_generate(sub):
             return
         if args.student is None:
             raise ValueError("--student is required")
+        if args.prompt:
+            from ardistill.generate import student_prompt_grid
+            seeds = list(range(args.base_seed, args.base_seed + min(args.num_samples, 8)))
+            print(student_prompt_grid(args.student, args.out, args.prompt, seeds, device=args.device or "cpu"))
+            return
         if str(args.out).endswith(".png"):
             from ardistill.generate import student_grid_png
             seeds = list(range(args.base_seed, args.base_seed + args.num_samples))

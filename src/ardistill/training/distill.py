@@ -306,6 +306,10 @@ class _Distiller:
         student = build_distill_student(cfg, teacher, manifest)
         del teacher
         self.scfg, self.recording_id = student.cfg, recording_id(manifest)
+        # a text student's files carry its encoder's spec (when the prompt store recorded one), so that
+        # `ardistill generate --prompt` can encode captions from the student file alone
+        spec = manifest.get("prompts", {}).get("encoder", {}).get("spec")
+        self.file_meta = {"text_encoder": spec} if spec else {}
         S = self.scfg.num_steps
         if cfg.loss_weights and len(cfg.loss_weights) != S:
             raise ValueError(f"DistillConfig.loss_weights has {len(cfg.loss_weights)} entries, the recording has "
@@ -354,6 +358,7 @@ class _Distiller:
                  "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
                  "recording_id": self.recording_id, "world_size": dist.world_size()}
         meta = {"step": self.step}
+        meta.update(self.file_meta)
         files = {"student.safetensors": lambda p: save_student(p, self.student, meta),
                  "ema.safetensors": lambda p: save_student(p, self.ema.module, meta)}
         self.last_ckpt = self.ckpt.save(self.step, files, state)
@@ -433,7 +438,7 @@ class _Distiller:
         finally:
             bar.close()
             self.logger.close()
-        final = {"step": self.step}
+        final = {"step": self.step, **self.file_meta}
         if dist.is_main():  # the finished run's weights beside the checkpoints, for load_student(run_dir)
             save_student(self.run_dir / "student.safetensors", self.student, final)
             save_student(self.run_dir / "ema.safetensors", self.ema.module, final)
