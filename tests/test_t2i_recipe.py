@@ -92,6 +92,10 @@ def test_the_documented_recipe_runs_end_to_end(parts, tmp_path, monkeypatch, cap
     first = read_adm_npz(runs / "gen-s3" / "samples.npz").images()[0].astype(int)
     assert np.abs(np.asarray(images[0]).astype(int) - first).max() <= 1
     assert pipe.student.cfg.num_steps == 3 and pipe.student.cfg.history_layers == 1
+    # the student file carries the prompt encoding (max length, preprocessing, storage dtype) of its store
+    from ardistill.io.student_io import read_student_file
+    meta = read_student_file(runs / "ard-s3" / "ema.safetensors")[2]
+    assert json.loads(meta["prompt_encoding"]) == {"max_length": 300, "preprocess": "lower", "embedding_dtype": "float16"}
 
 
 def test_clip_score_streams_and_matches_a_direct_computation(parts):

@@ -81,18 +81,20 @@ class ARDPipeline:
                    text_dtype: str | None = None, preprocess: str | None = None) -> "ARDPipeline":
         """Student (weights, checkpoint or run folder), a T5 folder and a VAE folder (None: pixel-space student).
 
-        ``max_length`` / ``embedding_dtype`` default to the prompt store the student was distilled on.
+        ``max_length`` / ``embedding_dtype`` default to the prompt store the student was distilled on (recorded
+        in the student file by ``ardistill distill``, else found through its run folder).
         """
         from ardistill.data.t5 import T5PromptEncoder
         from ardistill.data.vae import load_vae_folder
-        from ardistill.io.student_io import load_student, resolve_student_path
+        from ardistill.io.student_io import load_student, read_student_file, resolve_student_path
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run = prompt_settings_of_run(student)
+        weights = resolve_student_path(student)
+        meta = read_student_file(weights)[2]
+        run = json.loads(meta["prompt_encoding"]) if "prompt_encoding" in meta else prompt_settings_of_run(student)
         max_length = max_length or run.get("max_length")
         if max_length is None:
             raise ValueError(f"cannot find the prompt length the student {student} was distilled with (no run folder "
                              "with its recording); pass max_length (PixArt-alpha 120, PixArt-Sigma 300)")
-        weights = resolve_student_path(student)
         model = load_student(weights, device=device)
         text_dtype = text_dtype or ("bfloat16" if device.type == "cuda" else "float32")
         encoder = T5PromptEncoder(text_encoder, max_length=max_length, device=device, dtype=text_dtype,

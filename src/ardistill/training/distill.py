@@ -189,6 +189,12 @@ def load_distill_teacher(path: str, manifest: dict):
     return load_any_teacher(path)
 
 
+def _store_dtype(store: str) -> str:
+    """Storage dtype of a prompt store's tokens (float16 when its manifest is not readable)."""
+    path = Path(store) / "manifest.json"
+    return read_json(path, "prompt store manifest")["layout"]["dtype"] if path.is_file() else "float16"
+
+
 def manifest_pth_options(manifest: dict) -> dict:
     """What an original PixArt .pth cannot tell (its image size, position scale), from the recorded teacher config."""
     c = manifest["teacher"]["config"]
@@ -310,6 +316,11 @@ class _Distiller:
         # `ardistill generate --prompt` can encode captions from the student file alone
         spec = manifest.get("prompts", {}).get("encoder", {}).get("spec")
         self.file_meta = {"text_encoder": spec} if spec else {}
+        prompts = manifest.get("prompts")
+        if prompts and prompts["encoder"].get("kind") == "t5-encoder":  # what ARDPipeline needs to encode alike
+            self.file_meta["prompt_encoding"] = {"max_length": prompts["encoder"]["max_length"],
+                                                 "preprocess": prompts["encoder"].get("preprocess", "lower"),
+                                                 "embedding_dtype": _store_dtype(prompts["store"])}
         S = self.scfg.num_steps
         if cfg.loss_weights and len(cfg.loss_weights) != S:
             raise ValueError(f"DistillConfig.loss_weights has {len(cfg.loss_weights)} entries, the recording has "
