@@ -11,7 +11,11 @@ Measures, on one GPU, within a few minutes:
 3. achieved FLOP/s (analytic model FLOPs, evaluation/flops.py) against the card's dense bf16 matmul peak
    (spec sheet) and against a measured bf16 GEMM;
 4. cached sampling == teacher-forced forward fed the sampler's own outputs, in fp32 and bf16,
-   and ARDStudent == NaiveARDStudent (fp32).
+   and ARDStudent == NaiveARDStudent (fp32);
+5. the text-to-image student of PixArt-XL-2 at 256 px (``TextARDStudent``, 28 blocks, width 1152,
+   cross-attention to 120 T5-width tokens of mixed lengths, 4 x 256 image tokens): training step time
+   and peak memory, sampling latency (KV cache, caption K/V once per sample), cached == teacher-forced
+   in fp32 and bf16 (docs/t2i.md's recipe; ``--skip-pixart`` leaves it out).
 
 Usage:
     python bench/gpu_check.py                      # full size on CUDA; updates docs/benchmarks.md
@@ -47,6 +51,8 @@ from ardistill.sampling.guidance import make_model_fn  # noqa: E402
 from ardistill.models.naive_student import NaiveARDStudent  # noqa: E402
 from ardistill.sampling.ode import solve  # noqa: E402
 from ardistill.models.student import ARDStudent, StudentConfig  # noqa: E402
+from ardistill.models.text_dit import TextDiT, TextDiTConfig, text_dit_config  # noqa: E402
+from ardistill.models.text_student import TextARDStudent, TextStudentConfig  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's spec sheets, FLOP/s; matched on the device name.
 SPEC_PEAK_BF16 = [
@@ -81,6 +87,17 @@ class Sizes:
 
 FULL = Sizes("DiT-XL/2", 32, 1000, 4, 6, (8, 32), 64, 25, 1.5, warmup=2, iters=5, equiv_batch=4, gemm_size=8192)
 TINY = Sizes("DiT-T/2", 8, 10, 4, 1, (2, 4), 4, 25, 1.5, warmup=1, iters=1, equiv_batch=2, gemm_size=256)
+
+
+def pixart_config(tiny: bool) -> TextDiTConfig:
+    """PixArt-Sigma-XL-2-256x256's transformer (32x32x4 latents, T5-XXL width, position scale 0.5), or a tiny one."""
+    if tiny:
+        return TextDiTConfig(input_size=(8, 8), sample_size=8, in_channels=4, hidden_size=96, depth=2, num_heads=4,
+                             caption_channels=32, learn_sigma=True)
+    return text_dit_config("PixArt-XL/2", input_size=(32, 32), sample_size=32, interpolation_scale=0.5)
+
+
+PIXART_TEXT_TOKENS = 120  # captions padded to 120 tokens, real lengths spread over 10..120
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +293,104 @@ def check_equivalence(student: ARDStudent, naive: NaiveARDStudent, sizes: Sizes,
     return rows
 
 
+def _captions(B: int, T: int, C: int, device: torch.device, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(max(T // 12, 1), T, B).round().long()
+    mask = torch.arange(T)[None] < lengths[:, None]
+    return (torch.randn(B, T, C, generator=g) * mask[..., None]).to(device), mask.to(device)
+
+
+def bench_pixart(sizes: Sizes, device: torch.device, tiny: bool) -> dict:
+    """The PixArt-XL-2 256 text student: equivalence, training steps, sampling latency (random weights)."""
+    tcfg = pixart_config(tiny)
+    T = 16 if tiny else PIXART_TEXT_TOKENS
+    S, Nh = sizes.num_steps, sizes.history_layers
+    times = [float(t) for t in VPProcess().timesteps(sizes.teacher_steps)]
+    block_times = tuple(times[0] * (S - k) / S for k in range(S))
+    scfg = TextStudentConfig(teacher=tcfg, num_steps=S, history_layers=Nh, block_times=block_times)
+    with torch.device(device):
+        teacher = randomize_(TextDiT(tcfg), seed=3).eval()
+        student = TextARDStudent.from_teacher(teacher, scfg)
+    del teacher
+    n_params = sum(p.numel() for p in student.parameters())
+    out = {"arch": "PixArt-XL/2 (256 px)" if not tiny else "tiny PixArt", "params": n_params, "text_tokens": T,
+           "tokens": S * tcfg.num_patches, "equivalence": [], "train": [], "sampling": []}
+    shape = (tcfg.in_channels, *tcfg.input_size)
+    # equivalence: cached sampling == teacher-forced forward fed the sampler's outputs (captions of mixed lengths)
+    B = sizes.equiv_batch
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(B, *shape, generator=g).to(device)
+    text, mask = _captions(B, T, tcfg.caption_channels, device)
+    student.eval()
+    with torch.no_grad():
+        for precision in ("fp32", "bf16"):
+            with autocast(device, precision):
+                cached = student.sample(noise, text, mask, return_all=True).float()
+                forced = student(torch.cat([noise.unsqueeze(1), cached[:, :-1]], dim=1), text, mask).float()
+            err = (cached - forced).abs().max() / forced.abs().max()
+            out["equivalence"].append({"check": f"PixArt student: cached vs teacher-forced ({precision})",
+                                       "rel_max_err": float(err)})
+    # training: AdamW step with bf16 autocast, grad clip, EMA
+    for batch in sizes.train_batches:
+        for ckpt in (False, True):
+            student.cfg = replace(scfg, grad_checkpointing=ckpt)
+            row = {"model": "TextARDStudent" + (" + activation checkpointing" if ckpt else ""), "batch": batch,
+                   "tokens": out["tokens"]}
+            reset_memory(device)
+            opt = ema = None
+            try:
+                student.train()
+                params = [p for p in student.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=1e-4)
+                ema = EMA(student, 0.9999)
+                g = torch.Generator().manual_seed(batch)
+                x = torch.randn(batch, S, *shape, generator=g).to(device)
+                target = torch.randn(batch, S, *shape, generator=g).to(device)
+                tx, tm = _captions(batch, T, tcfg.caption_channels, device, seed=batch)
+
+                def step():
+                    with autocast(device, "bf16"):
+                        pred = student(x, tx, tm)
+                    (pred.float() - target).pow(2).mean().backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    ema.update(student)
+
+                s = timed(step, device, sizes.warmup, sizes.iters)
+                row.update(step_s=s, samples_per_s=batch / s, peak_gib=peak_gib(device))
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                row.update(error="out of memory")
+            finally:
+                opt = ema = None
+                student.zero_grad(set_to_none=True)
+                reset_memory(device)
+            out["train"].append(row)
+            print(f"[gpu_check] pixart {row}", flush=True)
+    student.cfg = scfg
+    # sampling latency per image (latents only; T5 and the VAE decoder are not included)
+    student.eval()
+    B = sizes.sample_batch
+    noise = torch.randn(B, *shape, generator=torch.Generator().manual_seed(4)).to(device)
+    text, mask = _captions(B, T, tcfg.caption_channels, device, seed=5)
+    with torch.no_grad():
+        for label, cfg in ((f"ARD {S}-step (N_h = {Nh}, KV cache)", scfg),
+                           (f"step distillation {S}-step (N_h = 0)", replace(scfg, history_layers=0))):
+            student.cfg = cfg
+            try:
+                with autocast(device, "bf16"):
+                    s = timed(lambda: student.sample(noise, text, mask), device, 1, sizes.iters)
+            finally:
+                student.cfg = scfg
+            out["sampling"].append({"sampler": label, "batch": B, "ms_per_image": 1e3 * s / B})
+    student.to("cpu")
+    del student
+    reset_memory(device)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # report
 
@@ -312,6 +427,23 @@ def to_markdown(r: dict) -> str:
               "|---|---|"]
     for e in r["equivalence"]:
         lines.append(f"| {e['check']} | {e['rel_max_err']:.2e} |")
+    if r.get("pixart"):
+        px = r["pixart"]
+        lines += ["", f"Text-to-image student of {px['arch']} ({px['params'] / 1e6:.3g}M parameters, {px['tokens']} "
+                      f"image tokens per sample, captions padded to {px['text_tokens']} tokens), bf16 autocast:", "",
+                  "| model | micro-batch | step (ms) | samples/s | peak memory (GiB) |", "|---|---|---|---|---|"]
+        for t in px["train"]:
+            if "error" in t:
+                lines.append(f"| {t['model']} | {t['batch']} | {t['error']} | | |")
+            else:
+                lines.append(f"| {t['model']} | {t['batch']} | {1e3 * t['step_s']:.1f} | {t['samples_per_s']:.1f} | "
+                             f"{_f(t['peak_gib'], '.1f')} |")
+        lines += ["", "| sampler (latents only, no T5, no VAE) | batch | ms / image |", "|---|---|---|"]
+        for s in px["sampling"]:
+            lines.append(f"| {s['sampler']} | {s['batch']} | {s['ms_per_image']:.3g} |")
+        lines += ["", "| check | rel. max error |", "|---|---|"]
+        for e in px["equivalence"]:
+            lines.append(f"| {e['check']} | {e['rel_max_err']:.2e} |")
     lines.append(f"\nWall time of the whole check: {r['wall_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 
@@ -334,7 +466,7 @@ def write_markdown(path: Path, card: str, section: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(sizes: Sizes, device: torch.device, tiny: bool, out: str | None = None) -> dict:
+def run(sizes: Sizes, device: torch.device, tiny: bool, out: str | None = None, pixart: bool = True) -> dict:
     t_start = time.perf_counter()
 
     def save_partial(results: dict) -> None:  # a run cut short by a time limit still leaves its numbers
@@ -398,6 +530,15 @@ def run(sizes: Sizes, device: torch.device, tiny: bool, out: str | None = None) 
     results["sampling"] = bench_sampling(student, teacher, sizes, device, peak)
     for s in results["sampling"]:
         print(f"[gpu_check] {s}", flush=True)
+    save_partial(results)
+    if pixart:
+        teacher.to("cpu")
+        student.to("cpu")
+        del teacher, student
+        reset_memory(device)
+        results["pixart"] = bench_pixart(sizes, device, tiny)
+        for e in results["pixart"]["equivalence"]:
+            print(f"[gpu_check] {e['check']}: {e['rel_max_err']:.2e}", flush=True)
     results["wall_s"] = time.perf_counter() - t_start
     return results
 
@@ -407,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (DiT-T/2 on 8x8 latents): a CPU smoke test")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--skip-pixart", action="store_true", help="leave out the PixArt-XL-2 256 text student")
     ap.add_argument("--markdown", default=None,
                     help="markdown file to update with this card's section ('none' to skip; default "
                          "docs/benchmarks.md at full size, none with --tiny)")
@@ -418,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the full-size check needs a GPU; use --tiny on CPU")
     sizes = TINY if args.tiny else FULL
     torch.manual_seed(0)
-    results = run(sizes, device, args.tiny, args.out)
+    results = run(sizes, device, args.tiny, args.out, pixart=not args.skip_pixart)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     md = args.markdown or ("none" if args.tiny else str(ROOT / "docs" / "benchmarks.md"))
@@ -427,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     if md != "none":
         write_markdown(Path(md), results["card"], section)
         print(f"[gpu_check] updated {md}")
-    bad = [e for e in results["equivalence"] if not math.isfinite(e["rel_max_err"])
+    checks = results["equivalence"] + (results.get("pixart") or {}).get("equivalence", [])
+    bad = [e for e in checks if not math.isfinite(e["rel_max_err"])
            or e["rel_max_err"] > (5e-2 if "bf16" in e["check"] else 1e-4)]
     if bad:
         print(f"[gpu_check] equivalence FAILED: {bad}", file=sys.stderr)

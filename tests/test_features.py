@@ -99,7 +99,9 @@ class TinyClassifier(nn.Module):
 # ---------------------------------------------------------------- registry and digits
 
 def test_unknown_network_names_the_choices():
-    with pytest.raises(ValueError, match="digits.*inception"):
+    with pytest.raises(ValueError, match="clip.*digits.*inception"):
+        get_feature_network("dinov2")
+    with pytest.raises(ValueError, match="needs folder="):  # "clip" is registered (evaluation/clip_score.py)
         get_feature_network("clip")
 
 

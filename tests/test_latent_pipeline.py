@@ -172,3 +172,7 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     assert all(t["step_s"] > 0 for t in r["train"]) and len(r["sampling"]) == 3
     assert all(e["rel_max_err"] < 1e-4 for e in r["equivalence"] if "fp32" in e["check"])
     assert "gpu_check: CPU" in (tmp_path / "b.md").read_text()
+    px = r["pixart"]  # the PixArt-XL-2 256 text student, tiny here
+    assert len(px["train"]) == 4 and all(t["step_s"] > 0 for t in px["train"]) and len(px["sampling"]) == 2
+    assert [e["rel_max_err"] < 1e-4 for e in px["equivalence"] if "fp32" in e["check"]] == [True]
+    assert "Text-to-image student of tiny PixArt" in (tmp_path / "b.md").read_text()

@@ -68,6 +68,14 @@ def _add_record(sub):
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 when done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _threads_flag(p)
+    t2i = p.add_argument_group("text-to-image teachers", "PixArt folders or .pth files, or ours; docs/t2i.md")
+    t2i.add_argument("--prompt-store", default=None,
+                     help="prompt store (ardistill embed-prompts): record a text teacher on its prompts; guidance "
+                          "uses its empty prompt (PixArt: --cfg-scale 4.5)")
+    t2i.add_argument("--image-size", type=int, default=None, help="original PixArt .pth only: pixels (256/512/1024)")
+    t2i.add_argument("--variant", choices=("alpha", "sigma"), default="sigma",
+                     help="original PixArt .pth only: position-embedding scale of PixArt-alpha or -Sigma")
+    t2i.add_argument("--num-heads", type=int, default=None, help="original PixArt .pth only: heads (default width / 72)")
 
     def fields(a):
         return dict(count=a.count, num_steps=a.num_steps, teacher_steps=a.teacher_steps, grid=a.grid,
@@ -89,11 +97,50 @@ def _add_record(sub):
             return
         if not (args.teacher and args.out):
             raise ValueError("--teacher and --out are required")
+        if args.prompt_store is not None:
+            from ardistill.data.record import TextRecordConfig, record_text_command
+            if record_fields.get("classes") is not None or record_fields.get("guidance_channels") is not None:
+                raise ValueError("--classes and --guidance-channels are for class-conditional teachers")
+            text_fields = {k: v for k, v in record_fields.items() if k not in ("classes", "guidance_channels")}
+            summary = record_text_command(args.teacher, args.prompt_store, args.out, TextRecordConfig(**text_fields),
+                                          device=args.device, verify_after=args.verify, progress=not args.no_progress,
+                                          image_size=args.image_size, variant=args.variant, num_heads=args.num_heads)
+            if summary is not None:
+                print(summary)
+            return
         cfg = RecordConfig(**record_fields)
         _threads(args.threads)
         summary = record_command(args.teacher, args.out, cfg, device=args.device, verify_after=args.verify,
                                  progress=not args.no_progress)
         if summary is not None:  # rank 0 only
+            print(summary)
+    p.set_defaults(func=run)
+
+
+def _add_embed_prompts(sub):
+    p = sub.add_parser("embed-prompts", help="encode a prompt file once into a prompt store (T5 from a local folder; torchrun)",
+                       description="Each prompt (and the empty prompt, row 0) is encoded once; recordings reference "
+                                   "rows. Rerun the same command to resume. Needs transformers: pip install 'ardistill[t5]'.")
+    p.add_argument("--prompts", required=True, help="prompt file: one per line, or JSONL with id and prompt")
+    p.add_argument("--text-encoder", required=True,
+                   help="local T5 folder (weights + tokenizer), or a PixArt pipeline folder (text_encoder/, tokenizer/)")
+    p.add_argument("--out", required=True, help="prompt-store folder")
+    p.add_argument("--max-length", type=int, default=120, help="tokens per prompt: PixArt-alpha 120, PixArt-Sigma 300")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="encoder dtype (default bfloat16 on CUDA, float32 on CPU; T5 v1.1 overflows in float16)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (per process)")
+    p.add_argument("--shard-size", type=int, default=4096, help="prompts per shard file")
+    p.add_argument("--preprocess", choices=("lower", "none"), default="lower",
+                   help="lower: lower-case and strip each prompt, as diffusers' PixArt pipelines (default)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    def run(args):
+        from ardistill.data.t5 import embed_prompts_command
+        summary = embed_prompts_command(args.prompts, args.text_encoder, args.out, max_length=args.max_length,
+                                        dtype=args.dtype, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                                        shard_size=args.shard_size, device=args.device, preprocess=args.preprocess)
+        if summary is not None:
             print(summary)
     p.set_defaults(func=run)
 
@@ -269,8 +316,8 @@ def _add_train_teacher(sub):
                                    "The defaults are the shipped teacher's recipe (docs/digits.md).")
     p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
     p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
-                                   "[DiT-digits-S]")
-    p.add_argument("--steps", type=int, help="optimizer steps [14000]")
+                                   "[DiT-digits-S; --task t2i: TextDiT-digits]")
+    p.add_argument("--steps", type=int, help="optimizer steps [14000; --task t2i: 6000]")
     p.add_argument("--batch-size", type=int, help="[32]")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate [1e-3]")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up [cosine]")
@@ -289,14 +336,40 @@ def _add_train_teacher(sub):
                    help="start over even if --out holds a training state")
     _threads_flag(p)
     p.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    t2i = p.add_argument_group("--task t2i", "the text-conditioned teacher on the two-digit benchmark (docs/t2i.md)")
+    t2i.add_argument("--task", choices=("c2i", "t2i"), default="c2i",
+                     help="c2i: class-conditional DiT on the digits; t2i: text-conditioned TextDiT (PixArt form) "
+                          "on two digits side by side with captions [c2i]")
+    t2i.add_argument("--caption-dropout-prob", type=float, help="null-text probability for guidance [0.1]")
+    t2i.add_argument("--train-pairs", type=int, help="training examples drawn once, seen pairs only [30000]")
+    t2i.add_argument("--encoder-width", type=int, help="width of the fixed word encoder's tokens [32]")
+    t2i.add_argument("--encoder-seed", type=int, help="seed of the fixed word encoder's table [0]")
+    t2i.add_argument("--split-seed", type=int, help="seed of the digits' train / held-out split [0]")
 
     def run(args):
+        if args.task == "t2i":
+            return _train_text_teacher(args)
         from ardistill.training.teacher import TeacherTrainConfig, train_teacher
         _threads(args.threads)
         cfg = TeacherTrainConfig(**{k: v for k, v in vars(args).items()
                                     if k in TeacherTrainConfig.__dataclass_fields__})
         print(train_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress))
     p.set_defaults(func=run)
+
+
+def _train_text_teacher(args):
+    """``train-teacher --task t2i``: the TextTeacherTrainConfig fields given on the command line."""
+    from ardistill.training.text_teacher import TextTeacherTrainConfig, train_text_teacher
+    _threads(args.threads)
+    fields = TextTeacherTrainConfig.__dataclass_fields__
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("out", "threads", "no_resume", "no_progress", "task", "func", "command")}
+    wrong = sorted(k for k in given if k not in fields)
+    if wrong:
+        raise SystemExit(f"train-teacher --task t2i: {', '.join('--' + k.replace('_', '-') for k in wrong)} "
+                         "apply to the class-conditional teacher only")
+    cfg = TextTeacherTrainConfig(**given)
+    print(train_text_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress))
 
 
 def _add_train_classifier(sub):
@@ -330,24 +403,38 @@ def _add_train_classifier(sub):
 
 def _add_sample(sub):
     p = sub.add_parser("sample", help="sample a teacher with its ODE solver into a PNG grid")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher, "
+                                                   "or with --prompt the shipped text-to-image teacher)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image: a caption, e.g. \"a 4 and a 1\" (repeat for more; one grid row each)")
     p.add_argument("--out", default="grid.png", help="output PNG")
     p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
     p.add_argument("--steps", type=int, default=25, help="solver steps")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1 = none) [1.5; with --prompt 3.0]")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = DiT's legacy forward_with_cfg); default all")
-    p.add_argument("--seeds", default="0-99", help="noise seeds, e.g. 0-63 or 0,5,7-9 (one image each)")
+    p.add_argument("--seeds", default=None,
+                   help="noise seeds, e.g. 0-63 or 0,5,7-9 (one image each) [0-99; with --prompt 0-7 per prompt]")
     p.add_argument("--labels", default=None, help="classes, cycled over the seeds, e.g. 3 or 0-4 (default: balanced)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: one per class when balanced)")
     p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of every pixel")
     p.add_argument("--device", default="cpu")
 
     def run(args):
+        if args.prompt:
+            from ardistill.sample import sample_prompt_grid
+            if args.labels is not None or args.guidance_channels is not None:
+                raise ValueError("--labels and --guidance-channels are for class-conditional teachers, not --prompt")
+            print(sample_prompt_grid(args.teacher, args.out, args.prompt, seeds=args.seeds or "0-7", steps=args.steps,
+                                     solver=args.solver, cfg_scale=3.0 if args.cfg_scale is None else args.cfg_scale,
+                                     nrow=args.nrow, scale=args.scale, device=args.device))
+            return
         from ardistill.sample import sample_grid
-        print(sample_grid(args.teacher, args.out, seeds=args.seeds, labels=args.labels, steps=args.steps,
-                          solver=args.solver, cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels,
-                          nrow=args.nrow, scale=args.scale, device=args.device))
+        print(sample_grid(args.teacher, args.out, seeds=args.seeds or "0-99", labels=args.labels, steps=args.steps,
+                          solver=args.solver, cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale,
+                          guidance_channels=args.guidance_channels, nrow=args.nrow, scale=args.scale,
+                          device=args.device))
     p.set_defaults(func=run)
 
 
@@ -448,9 +535,22 @@ def _add_demo(sub):
     p.add_argument("--preset", choices=("quick", "full"), default="quick")
     p.add_argument("--history-layers", type=int, default=None, help="ARD's N_h (default: 6/28 of the depth)")
     p.add_argument("--gan", action="store_true", help="add the GAN fine-tuning stage: an ARD (R+G) row")
+    p.add_argument("--task", choices=("digits", "t2i"), default="digits",
+                   help="digits: class-conditional digits; t2i: the text-to-image two-digit benchmark (docs/t2i.md; "
+                        "default out runs/t2i, teacher = the shipped text teacher)")
     _compare_args(p, "runs/demo")
 
     def run(args):
+        if args.task == "t2i":
+            from ardistill.compare_t2i import compare_t2i, t2i_config
+            if args.gan:
+                raise SystemExit("demo --task t2i: --gan is for the class-conditional digits task")
+            _threads(args.threads)
+            opts = {k: getattr(args, k) for k in ("out", "teacher", "train_count", "eval_count", "num_steps", "steps",
+                                                  "batch_size", "lr", "seeds", "device", "history_layers")}
+            student = {k: getattr(args, k) for k in ("target", "output", "on_policy_prob", "on_policy_start")}
+            print(compare_t2i(t2i_config(args.preset, opts, student, progress=not args.no_progress)))
+            return
         from ardistill.compare import DEMO_PRESETS, compare, demo_variants
         from ardistill.io.checkpoints import load_any_teacher
         from ardistill.assets import DIGITS_TEACHER, shipped
@@ -479,17 +579,52 @@ def _add_sweep(sub):
 
 
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="few-step samples from a student: ADM .npz (torchrun: rank-local shards) or a PNG grid")
-    p.add_argument("--student", required=True, help="student weights, checkpoint folder or run folder")
-    p.add_argument("--out", required=True, help="output .npz (ADM arr_0 uint8 NHWC) or .png (grid)")
+    p = sub.add_parser("generate", help="few-step samples from a student: ADM .npz (torchrun: rank-local shards) or a PNG grid; "
+                                        "--prompts: text-to-image samples into a folder")
+    p.add_argument("--student", default=None, help="student weights, checkpoint folder or run folder (required "
+                                                   "unless --pipeline)")
+    p.add_argument("--out", required=True, help="output .npz (ADM arr_0 uint8 NHWC) or .png (grid); with --prompts a "
+                                                "folder (samples.npz, samples.jsonl, images/)")
     p.add_argument("--num-samples", type=int, default=100, help="sample i has seed base+i and label i %% classes")
     p.add_argument("--base-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for latent students")
     p.add_argument("--scale", type=int, default=None, help="PNG: nearest-neighbour upscaling (default x8 below 64 px)")
     p.add_argument("--device", default=None)
+    t2i = p.add_argument_group("text-to-image (docs/t2i.md)")
+    t2i.add_argument("--prompts", default=None, help="prompt file (text or JSONL): images of a text-to-image student")
+    t2i.add_argument("--pipeline", default=None, help="an ARD pipeline folder (ardistill export-pipeline) instead "
+                                                      "of --student / --text-encoder / --vae")
+    t2i.add_argument("--text-encoder", default=None, help="the T5 folder the prompt store was embedded with")
+    t2i.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt (seeds base-seed + i)")
+    t2i.add_argument("--max-length", type=int, default=None,
+                     help="prompt tokens (default: the student's prompt store, found through its run folder)")
+    t2i.add_argument("--no-png", action="store_true", help="no PNG per image (samples.npz only)")
+
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image students: a caption (repeat for more); writes a PNG grid, one column per "
+                        "caption and one row per seed (--num-samples seeds from --base-seed)")
 
     def run(args):
+        if args.prompts is not None:
+            from ardistill.pipeline import ARDPipeline, generate_from_prompts
+            if args.pipeline:
+                pipe = ARDPipeline.from_pretrained(args.pipeline, device=args.device)
+            elif args.student and args.text_encoder:
+                pipe = ARDPipeline.from_parts(args.student, args.text_encoder, args.vae, max_length=args.max_length,
+                                              device=args.device)
+            else:
+                raise ValueError("--prompts needs --pipeline FOLDER, or --student and --text-encoder (and --vae)")
+            print(generate_from_prompts(pipe, args.prompts, args.out, args.num_images_per_prompt, args.base_seed,
+                                        args.batch_size, png=not args.no_png))
+            return
+        if args.student is None:
+            raise ValueError("--student is required")
+        if args.prompt:
+            from ardistill.generate import student_prompt_grid
+            seeds = list(range(args.base_seed, args.base_seed + min(args.num_samples, 8)))
+            print(student_prompt_grid(args.student, args.out, args.prompt, seeds, device=args.device or "cpu"))
+            return
         if str(args.out).endswith(".png"):
             from ardistill.generate import student_grid_png
             seeds = list(range(args.base_seed, args.base_seed + args.num_samples))
@@ -503,13 +638,38 @@ def _add_generate(sub):
     p.set_defaults(func=run)
 
 
+def _add_export_pipeline(sub):
+    p = sub.add_parser("export-pipeline", help="a text-to-image student + its T5 + VAE as an ARDPipeline folder",
+                       description="ARDPipeline.from_pretrained(OUT) then loads it; the encoder and VAE are referenced "
+                                   "by absolute path unless --copy-parts.")
+    p.add_argument("--student", required=True, help="student weights, checkpoint folder or run folder")
+    p.add_argument("--text-encoder", required=True, help="the T5 folder the prompt store was embedded with")
+    p.add_argument("--vae", default=None, help="the teacher's diffusers VAE folder (omit for pixel-space students)")
+    p.add_argument("--out", required=True, help="pipeline folder")
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: from the student's run)")
+    p.add_argument("--copy-parts", action="store_true", help="copy the encoder and VAE folders into OUT")
+
+    def run(args):
+        from ardistill.pipeline import ARDPipeline
+        pipe = ARDPipeline.from_parts(args.student, args.text_encoder, args.vae, max_length=args.max_length,
+                                      device="cpu")
+        print(pipe.save_pretrained(args.out, copy_parts=args.copy_parts))
+    p.set_defaults(func=run)
+
+
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="FID / IS / precision-recall of an ADM sample .npz against a reference batch",
+    p = sub.add_parser("evaluate", help="FID / IS / precision-recall of an ADM sample .npz against a reference batch; "
+                                        "--prompts: CLIP score (and FD) of text-to-image samples",
                        description="Both files are ADM .npz batches (uint8 NHWC arr_0). Features: 'inception' "
-                                   "(FID Inception-v3 from a local weights file) or 'digits' (the shipped classifier).")
-    p.add_argument("--samples", required=True, help="sample batch .npz (ardistill generate)")
-    p.add_argument("--reference", required=True, help="reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz")
-    p.add_argument("--features", choices=("inception", "digits"), default="inception")
+                                   "(FID Inception-v3 from a local weights file), 'digits' (the shipped classifier) "
+                                   "or 'clip' (the --clip model's image embeddings).")
+    p.add_argument("--samples", default=None, help="sample batch .npz (ardistill generate)")
+    p.add_argument("--reference", default=None, help="reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz "
+                                                     "(optional with --prompts: then FD is reported too)")
+    p.add_argument("--prompts", default=None, help="a folder of ardistill generate --prompts: report CLIP score")
+    p.add_argument("--clip", default=None, help="local transformers CLIP folder (CLIP score; 'clip' features)")
+    p.add_argument("--features", choices=("inception", "digits", "clip"), default=None,
+                   help="FD features (default inception; with --prompts: clip)")
     p.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05 .pth file (default: $ARDISTILL_INCEPTION_WEIGHTS)")
     p.add_argument("--reference-stats", choices=("recompute", "file"), default="recompute",
@@ -523,7 +683,24 @@ def _add_evaluate(sub):
         from ardistill.evaluation.evaluate import evaluate_npz
         from ardistill.evaluation.features import get_feature_network
         from ardistill.io.fileio import atomic_write_json
+        if args.prompts is not None:
+            from ardistill.evaluation.clip_score import evaluate_prompt_samples
+            if args.clip is None:
+                raise ValueError("--prompts needs --clip FOLDER (a local transformers CLIP folder)")
+            features = args.features or "clip"
+            kw = {"weights_path": args.inception_weights} if features == "inception" else {}
+            res = evaluate_prompt_samples(args.prompts, args.clip, args.reference, features, args.batch_size,
+                                          device=args.device, **kw)
+            if args.out:
+                atomic_write_json(args.out, res)
+            print(json.dumps(res, indent=2))
+            return
+        if args.samples is None or args.reference is None:
+            raise ValueError("--samples and --reference are required (or --prompts)")
+        args.features = args.features or "inception"
         kw = {"weights_path": args.inception_weights} if args.features == "inception" else {}
+        if args.features == "clip":
+            kw = {"folder": args.clip}
         net = get_feature_network(args.features, device=args.device, **kw)
         res = evaluate_npz(args.samples, args.reference, net, args.batch_size, args.reference_stats, device=args.device)
         if args.out:
@@ -566,9 +743,9 @@ def _add_import_student(sub):
 
 
 # Subcommand registrations, in the order they appear in --help.
-_REGISTRATIONS = [_add_version, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
+_REGISTRATIONS = [_add_version, _add_embed_prompts, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
                   _add_train_teacher, _add_train_classifier, _add_sample, _add_finetune_gan, _add_demo, _add_sweep,
-                  _add_generate, _add_evaluate, _add_import_teacher, _add_import_student]
+                  _add_generate, _add_export_pipeline, _add_evaluate, _add_import_teacher, _add_import_student]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         print(f"ardistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -62,7 +62,7 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
     dev = dist.init(device)
     out = Path(out)
     try:
-        student = load_student(student_path, device=dev)
+        student = _class_student(load_student(student_path, device=dev), student_path)
         codec = None
         if vae is not None:
             from ardistill.data.vae import load_codec
@@ -138,6 +138,47 @@ def _drop_stale_rank_file(part: Path, settings: dict) -> None:
     print(f"generate: {part} is left from an interrupted run and {why}; sampling again", file=sys.stderr)
     part.unlink()
     meta.unlink(missing_ok=True)
+def student_prompt_grid(student_path: str | Path, out: str | Path, prompts: list[str], seeds: list[int],
+                        scale: int = 8, device: str = "cpu") -> Path:
+    """A text student's samples for each prompt (one row per prompt, one column per seed), captions under the columns.
+
+    The encoder is rebuilt from the ``text_encoder`` spec in the student file's metadata (written by
+    ``ardistill distill`` when the recording's prompt store holds one, as the t2i demo's do).
+    """
+    from ardistill.data.text_encoder import encoder_from_spec
+    from ardistill.io.checkpoints import load_state_and_config
+    from ardistill.io.images import save_captioned_grid
+    from ardistill.io.student_io import load_student, resolve_student_path
+    from ardistill.models.text_student import TextARDStudent
+    from ardistill.sampling.ode import randn_from_seeds
+
+    if not prompts or not seeds:
+        raise ValueError("student_prompt_grid: needs at least one prompt and one seed")
+    file = resolve_student_path(student_path)
+    student = load_student(file, device=device)
+    if not isinstance(student, TextARDStudent):
+        raise ValueError(f"{file} is a class-conditional student; --prompt is for text-to-image students")
+    meta = load_state_and_config(file)[2]
+    if "text_encoder" not in meta:
+        raise ValueError(f"{file}: no 'text_encoder' spec in its metadata (its prompt store did not record one); "
+                         "encode the captions yourself and call TextARDStudent.sample(noise, text, text_mask)")
+    encoder = encoder_from_spec(meta["text_encoder"], f"{file}: text_encoder")
+    text, mask = encoder.encode(list(prompts))
+    tc = student.cfg.teacher
+    rows = {}
+    for s in seeds:
+        noise = randn_from_seeds([s] * len(prompts), (tc.in_channels, *tc.input_size), device=device)
+        rows[f"seed {s}"] = student.sample(noise, text.to(device), mask.to(device)).float().cpu()
+    return save_captioned_grid(rows, list(prompts), out, scale=scale)
+
+
+def _class_student(student, path):
+    """The class-conditional student this module samples; a text student is named as such."""
+    from ardistill.models.text_student import TextARDStudent
+    if isinstance(student, TextARDStudent):
+        raise ValueError(f"{path} is a text-to-image student: it samples from captions, not labels "
+                         f"(TextARDStudent.sample(noise, text, text_mask); `ardistill demo --task t2i` draws its grids)")
+    return student
 
 
 def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int], labels: list[int] | None = None,
@@ -147,7 +188,7 @@ def student_grid_png(student_path: str | Path, out: str | Path, seeds: list[int]
     from ardistill.io.images import save_image_grid
     from ardistill.io.student_io import load_student
 
-    student = load_student(student_path, device=device)
+    student = _class_student(load_student(student_path, device=device), student_path)
     codec = None
     if vae is not None:
         from ardistill.data.vae import load_codec

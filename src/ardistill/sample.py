@@ -125,3 +125,84 @@ def digits_teacher_metrics(teacher: nn.Module, num_samples: int = 2000, steps: i
     # Clamped to the image range, as when samples are written to image files: a few out-of-range
     # pixels would otherwise push the classifier far outside the features it was trained on.
     return image_metrics(images.clamp(-1, 1).to(device), real, net)
+
+
+# ---- text-to-image teachers -------------------------------------------------------------------------
+@torch.no_grad()
+def sample_text_teacher(teacher: nn.Module, encoder, prompts: list[str], seeds: list[int], steps: int = 25,
+                        solver: str = "ddim", cfg_scale: float = 3.0, batch_size: int = 500,
+                        device=None) -> torch.Tensor:
+    """Final ODE samples (N, C, H, W) of a text teacher for prompts[i] from noise seeds[i].
+
+    Args:
+        teacher: a TextDiT (eval mode is set here).
+        encoder: its text encoder (``encode`` and ``null``), e.g. data/text_encoder.py's WordEncoder.
+        prompts: caption of each sample (N,).
+        seeds: noise seed of each sample (N,).
+        steps, solver: the ODE solver (DDIM-25 by default).
+        cfg_scale: classifier-free guidance scale against the empty prompt (1 = none).
+        batch_size: samples per solver call (does not change the images).
+        device: where to run; default the teacher's device.
+    """
+    from ardistill.sampling.guidance import make_text_model_fn
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample_text_teacher: {len(seeds)} seeds but {len(prompts)} prompts")
+    teacher.eval()
+    device = device or next(teacher.parameters()).device
+    cfg = teacher.cfg
+    null_text, null_mask = encoder.null()
+    model_fn = make_text_model_fn(teacher, null_text.to(device), null_mask.to(device), cfg_scale)
+    process = process_for(cfg.prediction)
+    shape = (cfg.in_channels, *cfg.input_size)
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        text, mask = encoder.encode(list(prompts[i:i + batch_size]))
+        noise = randn_from_seeds(seeds[i:i + batch_size], shape, device)
+        out.append(solve(model_fn, process, noise, (text.to(device), mask.to(device)), steps, solver).sample.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+def text_teacher_adherence(teacher: nn.Module, encoder, pairs: str = "seen", num_samples: int = 500,
+                           steps: int = 25, solver: str = "ddim", cfg_scale: float = 3.0, seed: int = 1,
+                           classifier: nn.Module | None = None, device: str = "cpu"):
+    """Prompt adherence of a text teacher on captions of the digit-pairs grammar (evaluation/adherence.py).
+
+    Captions come from ``make_digit_pairs(num_samples, split="heldout", pairs=pairs, seed=seed)``
+    ("seen" pairs or the "heldout" pairs the teacher never saw); sample i has noise seed i.
+    Returns ``evaluation.adherence.Adherence``.
+    """
+    from ardistill.data.digit_pairs import make_digit_pairs
+    from ardistill.evaluation.adherence import prompt_adherence
+    from ardistill.evaluation.classifier import load_digits_classifier
+
+    data = make_digit_pairs(num_samples, split="heldout", pairs=pairs, seed=seed)
+    images = sample_text_teacher(teacher.to(device), encoder, list(data.captions), list(range(num_samples)),
+                                 steps, solver, cfg_scale, device=device)
+    return prompt_adherence(images, data.left, data.right, classifier or load_digits_classifier().to(device))
+
+
+def sample_prompt_grid(teacher_path: str | Path | None, out: str | Path, prompts: list[str], seeds: str = "0-7",
+                       steps: int = 25, solver: str = "ddim", cfg_scale: float = 3.0, nrow: int | None = None,
+                       scale: int = 8, device: str = "cpu") -> Path:
+    """Sample a text teacher (None = the shipped two-digit one) for prompts into a PNG grid, one row per prompt.
+
+    What ``ardistill sample --prompt ...`` runs; every prompt gets the same seeds.
+    """
+    from ardistill.assets import DIGITS_T2I_TEACHER, shipped
+    from ardistill.data.text_encoder import load_text_teacher_and_encoder
+    from ardistill.io.images import save_image_grid
+
+    if not prompts:
+        raise ValueError("sample_prompt_grid: no prompts")
+    path = shipped(DIGITS_T2I_TEACHER, "text-to-image teacher") if teacher_path is None else Path(teacher_path)
+    teacher, encoder = load_text_teacher_and_encoder(path)
+    seed_list = parse_int_list(seeds, "seeds")
+    all_prompts = [p for p in prompts for _ in seed_list]
+    images = sample_text_teacher(teacher.to(device), encoder, all_prompts, seed_list * len(prompts), steps, solver,
+                                 cfg_scale, device=device)
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{path}: the teacher makes {images.shape[1]}-channel images (latents?); "
+                         "a PNG grid needs 1 or 3 channels")
+    return save_image_grid(images, out, nrow=nrow or len(seed_list), padding=max(1, scale // 4), scale=scale,
+                           pad_value=0.0)

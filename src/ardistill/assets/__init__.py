@@ -1,6 +1,7 @@
-"""Files shipped inside the package: the embedded digits teacher and the digits classifier.
+"""Files shipped inside the package: the embedded digits teacher, the digits classifier, the text teacher.
 
-How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md.
+How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md; the
+text-to-image teacher of the two-digit benchmark: docs/t2i.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ DIGITS_TEACHER = ASSETS_DIR / "digits_teacher.safetensors"  # EMA weights, DiTCo
 DIGITS_TEACHER_CONFIG = ASSETS_DIR / "digits_teacher.json"  # resolved training config, losses, wall time
 DIGITS_CLASSIFIER = ASSETS_DIR / "digits_classifier.safetensors"  # feature network for the digits metrics
 DIGITS_CLASSIFIER_CONFIG = ASSETS_DIR / "digits_classifier.json"
+# Text-to-image: TextDiT (PixArt form) on two digits side by side; TextDiTConfig and encoder spec inside.
+DIGITS_T2I_TEACHER = ASSETS_DIR / "digits_t2i_teacher.safetensors"
+DIGITS_T2I_TEACHER_CONFIG = ASSETS_DIR / "digits_t2i_teacher.json"  # command, wall time, losses, adherence, sha256
 
 
 def shipped(path: Path, what: str) -> Path:

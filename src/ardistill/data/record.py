@@ -163,11 +163,22 @@ def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device
     """
     t0 = time.perf_counter()
     out, device = Path(out), torch.device(device)
-    rank, world = dist.rank(), dist.world_size()
     teacher = teacher.to(device).eval()
     plan = build_plan(teacher, cfg, device)
-    layout = Layout.from_dict(plan["layout"])
+    model_fn = make_model_fn(teacher, cfg.cfg_scale, cfg.guidance_channels)
+    return _record_loop(teacher, out, cfg, plan, model_fn, plan["labels"]["classes"],
+                        lambda labels: torch.from_numpy(labels).to(device), device, progress, t0)
 
+
+def _record_loop(teacher: nn.Module, out: Path, cfg: RecordConfig, plan: dict, model_fn, assign: list[int],
+                 condition, device: torch.device, progress: bool, t0: float) -> RecordSummary:
+    """The recording loop shared by class and text teachers.
+
+    Trajectory i is conditioned on ``assign[i % len(assign)]`` (a class label or a prompt-store row);
+    ``condition(values)`` turns a micro-batch's values into the model function's ``y``.
+    """
+    rank, world = dist.rank(), dist.world_size()
+    layout = Layout.from_dict(plan["layout"])
     status = _on_main(lambda: prepare_output(out, plan))  # rank 0 checks/creates the folder
     todo: list[int] = []
     recorded = 0
@@ -182,19 +193,17 @@ def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device
         recorded = cfg.count - sum(s.count for s in done.values())
     mine = sum(len(shard_range(k, cfg.shard_size, cfg.count)) for k in todo)
 
-    model_fn = make_model_fn(teacher, cfg.cfg_scale, cfg.guidance_channels)
     process = process_for(teacher.cfg)
     positions = plan["grid"]["positions"]
-    classes = plan["labels"]["classes"]
     writer = ShardWriter(out, rank) if todo else None
     bar = _progress_bar(mine, enabled=progress and dist.is_main() and mine > 0, world=world)
     try:
         for k in todo:
             idx = np.asarray(shard_range(k, cfg.shard_size, cfg.count), dtype=np.int64)
-            seeds, labels = seeds_for(idx, cfg.base_seed), labels_for(idx, classes)
+            seeds, labels = seeds_for(idx, cfg.base_seed), labels_for(idx, assign)
             states, x0s = [], []
             for i in range(0, len(idx), cfg.batch_size):  # micro-batches aligned to the shard start
-                s, y = seeds[i:i + cfg.batch_size], torch.from_numpy(labels[i:i + cfg.batch_size]).to(device)
+                s, y = seeds[i:i + cfg.batch_size], condition(labels[i:i + cfg.batch_size])
                 noise = randn_from_seeds(s.tolist(), layout.shape, device=device)
                 res = solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver, record_at=positions)
                 states.append(res.states.to(_TORCH_DTYPE[cfg.dtype]).cpu())
@@ -265,6 +274,118 @@ def record_command(teacher_path: str, out: str, cfg: RecordConfig, device: str |
     try:
         teacher = load_any_teacher(teacher_path)
         summary = record(teacher, out, cfg, device=dev, progress=progress)
+        if verify_after and dist.is_main():
+            verify(out, checksums=True)
+        dist.barrier()
+        return summary if dist.is_main() else None
+    finally:
+        dist.cleanup()
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-conditioned teachers: trajectories reference the prompt store's rows
+
+
+@dataclass(frozen=True)
+class TextRecordConfig(RecordConfig):
+    """Settings of a recording with a text teacher: prompts come from a prompt store (data/prompts.py).
+
+    Trajectory i uses the prompt at store row ``prompt_rows[i % len(prompt_rows)]`` (None = every
+    prompt of the store, row 0 the empty prompt excluded); guidance uses the store's empty prompt.
+    ``classes`` and ``guidance_channels`` do not apply.
+    """
+
+    cfg_scale: float = 4.5  # PixArt's setting
+    prompt_rows: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.classes is not None or self.guidance_channels is not None:
+            raise ValueError("TextRecordConfig: classes and guidance_channels are for class-conditional teachers")
+        if self.prompt_rows is not None:
+            object.__setattr__(self, "prompt_rows", tuple(int(r) for r in self.prompt_rows))
+            if not self.prompt_rows:
+                raise ValueError("TextRecordConfig: prompt_rows must not be empty")
+
+
+def build_text_plan(teacher: nn.Module, store, cfg: TextRecordConfig, device: torch.device) -> dict:
+    """The manifest of a text recording without its shard list; the prompt store is pinned by its manifest's sha256."""
+    from ardistill.data.prompts import store_id
+    tcfg = teacher.cfg
+    process = process_for(tcfg.prediction)
+    positions = cfg.grid_positions()
+    times = grid_times(process, cfg.teacher_steps)
+    rows = list(cfg.prompt_rows) if cfg.prompt_rows is not None else store.prompt_rows()
+    bad = [r for r in rows if not 1 <= r < len(store)]
+    if bad:
+        raise ValueError(f"TextRecordConfig: prompt_rows {bad[:5]} are outside the prompt store's rows 1..{len(store) - 1}")
+    if store.layout.width != tcfg.caption_channels:
+        raise ValueError(f"prompt store {store.root} holds {store.layout.width}-wide text, the teacher reads "
+                         f"caption_channels = {tcfg.caption_channels}")
+    layout = Layout(num_steps=cfg.num_steps, shape=(tcfg.in_channels, *tcfg.input_size), dtype=cfg.dtype,
+                    x0_preds=cfg.x0_preds, condition="prompt")
+    plan = {
+        "format": FORMAT,
+        "version": VERSION,
+        "count": cfg.count,
+        "shard_size": cfg.shard_size,
+        "layout": layout.to_dict(),
+        "grid": {"kind": "explicit" if cfg.positions is not None else cfg.grid, "teacher_steps": cfg.teacher_steps,
+                 "num_steps": cfg.num_steps, "positions": positions, "times": [times[p] for p in positions]},
+        "teacher": {"kind": "text", "config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
+        "sampler": {"process": asdict(process), "solver": cfg.solver, "teacher_steps": cfg.teacher_steps,
+                    "cfg_scale": cfg.cfg_scale, "guidance_channels": None,
+                    "null_text": "the prompt store's empty prompt (row 0)"},
+        "seeds": {"base_seed": cfg.base_seed, "rule": "seed = base_seed + index"},
+        "prompts": {"store": str(Path(store.root).resolve()), "store_sha256": store_id(store.root),
+                    "encoder": store.encoder, "rows": rows, "rule": "prompt row = rows[index % len(rows)]"},
+        "numerics": {"batch_size": cfg.batch_size, "device": device.type, "torch": torch.__version__},
+    }
+    return json.loads(json.dumps(plan))
+
+
+@torch.inference_mode()
+def record_text(teacher: nn.Module, prompt_store: str | os.PathLike, out: str | os.PathLike, cfg: TextRecordConfig,
+                device: str | torch.device = "cpu", progress: bool = True) -> RecordSummary:
+    """Record ``cfg.count`` trajectories of a text teacher (TextDiT) whose captions come from a prompt store.
+
+    Args:
+        teacher: a TextDiT; moved to ``device``, eval mode.
+        prompt_store: folder written by ``prompts.write_prompt_store`` (checksums are verified here).
+        out: output folder; records hold the prompt's store row, not its embedding.
+        cfg: what to record; the guidance scale and the null text are stored in the manifest.
+    Works in one process or under torchrun, as ``record``.
+    """
+    from ardistill.data.prompts import PromptStore, trim_text
+    from ardistill.sampling.guidance import make_text_model_fn
+    t0 = time.perf_counter()
+    out, device = Path(out), torch.device(device)
+    teacher = teacher.to(device).eval()
+    store = PromptStore(prompt_store, verify_checksums=True)
+    plan = build_text_plan(teacher, store, cfg, device)
+    null_text, null_mask = trim_text(*store.null())
+    model_fn = make_text_model_fn(teacher, null_text.to(device), null_mask.to(device), cfg.cfg_scale)
+
+    def condition(rows: np.ndarray):
+        text, mask = trim_text(*store.get(rows))
+        return text.to(device), mask.to(device)
+
+    return _record_loop(teacher, out, cfg, plan, model_fn, plan["prompts"]["rows"], condition, device, progress, t0)
+
+
+def record_text_command(teacher_path: str, prompt_store: str, out: str, cfg: TextRecordConfig,
+                        device: str | None = None, verify_after: bool = False, progress: bool = True,
+                        **teacher_kw) -> RecordSummary | None:
+    """`ardistill record --prompt-store`: a text teacher (PixArt folder or .pth, or ours) under torchrun, as record_command.
+
+    ``teacher_kw`` (image_size, variant, interpolation_scale, num_heads) apply to original PixArt .pth files.
+    """
+    from ardistill.io.pixart import load_any_text_teacher
+
+    dev = dist.init(device)
+    try:
+        teacher = load_any_text_teacher(teacher_path, **teacher_kw)
+        summary = record_text(teacher, prompt_store, out, cfg, device=dev, progress=progress)
         if verify_after and dist.is_main():
             verify(out, checksums=True)
         dist.barrier()

@@ -9,7 +9,8 @@ Each shard is a plain ``.npy`` file holding a 1-D structured array, one fixed-si
 trajectory (so ``np.load(path, mmap_mode="r")`` reads it with numpy alone):
 
     seed      int64                  the trajectory's noise seed
-    label     int64                  its class label
+    label     int64                  its class label (class-conditional teachers), or
+    prompt    int64                  its caption's row in the prompt store (text teachers, data/prompts.py)
     states    (S + 1, C, H, W)       ODE states at the student grid: noise first, final sample last
     x0_preds  (S, C, H, W)           teacher x0-predictions at grid positions 0..S-1 (optional field)
 
@@ -44,6 +45,7 @@ PLAN = "recording.json"
 PROGRESS_DIR = "progress"
 DTYPES = ("float16", "float32")
 TARGETS = ("state", "x0")  # student parameterisations, see StudentDataSpec
+CONDITIONS = ("label", "prompt")  # what a record's second field holds: a class label or a prompt-store row
 
 
 class CorruptRecordingError(ValueError):
@@ -62,9 +64,12 @@ class Layout:
     shape: tuple[int, int, int]
     dtype: str = "float16"
     x0_preds: bool = True
+    condition: str = "label"
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"Layout: condition must be one of {CONDITIONS}, got {self.condition!r}")
         if self.num_steps < 1:
             raise ValueError(f"Layout: num_steps must be >= 1, got {self.num_steps}")
         if len(self.shape) != 3 or min(self.shape) < 1:
@@ -75,7 +80,7 @@ class Layout:
     def record_dtype(self) -> np.dtype:
         """numpy structured dtype of one record (little-endian, packed; 8-byte ints first keep floats aligned)."""
         f = "<f2" if self.dtype == "float16" else "<f4"
-        fields = [("seed", "<i8"), ("label", "<i8"), ("states", f, (self.num_steps + 1, *self.shape))]
+        fields = [("seed", "<i8"), (self.condition, "<i8"), ("states", f, (self.num_steps + 1, *self.shape))]
         if self.x0_preds:
             fields.append(("x0_preds", f, (self.num_steps, *self.shape)))
         return np.dtype(fields)
@@ -86,6 +91,8 @@ class Layout:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.condition == "label":  # class-conditional manifests stay as they were before text recordings
+            del d["condition"]
         d["shape"] = list(self.shape)
         d["record_bytes"] = self.record_bytes
         d["numpy_dtype"] = self.record_dtype().descr  # informational: what np.load will report
@@ -93,7 +100,8 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
-        return cls(num_steps=d["num_steps"], shape=tuple(d["shape"]), dtype=d["dtype"], x0_preds=d["x0_preds"])
+        return cls(num_steps=d["num_steps"], shape=tuple(d["shape"]), dtype=d["dtype"], x0_preds=d["x0_preds"],
+                   condition=d.get("condition", "label"))
 
 
 def shard_name(k: int) -> str:
@@ -111,10 +119,13 @@ def shard_range(k: int, shard_size: int, count: int) -> range:
 
 def pack_records(layout: Layout, seeds, labels, states: torch.Tensor | np.ndarray,
                  x0_preds: torch.Tensor | np.ndarray | None) -> np.ndarray:
-    """Build the structured records (B,) of a shard; floats are cast to the layout's dtype."""
+    """Build the structured records (B,) of a shard; floats are cast to the layout's dtype.
+
+    ``labels`` are class labels, or prompt-store rows for a layout whose condition is "prompt".
+    """
     rec = np.empty(len(seeds), dtype=layout.record_dtype())
     rec["seed"] = np.asarray(seeds, dtype=np.int64)
-    rec["label"] = np.asarray(labels, dtype=np.int64)
+    rec[layout.condition] = np.asarray(labels, dtype=np.int64)
     with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming seed and step
         rec["states"] = _as_numpy(states)
         if layout.x0_preds:
@@ -441,7 +452,10 @@ def _check_ids(path: Path, s: dict, m: dict) -> str | None:
     idx = np.arange(s["start"], s["start"] + s["count"], dtype=np.int64)
     if not np.array_equal(arr["seed"], seeds_for(idx, m["seeds"]["base_seed"])):
         return f"{s['file']}: seeds do not match indices {s['start']}..{s['start'] + s['count'] - 1}"
-    if not np.array_equal(arr["label"], labels_for(idx, m["labels"]["classes"])):
+    if "prompts" in m:  # a text recording: prompt rows cycle like labels
+        if not np.array_equal(arr["prompt"], labels_for(idx, m["prompts"]["rows"])):
+            return f"{s['file']}: prompt rows do not match the prompt assignment"
+    elif not np.array_equal(arr["label"], labels_for(idx, m["labels"]["classes"])):
         return f"{s['file']}: labels do not match the class assignment"
     return None
 
@@ -509,7 +523,7 @@ class StudentDataSpec:
             "positions": tuple(grid["positions"]),
             "teacher_steps": grid["teacher_steps"],
             "shape": tuple(lay["shape"]),
-            "num_classes": manifest["teacher"]["config"]["num_classes"],
+            "num_classes": manifest["teacher"]["config"].get("num_classes"),  # absent for text teachers
             "teacher_sha256": manifest["teacher"]["weights_sha256"],
         }
         for name, got in recorded.items():
@@ -609,7 +623,8 @@ class TrajectoryDataset(ShardedRecords):
     """Random access to a recording (memory-mapped shards), in the layout the student trains on.
 
     ``ds[i]`` and ``ds.batch(indices)`` return ``inputs`` (S, C, H, W) and ``targets`` (S, C, H, W)
-    as float32 per the spec's target ("state" when no spec), plus ``label``, ``seed``, ``index``.
+    as float32 per the spec's target ("state" when no spec), plus ``label`` (or ``prompt``, the
+    prompt-store row, for a text recording), ``seed``, ``index``.
     Sizes and headers are checked on open; each shard's sha256 when it is first read
     (``verify_shards=False`` skips that); ``verify_checksums=True`` hashes every shard and checks
     every record's seed and label and finite values up front.
@@ -638,7 +653,7 @@ class TrajectoryDataset(ShardedRecords):
             self._verified.update(range(len(self.shards)))  # verify() just hashed them all
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
-        """Student batch: inputs, targets (B, S, C, H, W) float32; label, seed, index (B,) int64."""
+        """Student batch: inputs, targets (B, S, C, H, W) float32; label (or prompt), seed, index (B,) int64."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         rec = self.records(idx)
         states = torch.from_numpy(np.ascontiguousarray(rec["states"])).float()  # (B, S+1, C, H, W)
@@ -650,7 +665,7 @@ class TrajectoryDataset(ShardedRecords):
             inputs = torch.cat([states[:, :1], x0[:, 1:S]], dim=1)
             targets = torch.cat([x0[:, 1:S], states[:, S:]], dim=1)
         return {"inputs": inputs.contiguous(), "targets": targets.contiguous(),
-                "label": torch.from_numpy(rec["label"].copy()), "seed": torch.from_numpy(rec["seed"].copy()),
+                self.layout.condition: torch.from_numpy(rec[self.layout.condition].copy()), "seed": torch.from_numpy(rec["seed"].copy()),
                 "index": torch.from_numpy(idx.copy())}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:

@@ -200,3 +200,20 @@ TINY_VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
 )
+
+
+def load_vae_folder(path: str | Path, device=None, dtype: torch.dtype = torch.float32, **kw) -> LatentCodec:
+    """A teacher's VAE from a local diffusers folder (or a pipeline folder's vae/), with the folder's own
+    ``scaling_factor`` (SD VAE 0.18215 for PixArt-alpha, SDXL VAE 0.13025 for PixArt-Sigma)."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"VAE folder not found: {path} (a local diffusers AutoencoderKL folder, or a "
+                                "pipeline folder with vae/)")
+    subfolder = "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else None
+    config = (path / subfolder if subfolder else path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"VAE folder {path} has no config.json (nor vae/config.json)")
+    scale = json.loads(config.read_text()).get("scaling_factor", SD_VAE_SCALE)
+    return LatentCodec.from_pretrained(path, device=device, dtype=dtype, subfolder=subfolder, scale=scale, **kw)

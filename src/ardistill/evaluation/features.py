@@ -172,9 +172,18 @@ def _inception(weights_path=None, backend: str = "auto", device=None) -> Incepti
     return InceptionFeatureNetwork(load_fid_inception(path), "builtin").to(device)
 
 
+def _clip(folder=None, device=None):
+    from ardistill.evaluation.clip_score import CLIPScorer
+
+    if folder is None:
+        raise ValueError("the 'clip' feature network needs folder= (a local transformers CLIP folder)")
+    return CLIPScorer(folder, device=device)
+
+
 FEATURE_NETWORKS: dict[str, Callable[..., FeatureNetwork]] = {
     "digits": _digits,
     "inception": _inception,
+    "clip": _clip,  # projected CLIP image embeddings (evaluation/clip_score.py): FD in CLIP space
 }
 
 
@@ -184,7 +193,7 @@ def get_feature_network(name: str, **kwargs) -> FeatureNetwork:
     Args:
         name: "digits" (kwargs: path=None for the embedded classifier, classifier=a module, device)
             or "inception" (kwargs: weights_path=None -> $ARDISTILL_INCEPTION_WEIGHTS,
-            backend="auto" | "torch-fidelity" | "builtin", device).
+            backend="auto" | "torch-fidelity" | "builtin", device) or "clip" (kwargs: folder, device).
     """
     if name not in FEATURE_NETWORKS:
         raise ValueError(f"unknown feature network {name!r}; choose from {sorted(FEATURE_NETWORKS)}")

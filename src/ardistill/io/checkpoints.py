@@ -9,7 +9,7 @@
   ``save_diffusers_dit``.
 - ours: one safetensors file whose metadata holds the config JSON, so a model rebuilds from the file
   alone. ``save_model`` / ``load_state_and_config`` (any module), ``save_checkpoint_safetensors`` /
-  ``load_teacher`` (the DiT).
+  ``load_teacher`` (the DiT), ``load_text_teacher`` (the text-conditioned TextDiT, kind ``text-teacher``).
 
 ``load_any_teacher`` dispatches on what a path is. Every error names the file and the keys.
 """
@@ -31,12 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ardistill.models.dit import DiT, DiT_models, DiTConfig
+from ardistill.models.text_dit import TextDiT, TextDiTConfig, pixart_pos_embed
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
 from ardistill.models.layers import get_2d_sincos_pos_embed
 
 FORMAT = "ardistill"
 FORMAT_VERSION = "1"
 TEACHER_KIND = "dit"
+TEXT_TEACHER_KIND = "text-teacher"
 _TEACHER_KINDS = (TEACHER_KIND, "teacher")  # "teacher": what teacher_training.py writes
 _RESERVED_METADATA = ("format", "format_version", "kind", "config")
 
@@ -595,6 +597,24 @@ def load_teacher(path: str | os.PathLike) -> DiT:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid DiT config: {e}") from e
     return _assign(_new_dit(cfg), state, str(path))
+
+
+def load_text_teacher(path: str | os.PathLike) -> TextDiT:
+    """A text-conditioned TextDiT from our safetensors format (kind ``text-teacher``, TextDiTConfig inside)."""
+    state, config, metadata = load_state_and_config(path)
+    kind = metadata.get("kind")
+    if kind != TEXT_TEACHER_KIND:
+        raise CheckpointError(f"{path} holds a {kind!r} model, not a text-conditioned teacher (kind {TEXT_TEACHER_KIND!r})")
+    try:
+        cfg = TextDiTConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid TextDiT config: {e}") from e
+    with torch.device("meta"):
+        model = TextDiT(cfg)
+    # The position embedding is a non-persistent buffer (a function of the config), rebuilt here.
+    pos = pixart_pos_embed(cfg.hidden_size, cfg.grid_size, cfg.sample_size // cfg.patch_size, cfg.pos_interpolation_scale)
+    model.pos_embed.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
+    return _assign(model, state, str(path))
 
 
 def load_any_teacher(path: str | os.PathLike, *, which: str | None = None, num_heads: int | None = None,

@@ -47,3 +47,53 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_captioned_grid(rows: dict[str, torch.Tensor], captions: list[str], path: str | os.PathLike,
+                        scale: int = 6, padding: int = 2) -> Path:
+    """One PNG: a row of images per model (name on the left), the caption printed under each column.
+
+    ``rows``: name -> images (n, 1 or 3, H, W) in [-1, 1], the same n for every row; ``captions``: n
+    strings, wrapped to the column width.
+    """
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("captioned grid: no rows")
+    n = len(captions)
+    if any(v.shape[0] != n for v in rows.values()):
+        raise ValueError(f"captioned grid: every row needs {n} images (one per caption), got "
+                         f"{ {k: int(v.shape[0]) for k, v in rows.items()} }")
+    font = ImageFont.load_default()
+    ch_w, ch_h = _text_size(font, "M")
+    h, w = next(iter(rows.values())).shape[-2:]
+    cell_w = w * scale
+    wrap = max(4, cell_w // ch_w)
+    wrapped = [textwrap.wrap(c, wrap) or [""] for c in captions]
+    label_w = max(_text_size(font, name)[0] for name in rows) + 2 * padding
+    cap_h = max(len(c) for c in wrapped) * (ch_h + 2) + padding
+    W = label_w + n * (cell_w + padding) + padding
+    H = padding + len(rows) * (h * scale + padding) + cap_h
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, imgs) in enumerate(rows.items()):
+        y = padding + r * (h * scale + padding)
+        strip = make_grid(imgs, nrow=n, padding=padding, scale=scale, pad_value=1.0)
+        tile = Image.fromarray(strip).convert("RGB")
+        canvas.paste(tile, (label_w - padding, y - padding))
+        draw.text((padding, y + (h * scale - ch_h) // 2), name, fill=(0, 0, 0), font=font)
+    y0 = padding + len(rows) * (h * scale + padding)
+    for k, lines in enumerate(wrapped):
+        x = label_w + k * (cell_w + padding)
+        for i, line in enumerate(lines):
+            draw.text((x, y0 + i * (ch_h + 2)), line, fill=(0, 0, 0), font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return max(1, right - left), max(1, bottom - top)

@@ -1,4 +1,5 @@
-"""Student weight files: ardistill's safetensors format (checkpoints.save_model), kind "ard-student".
+"""Student weight files: ardistill's safetensors format (checkpoints.save_model), kind "ard-student"
+(or "ard-text-student" for the student of a text teacher, models/text_student.py).
 
 The StudentConfig is JSON in the file's metadata, so ``load_student(path)`` rebuilds the student from
 the file alone (no teacher, no recording). A path may also be a training run folder or one of its
@@ -25,23 +26,28 @@ from ardistill.io.checkpoints import (CheckpointError, _require, _select_state, 
                                       save_model)
 from ardistill.io.fileio import read_json
 from ardistill.models.student import ARDStudent, StudentConfig, recipe_student_config
+from ardistill.models.text_student import TextARDStudent, TextStudentConfig
 
 STUDENT_KIND = "ard-student"
+TEXT_STUDENT_KIND = "ard-text-student"
+_KINDS = {STUDENT_KIND: (StudentConfig, ARDStudent), TEXT_STUDENT_KIND: (TextStudentConfig, TextARDStudent)}
 
 
 def save_student(path: str | Path, student: ARDStudent, extra_metadata: dict | None = None) -> Path:
     """Write the student's weights with its config atomically; ``extra_metadata`` e.g. {"step": 100}."""
     student = getattr(student, "module", student)  # DDP-wrapped models carry the student in .module
-    return save_model(student, student.cfg.to_dict(), path, kind=STUDENT_KIND, extra_metadata=extra_metadata)
+    kind = TEXT_STUDENT_KIND if isinstance(student, TextARDStudent) else STUDENT_KIND
+    return save_model(student, student.cfg.to_dict(), path, kind=kind, extra_metadata=extra_metadata)
 
 
 def read_student_file(path: str | Path) -> tuple[StudentConfig, dict[str, torch.Tensor], dict[str, str]]:
     """(config, state dict, metadata) of a student weight file; errors name the file."""
     state, config, meta = load_state_and_config(path)
-    if meta.get("kind") != STUDENT_KIND:
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not an ARD student ({STUDENT_KIND!r})")
+    if meta.get("kind") not in _KINDS:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not an ARD student "
+                              f"({' or '.join(map(repr, _KINDS))})")
     try:
-        cfg = StudentConfig.from_dict(config)
+        cfg = _KINDS[meta["kind"]][0].from_dict(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid student config: {e}") from e
     return cfg, state, meta
@@ -64,7 +70,7 @@ def resolve_student_path(path: str | Path, prefer: str = "ema") -> Path:
     raise FileNotFoundError(f"no student weights in {path} (looked for {names} and checkpoints/latest.json)")
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu", prefer: str = "ema") -> ARDStudent:
+def load_student(path: str | Path, device: str | torch.device = "cpu", prefer: str = "ema") -> ARDStudent | TextARDStudent:
     """Rebuild a student (eval mode) from a weight file, a checkpoint folder or a run folder.
 
     A ``.pt``/``.pth`` file is a public-ARD checkpoint (``import_public_ard``, its history layers from args.stack).
@@ -73,7 +79,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu", prefer: s
     if file.suffix.lower() in (".pt", ".pth"):
         return import_public_ard(file, which=prefer if prefer in ("ema", "model") else None).to(device)
     cfg, state, _ = read_student_file(file)
-    student = ARDStudent(cfg)
+    student = TextARDStudent(cfg) if isinstance(cfg, TextStudentConfig) else ARDStudent(cfg)
     check_state_dict(student.state_dict(), state, str(file))
     student.load_state_dict(state, strict=True)
     return student.to(device).eval()

@@ -42,3 +42,38 @@ def make_model_fn(model: nn.Module, cfg_scale: float = 1.0, guidance_channels: i
         return torch.cat([guided[:, :g], cond[:, g:]], dim=1)
 
     return fn
+
+
+TextCondition = tuple[torch.Tensor, torch.Tensor]  # encoder tokens (B, T, C) and padding mask (B, T) bool
+
+
+def make_text_model_fn(model: nn.Module, null_text: torch.Tensor, null_mask: torch.Tensor,
+                       cfg_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor, TextCondition], torch.Tensor]:
+    """Wrap a text-conditioned DiT as the ODE's prediction function; its ``y`` is (text, text_mask).
+
+    Guidance uses the null text (the encoder's empty prompt, (1, T0, C) and (1, T0)) as the
+    unconditional branch: uncond + cfg_scale * (cond - uncond). Conditional and null texts are padded
+    to one length to share a batch; padding is masked, so it changes nothing. ``cfg_scale`` 1 is one
+    plain forward pass.
+    """
+    C = model.in_channels
+    if null_text.dim() != 3 or null_text.shape[0] != 1 or null_mask.shape != null_text.shape[:2]:
+        raise ValueError(f"null text must be (1, T, C) with a (1, T) mask, got {tuple(null_text.shape)} "
+                         f"and {tuple(null_mask.shape)}")
+
+    def fn(x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        text, mask = cond
+        if cfg_scale == 1.0:
+            return model(x, t, text, mask)[:, :C]
+        B = x.shape[0]
+        T = max(text.shape[1], null_text.shape[1])
+        pad = lambda a, m: (torch.nn.functional.pad(a, (0, 0, 0, T - a.shape[1])),  # noqa: E731
+                            torch.nn.functional.pad(m, (0, T - m.shape[1]), value=False))
+        text, mask = pad(text, mask)
+        null, null_m = pad(null_text.to(text), null_mask.to(mask.device))
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null.expand(B, -1, -1)]),
+                    torch.cat([mask, null_m.expand(B, -1)]))
+        cond_out, uncond = out[:, :C].chunk(2)
+        return uncond + cfg_scale * (cond_out - uncond)
+
+    return fn

@@ -38,6 +38,7 @@ from ardistill.training.ema import EMA
 from ardistill.io.fileio import atomic_write_json, read_json
 from ardistill.models.masks import check_mask
 from ardistill.models.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
+from ardistill.models.text_student import TextARDStudent, TextStudentConfig
 from ardistill.data.record import weights_sha256
 from ardistill.io.student_io import read_student_file, save_student
 from ardistill.training.loop import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
@@ -163,18 +164,45 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 
 
 @torch.no_grad()
-def on_policy_inputs(model: ARDStudent, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def on_policy_inputs(model: ARDStudent, inputs: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
     """Inputs whose blocks 1..S-1 are ``model``'s own KV-cached rollout from the same noise (block 0).
 
-    Eval mode, no gradient; for target "x0" the rollout's outputs are x0-predictions, as the inputs.
+    ``cond``: the labels (class student), or the caption tokens and mask (text student). Eval mode,
+    no gradient; for target "x0" the rollout's outputs are x0-predictions, as the inputs.
     """
     was_training = model.training
     model.eval()
     try:
-        outs = model.sample(inputs[:, 0], y, return_all=True)  # (B, S, C, H, W)
+        outs = model.sample(inputs[:, 0], *cond, return_all=True)  # (B, S, C, H, W)
     finally:
         model.train(was_training)
     return torch.cat([inputs[:, :1], outs[:, :-1].to(inputs.dtype)], dim=1)
+
+
+def is_text_recording(manifest: dict) -> bool:
+    """A recording of a text teacher (its records reference a prompt store)."""
+    return manifest["teacher"].get("kind") == "text"
+
+
+def load_distill_teacher(path: str, manifest: dict):
+    """The recording's teacher: a TextDiT for a text recording, else any DiT checkpoint."""
+    if is_text_recording(manifest):
+        from ardistill.io.pixart import load_any_text_teacher  # ours, a PixArt folder or an original .pth
+        return load_any_text_teacher(path, **manifest_pth_options(manifest))
+    return load_any_teacher(path)
+
+
+def _store_dtype(store: str) -> str:
+    """Storage dtype of a prompt store's tokens (float16 when its manifest is not readable)."""
+    path = Path(store) / "manifest.json"
+    return read_json(path, "prompt store manifest")["layout"]["dtype"] if path.is_file() else "float16"
+
+
+def manifest_pth_options(manifest: dict) -> dict:
+    """What an original PixArt .pth cannot tell (its image size, position scale), from the recorded teacher config."""
+    c = manifest["teacher"]["config"]
+    return {"image_size": 8 * int(c["input_size"][0]), "interpolation_scale": c.get("interpolation_scale"),
+            "num_heads": c.get("num_heads")}
 
 
 def build_distill_student(cfg: DistillConfig, teacher, manifest: dict) -> ARDStudent:
@@ -187,21 +215,34 @@ def build_distill_student(cfg: DistillConfig, teacher, manifest: dict) -> ARDStu
     nh = default_history_layers(depth) if cfg.history_layers is None else cfg.history_layers
     if nh > depth:
         raise ValueError(f"DistillConfig.history_layers = {nh} exceeds the teacher's depth {depth}")
-    scfg = StudentConfig(teacher=teacher.cfg, num_steps=S, history_layers=nh, mask=cfg.mask, target=cfg.target,
+    config_cls, student_cls = ((TextStudentConfig, TextARDStudent) if is_text_recording(manifest)
+                               else (StudentConfig, ARDStudent))
+    scfg = config_cls(teacher=teacher.cfg, num_steps=S, history_layers=nh, mask=cfg.mask, target=cfg.target,
                          time_labels=cfg.time_labels, heads=cfg.heads,
                          block_times=block_times_for(times, S, cfg.time_labels, process.model_time),
                          output=cfg.output, step_coeffs=ode_step_coeffs(process, times) if cfg.output == "ode_step" else (),
                          grad_checkpointing=cfg.grad_checkpointing)
-    return ARDStudent.from_teacher(teacher, scfg)
+    return student_cls.from_teacher(teacher, scfg)
 
 
-def _open_data(cfg: DistillConfig, teacher):
-    manifest = load_manifest(cfg.recording)
+def _open_data(cfg: DistillConfig, teacher, manifest: dict):
     tc = teacher.cfg
-    spec = StudentDataSpec(num_steps=int(manifest["layout"]["num_steps"]), target=cfg.target,
+    S = int(manifest["layout"]["num_steps"])
+    if is_text_recording(manifest):
+        from ardistill.data.prompts import TextTrajectoryDataset
+        spec = StudentDataSpec(num_steps=S, target=cfg.target, shape=(tc.in_channels, *tc.input_size),
+                               teacher_sha256=weights_sha256(teacher))
+        return TextTrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards)
+    spec = StudentDataSpec(num_steps=S, target=cfg.target,
                            shape=(tc.in_channels, tc.input_size, tc.input_size), num_classes=tc.num_classes,
                            teacher_sha256=weights_sha256(teacher))
-    return TrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards), manifest
+    return TrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards)
+
+
+def batch_condition(b: dict, device) -> tuple[torch.Tensor, ...]:
+    """What the student reads besides its inputs: (labels,) or (caption tokens, caption mask)."""
+    keys = ("text", "text_mask") if "text" in b else ("label",)
+    return tuple(b[k].to(device, non_blocking=True) for k in keys)
 
 
 def recording_id(manifest: dict) -> str:
@@ -219,6 +260,8 @@ def load_run_config(run_dir: str | Path) -> DistillConfig:
 
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train a student as ``cfg`` says; with ``resume``, continue the run in ``cfg.run_dir`` exactly.
+
+    A text recording (``record_text``) trains a TextARDStudent on its captions; a class recording an ARDStudent.
 
     Args:
         cfg: the run's settings. On resume they must equal the saved ones except RUNTIME_FIELDS.
@@ -272,11 +315,21 @@ class _Distiller:
         self.cfg, self.last_ckpt = cfg, latest
         world = dist.world_size()
 
-        teacher = load_any_teacher(cfg.teacher)
-        self.data, manifest = _open_data(cfg, teacher)
+        manifest = load_manifest(cfg.recording)
+        teacher = load_distill_teacher(cfg.teacher, manifest)
+        self.data = _open_data(cfg, teacher, manifest)
         student = build_distill_student(cfg, teacher, manifest)
         del teacher
         self.scfg, self.recording_id = student.cfg, recording_id(manifest)
+        # a text student's files carry its encoder's spec (when the prompt store recorded one), so that
+        # `ardistill generate --prompt` can encode captions from the student file alone
+        spec = manifest.get("prompts", {}).get("encoder", {}).get("spec")
+        self.file_meta = {"text_encoder": spec} if spec else {}
+        prompts = manifest.get("prompts")
+        if prompts and prompts["encoder"].get("kind") == "t5-encoder":  # what ARDPipeline needs to encode alike
+            self.file_meta["prompt_encoding"] = {"max_length": prompts["encoder"]["max_length"],
+                                                 "preprocess": prompts["encoder"].get("preprocess", "lower"),
+                                                 "embedding_dtype": _store_dtype(prompts["store"])}
         S = self.scfg.num_steps
         if cfg.loss_weights and len(cfg.loss_weights) != S:
             raise ValueError(f"DistillConfig.loss_weights has {len(cfg.loss_weights)} entries, the recording has "
@@ -304,7 +357,7 @@ class _Distiller:
     def _restore(self, folder: Path, state: dict) -> None:
         if state["recording_id"] != self.recording_id:
             raise ValueError(f"{folder} was trained on another recording than {self.cfg.recording} (content differs)")
-        if StudentConfig.from_dict(state["student_config"]) != self.scfg:
+        if type(self.scfg).from_dict(state["student_config"]) != self.scfg:
             raise ValueError(f"{folder}: the student config saved there differs from the one this run builds")
         for module, name in ((self.student, "student"), (self.ema.module, "ema")):
             _, weights, _ = read_student_file(folder / f"{name}.safetensors")
@@ -325,6 +378,7 @@ class _Distiller:
                  "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
                  "recording_id": self.recording_id, "world_size": dist.world_size()}
         meta = {"step": self.step}
+        meta.update(self.file_meta)
         files = {"student.safetensors": lambda p: save_student(p, self.student, meta),
                  "ema.safetensors": lambda p: save_student(p, self.ema.module, meta)}
         self.last_ckpt = self.ckpt.save(self.step, files, state)
@@ -351,15 +405,16 @@ class _Distiller:
 
         for m, idx in enumerate(micro):
             b = self.data.batch(idx)
-            x, target, y = (b[k].to(dev, non_blocking=True) for k in ("inputs", "targets", "label"))
+            x, target = (b[k].to(dev, non_blocking=True) for k in ("inputs", "targets"))
+            cond = batch_condition(b, dev)
             if self._on_policy():
                 roller = self.student if cfg.on_policy_model == "student" else self.ema.module
                 with autocast(dev, self.precision):
-                    x = on_policy_inputs(roller, x, y)
+                    x = on_policy_inputs(roller, x, *cond)
                 n_on_policy += 1
             with sync_gradients(self.model, m == len(micro) - 1):
                 with autocast(dev, self.precision):
-                    pred = self.model(x, y)
+                    pred = self.model(x, *cond)
                 loss, per_step = distill_loss(pred, target, self.weights)
                 (loss / len(micro)).backward()
             per_step_sum += per_step.detach()
@@ -407,7 +462,7 @@ class _Distiller:
         finally:
             bar.close()
             self.logger.close()
-        final = {"step": self.step}
+        final = {"step": self.step, **self.file_meta}
         if dist.is_main():  # the finished run's weights beside the checkpoints, for load_student(run_dir)
             save_student(self.run_dir / "student.safetensors", self.student, final)
             save_student(self.run_dir / "ema.safetensors", self.ema.module, final)

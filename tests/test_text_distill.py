@@ -1,0 +1,100 @@
+"""Distillation on a text recording: a TextARDStudent learns, saves, reloads, resumes exactly, rolls out on-policy."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ardistill.data.prompts import Prompt, TextTrajectoryDataset, write_prompt_store
+from ardistill.data.record import TextRecordConfig, record_text
+from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
+from ardistill.io.student_io import load_student, read_student_file
+from ardistill.models.text_dit import TextDiT, text_dit_config
+from ardistill.models.text_student import TextARDStudent, TextStudentConfig
+from ardistill.training.distill import DistillConfig, distill, on_policy_inputs
+
+C = 32
+
+
+def encoder(prompts):
+    L = 5
+    tokens, mask = torch.zeros(len(prompts), L, C), torch.zeros(len(prompts), L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        words = ["<s>"] + p.split()[:L - 1]
+        for j, w in enumerate(words):
+            tokens[i, j] = torch.randn(C, generator=torch.Generator().manual_seed(sum(map(ord, w)) + 13 * j))
+        mask[i, :len(words)] = True
+    return tokens, mask
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("text_distill")
+    torch.manual_seed(0)
+    # a flow teacher: random weights give velocities of order one, so the states stay of order one
+    teacher = TextDiT(text_dit_config("TextDiT-T", prediction="velocity"))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    save_model(teacher, teacher.cfg.to_dict(), root / "teacher.safetensors", kind=TEXT_TEACHER_KIND)
+    items = [Prompt(str(i), p) for i, p in enumerate(["a 1 and a 2", "three then four", "five", "six left seven right"])]
+    write_prompt_store(root / "prompts", items, encoder, {"name": "toy", "sha256": "0" * 64, "width": C, "max_length": 5})
+    record_text(teacher, root / "prompts", root / "rec", TextRecordConfig(
+        count=12, num_steps=3, teacher_steps=6, solver="euler", cfg_scale=2.0, shard_size=8, batch_size=4, dtype="float32"),
+        progress=False)
+    return {"recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors"), "root": root}
+
+
+def _cfg(rec, run_dir, **kw) -> DistillConfig:
+    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
+                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_text_distillation_learns_saves_and_resumes_exactly(rec, tmp_path):
+    kw = dict(on_policy_prob=0.5, history_layers=1)
+    full = distill(_cfg(rec, tmp_path / "full", steps=30, **kw))
+    log = [float(x.split(",")[1]) for x in (tmp_path / "full" / "log.csv").read_text().splitlines()[1:]]
+    assert log[-1] < 0.7 * log[0], log
+    cfg, _, meta = read_student_file(full.ema_path)
+    assert isinstance(cfg, TextStudentConfig) and meta["kind"] == "ard-text-student"
+    student = load_student(tmp_path / "full")
+    assert isinstance(student, TextARDStudent) and student.cfg.history_layers == 1
+
+    part = _cfg(rec, tmp_path / "part", **kw)
+    distill(replace(part, steps=3))
+    distill(part, resume=True)
+    straight = distill(_cfg(rec, tmp_path / "straight", **kw))
+    for name in ("student", "ema"):
+        a, b = load_file(str(tmp_path / "part" / f"{name}.safetensors")), load_file(str(straight.run_dir / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_policy_inputs_roll_out_with_the_caption(rec):
+    ds = TextTrajectoryDataset(rec["recording"])
+    b = ds.batch([0, 5, 7])
+    assert b["text"].shape[:2] == b["text_mask"].shape and b["text_mask"][:, 0].all()
+    student = load_student_from_teacher(rec)
+    x = on_policy_inputs(student, b["inputs"], b["text"], b["text_mask"])
+    assert torch.equal(x[:, 0], b["inputs"][:, 0])
+    outs = student.sample(b["inputs"][:, 0], b["text"], b["text_mask"], return_all=True)
+    assert torch.equal(x[:, 1:], outs[:, :-1])
+
+
+def load_student_from_teacher(rec) -> TextARDStudent:
+    from ardistill.data.trajectories import load_manifest
+    from ardistill.training.distill import build_distill_student, load_distill_teacher
+    m = load_manifest(rec["recording"])
+    return build_distill_student(_cfg(rec, "unused"), load_distill_teacher(rec["teacher"], m), m).eval()
+
+
+def test_a_moved_or_changed_prompt_store_is_named(rec, tmp_path):
+    with pytest.raises(FileNotFoundError, match="prompt store of recording"):
+        TextTrajectoryDataset(rec["recording"], prompt_store=tmp_path / "nowhere")
+    other = tmp_path / "other"
+    write_prompt_store(other, [Prompt("0", "x")], encoder, {"name": "toy", "sha256": "0" * 64, "width": C, "max_length": 5})
+    with pytest.raises(ValueError, match="not the one recording"):
+        TextTrajectoryDataset(rec["recording"], prompt_store=other)
