@@ -60,3 +60,17 @@ def test_adherence_reads_real_pairs_and_catches_swaps():
     assert left.shape == right.shape == (5,)
     with pytest.raises(ValueError, match="300 images"):
         prompt_adherence(real.images, real.left[:3], real.right[:3], clf)
+
+
+def test_shipped_text_teacher_matches_its_record_and_samples(tmp_path):
+    import hashlib
+    import json
+
+    from ardistill.assets import DIGITS_T2I_TEACHER, DIGITS_T2I_TEACHER_CONFIG
+    record = json.loads(DIGITS_T2I_TEACHER_CONFIG.read_text())
+    assert hashlib.sha256(DIGITS_T2I_TEACHER.read_bytes()).hexdigest() == record["sha256"]
+    teacher, encoder = load_text_teacher_and_encoder(DIGITS_T2I_TEACHER)
+    assert teacher.cfg.to_dict() == record["model"] and encoder.spec() == record["text_encoder"]
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--prompt", "a 4 and a 1", "--seeds", "0-1", "--steps", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0

@@ -316,8 +316,8 @@ def _add_train_teacher(sub):
                                    "The defaults are the shipped teacher's recipe (docs/digits.md).")
     p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
     p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
-                                   "[DiT-digits-S; --task t2i: TextDiT-digits]")
-    p.add_argument("--steps", type=int, help="optimizer steps [14000; --task t2i: 6000]")
+                                   "[DiT-digits-S]")
+    p.add_argument("--steps", type=int, help="optimizer steps [14000]")
     p.add_argument("--batch-size", type=int, help="[32]")
     p.add_argument("--lr", type=float, help="AdamW peak learning rate [1e-3]")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up [cosine]")
@@ -339,7 +339,8 @@ def _add_train_teacher(sub):
     t2i = p.add_argument_group("--task t2i", "the text-conditioned teacher on the two-digit benchmark (docs/t2i.md)")
     t2i.add_argument("--task", choices=("c2i", "t2i"), default="c2i",
                      help="c2i: class-conditional DiT on the digits; t2i: text-conditioned TextDiT (PixArt form) "
-                          "on two digits side by side with captions [c2i]")
+                          "on two digits side by side with captions; its own defaults are --model TextDiT-digits, "
+                          "--steps 6000 (training/text_teacher.py) [c2i]")
     t2i.add_argument("--caption-dropout-prob", type=float, help="null-text probability for guidance [0.1]")
     t2i.add_argument("--train-pairs", type=int, help="training examples drawn once, seen pairs only [30000]")
     t2i.add_argument("--encoder-width", type=int, help="width of the fixed word encoder's tokens [32]")
