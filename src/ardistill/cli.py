@@ -242,11 +242,19 @@ def _threads(n):
 def _add_train_teacher(sub):
     # Options default to "not given" so the values come from TeacherTrainConfig (shown in brackets).
     p = sub.add_parser("train-teacher", argument_default=argparse.SUPPRESS,
-                       help="train a class-conditional DiT teacher on the embedded digits",
-                       description="eps-prediction on DiT's VP process, label dropout, AdamW, EMA; rerun to resume. "
-                                   "The defaults are the shipped teacher's recipe (docs/digits.md).")
+                       help="train a class-conditional DiT teacher (embedded digits or photos, an image folder, "
+                            "a latent store)",
+                       description="eps-prediction on DiT's VP process (or velocity on rectified flow), label dropout, "
+                                   "AdamW, EMA; rerun to resume exactly. The defaults are the shipped digits "
+                                   "teacher's recipe (docs/digits.md); docs/photos.md has the photos teacher's.")
     p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
-    p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
+    p.add_argument("--data", help="'digits', 'photos', an image folder (root/<class>/<images>) or a latent store "
+                                  "from encode-latents [digits]")
+    p.add_argument("--image-size", type=int, help="ADM centre-crop size of an image folder [32]")
+    p.add_argument("--hflip", action="store_true", help="mirror half of an image folder's draws [off]")
+    p.add_argument("--prediction", choices=("eps", "velocity"),
+                   help="eps on DiT's VP process, or velocity on rectified flow [eps]")
+    p.add_argument("--model", help="DiT size from the registry; the data set input size, channels, classes "
                                    "[DiT-digits-S]")
     p.add_argument("--steps", type=int, help="optimizer steps [14000]")
     p.add_argument("--batch-size", type=int, help="[32]")
@@ -280,13 +288,14 @@ def _add_train_teacher(sub):
 def _add_train_classifier(sub):
     # Options default to "not given" so the values come from ClassifierTrainConfig (shown in brackets).
     p = sub.add_parser("train-classifier", argument_default=argparse.SUPPRESS,
-                       help="train the digits classifier (the feature network of the digits metrics)")
+                       help="train the feature network of the digits or photos metrics (a small CNN classifier)")
     p.add_argument("--out", required=True, help="output .safetensors file (a .json summary is written beside)")
+    p.add_argument("--data", choices=("digits", "photos"), help="the embedded data set [digits]")
     p.add_argument("--epochs", type=int, help="[40]")
     p.add_argument("--batch-size", type=int, help="[64]")
     p.add_argument("--lr", type=float, help="AdamW learning rate, cosine decay to 0 [2e-3]")
     p.add_argument("--weight-decay", type=float, help="[1e-4]")
-    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1]")
+    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1 digits, 0 photos]")
     p.add_argument("--noise-std", type=float, help="Gaussian input noise in the model range [-1, 1] [0.1]")
     p.add_argument("--width", type=int, help="channels of the first conv [32]")
     p.add_argument("--feature-dim", type=int, help="penultimate (feature) layer size [64]")

@@ -1,6 +1,6 @@
-"""Files shipped inside the package: the embedded digits teacher and the digits classifier.
+"""Files shipped inside the package: the teachers and classifiers of the embedded digits and photos.
 
-How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md.
+How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md and docs/photos.md.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ DIGITS_TEACHER = ASSETS_DIR / "digits_teacher.safetensors"  # EMA weights, DiTCo
 DIGITS_TEACHER_CONFIG = ASSETS_DIR / "digits_teacher.json"  # resolved training config, losses, wall time
 DIGITS_CLASSIFIER = ASSETS_DIR / "digits_classifier.safetensors"  # feature network for the digits metrics
 DIGITS_CLASSIFIER_CONFIG = ASSETS_DIR / "digits_classifier.json"
+PHOTOS_TEACHER = ASSETS_DIR / "photos_teacher.safetensors"  # the photos benchmark's teacher (EMA)
+PHOTOS_TEACHER_CONFIG = ASSETS_DIR / "photos_teacher.json"
+PHOTOS_CLASSIFIER = ASSETS_DIR / "photos_classifier.safetensors"  # feature network for the photos metrics
+PHOTOS_CLASSIFIER_CONFIG = ASSETS_DIR / "photos_classifier.json"
 
 
 def shipped(path: Path, what: str) -> Path:
