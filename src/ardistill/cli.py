@@ -391,7 +391,9 @@ def _add_finetune_gan(sub):
 def _compare_args(p, default_out: str):
     """Flags shared by demo and sweep: CompareConfig fields."""
     p.add_argument("--out", default=None, help=f"output folder (default {default_out}); rerun to resume")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--benchmark", choices=("digits", "photos"), default=None,
+                   help="embedded benchmark: its shipped teacher, feature network and held-out images (default digits)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the benchmark's shipped teacher)")
     p.add_argument("--train-count", type=int, help="recorded training trajectories")
     p.add_argument("--eval-count", type=int, help="held-out evaluation trajectories (disjoint seeds)")
     p.add_argument("--num-steps", type=int, help="student steps S")
@@ -411,7 +413,8 @@ def _compare_args(p, default_out: str):
 def _compare_config(args, preset: dict, default_out: str):
     from ardistill.compare import CompareConfig
     kw = dict(preset)
-    for k in ("teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds", "device"):
+    for k in ("benchmark", "teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds",
+              "device"):
         if getattr(args, k, None) is not None:
             kw[k] = getattr(args, k)
     kw["out"] = args.out or kw.get("out", default_out)
@@ -426,21 +429,20 @@ def _compare_config(args, preset: dict, default_out: str):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the main job: record, distil step distillation and ARD, evaluate, report",
-                       description="Teacher vs step distillation vs ARD on the embedded digits default, end to end. "
-                                   "--preset quick fits ~10 minutes on a 2-core CPU; --preset full is the documented "
-                                   "comparison (docs/results.md).")
+                       description="Teacher vs step distillation vs ARD on an embedded benchmark (the digits by "
+                                   "default, or --benchmark photos), end to end. --preset quick fits ~10 minutes on "
+                                   "a 2-core CPU; --preset full is the documented comparison (docs/results.md).")
     p.add_argument("--preset", choices=("quick", "full"), default="quick")
     p.add_argument("--history-layers", type=int, default=None, help="ARD's N_h (default: 6/28 of the depth)")
     p.add_argument("--gan", action="store_true", help="add the GAN fine-tuning stage: an ARD (R+G) row")
     _compare_args(p, "runs/demo")
 
     def run(args):
-        from ardistill.compare import DEMO_PRESETS, compare, demo_variants
+        from ardistill.compare import BENCHMARK_PRESETS, BENCHMARKS, compare, demo_variants
         from ardistill.io.checkpoints import load_any_teacher
-        from ardistill.assets import DIGITS_TEACHER, shipped
         _threads(args.threads)
-        cfg = _compare_config(args, DEMO_PRESETS[args.preset], "runs/demo")
-        depth = load_any_teacher(cfg.teacher or shipped(DIGITS_TEACHER, "digits teacher")).cfg.depth
+        cfg = _compare_config(args, BENCHMARK_PRESETS[args.benchmark or "digits"][args.preset], "runs/demo")
+        depth = load_any_teacher(cfg.teacher or BENCHMARKS[cfg.benchmark].teacher_path()).cfg.depth
         variants = demo_variants(depth, args.history_layers)
         print(compare(cfg, variants, gan=args.gan))
     p.set_defaults(func=run)
