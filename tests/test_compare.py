@@ -189,3 +189,10 @@ def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
     assert m["models"][0]["name"] == "held-out real photos (vs train split)"
     assert all(np.isfinite(r["fd"]) for r in m["models"])
     assert "photos classifier" in report.read_text()
+
+
+def test_a_teacher_of_another_shape_is_refused_before_any_work(tiny_teacher, tmp_path):
+    cfg = CompareConfig(out=str(tmp_path / "x"), benchmark="photos", teacher=str(tiny_teacher), progress=False)
+    with pytest.raises(ValueError, match="photos benchmark"):
+        compare(cfg, {"step distillation": {"history_layers": 0}})
+    assert not (tmp_path / "x" / "recordings").exists()

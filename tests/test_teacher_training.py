@@ -183,3 +183,15 @@ def test_bad_data_is_named(tmp_path):
                       progress=False)
     with pytest.raises(ValueError, match="prediction"):
         TeacherTrainConfig(prediction="x0")
+
+
+def test_an_image_folder_teacher_feeds_record_and_distill(tmp_path):
+    from ardistill.data.record import RecordConfig, record
+    from ardistill.training.distill import DistillConfig, distill
+    cfg = TeacherTrainConfig(steps=2, data=str(_folder(tmp_path / "data")), image_size=8, **TINY)
+    path = train_teacher(cfg, tmp_path / "t", progress=False)
+    record(load_teacher(path), tmp_path / "rec", RecordConfig(count=4, num_steps=2, teacher_steps=8, batch_size=4),
+           progress=False)
+    res = distill(DistillConfig(recording=str(tmp_path / "rec"), teacher=str(path), run_dir=str(tmp_path / "s"),
+                                steps=2, batch_size=2, history_layers=1, progress=False, tensorboard=False))
+    assert res.step == 2

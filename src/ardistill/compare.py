@@ -285,6 +285,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     bench = BENCHMARKS[cfg.benchmark]
     teacher_path = bench.teacher_path() if cfg.teacher is None else Path(cfg.teacher)
     device = torch.device(cfg.device or "cpu")
+    _check_teacher_fits(load_any_teacher(teacher_path).cfg, bench, teacher_path)
 
     train_rec, eval_rec = record_sets(cfg, teacher_path)
     t_record = time.perf_counter() - t_start
@@ -361,6 +362,16 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                         sections=sections)
     print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")
     return path
+
+
+def _check_teacher_fits(tcfg, bench: Benchmark, teacher_path: Path) -> None:
+    """The benchmark's metrics need the teacher's samples to have the shape of its real images."""
+    real = tuple(bench.real_images("heldout").shape[1:])
+    got = (tcfg.in_channels, tcfg.input_size, tcfg.input_size)
+    if got != real:
+        raise ValueError(f"teacher {teacher_path} makes {got} samples but the {bench.name} benchmark's feature "
+                         f"network and held-out images are {real}; pick the matching --benchmark "
+                         f"({', '.join(BENCHMARKS)}) or evaluate with your own feature network")
 
 
 def history_section(rows: list[dict]) -> str:
