@@ -188,7 +188,7 @@ def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
     m = json.loads((report.parent / "metrics.json").read_text())
     assert m["models"][0]["name"] == "held-out real photos (vs train split)"
     assert all(np.isfinite(r["fd"]) for r in m["models"])
-    assert "photos classifier" in report.read_text()
+    assert "FD (photos classifier)" in report.read_text()
 
 
 def test_a_teacher_of_another_shape_is_refused_before_any_work(tiny_teacher, tmp_path):

@@ -359,6 +359,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                      f"discriminator; docs/gan.md). {GAN_CONTROL_ROW}: the same {G['steps']} steps with GAN weight "
                      "0, so the difference between the two rows is the GAN's alone.")
     path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids,
+                        feature_name=f"{bench.name} classifier",
                         sections=sections)
     print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")
     return path
