@@ -152,3 +152,47 @@ def test_demo_flags_reach_the_comparison_config():
     cfg = _compare_config(args, DEMO_PRESETS["full"], "runs/demo")
     assert cfg.seeds == (0, 1, 2) and cfg.steps == 50 and cfg.train_count == 8192 and cfg.out == "runs/full"
     assert cfg.student == {"on_policy_prob": 0.5, "on_policy_start": 25, "target": "x0"}
+
+
+def test_benchmark_flag_picks_the_photos_presets():
+    import argparse
+
+    from ardistill.cli import _compare_args, _compare_config
+    from ardistill.compare import BENCHMARK_PRESETS, PHOTOS_PRESETS
+    p = argparse.ArgumentParser()
+    _compare_args(p, "runs/demo")
+    args = p.parse_args(["--benchmark", "photos"])
+    cfg = _compare_config(args, BENCHMARK_PRESETS["photos"]["quick"], "runs/demo")
+    assert cfg.benchmark == "photos" and cfg.out == PHOTOS_PRESETS["quick"]["out"]
+    assert cfg.steps == PHOTOS_PRESETS["quick"]["steps"]
+    with pytest.raises(ValueError, match="benchmark"):
+        CompareConfig(benchmark="cifar")
+
+
+@pytest.mark.slow
+def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
+    """The photos quick preset, shrunk: shipped photos classifier, held-out photo crops, a tiny RGB teacher."""
+    from dataclasses import replace
+
+    from ardistill.compare import PHOTOS_PRESETS
+    torch.manual_seed(0)
+    t = build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10, learn_sigma=False)
+    for prm in t.parameters():
+        if prm.requires_grad:
+            torch.nn.init.normal_(prm, std=0.02)
+    save_checkpoint_safetensors(t, tmp_path / "teacher.safetensors")
+    cfg = replace(CompareConfig(**PHOTOS_PRESETS["quick"]), out=str(tmp_path / "demo"),
+                  teacher=str(tmp_path / "teacher.safetensors"), train_count=24, eval_count=20, teacher_steps=4,
+                  steps=2, batch_size=8, record_batch=8, latency_batch=4, latency_repeats=1, progress=False)
+    report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}})
+    m = json.loads((report.parent / "metrics.json").read_text())
+    assert m["models"][0]["name"] == "held-out real photos (vs train split)"
+    assert all(np.isfinite(r["fd"]) for r in m["models"])
+    assert "FD (photos classifier)" in report.read_text()
+
+
+def test_a_teacher_of_another_shape_is_refused_before_any_work(tiny_teacher, tmp_path):
+    cfg = CompareConfig(out=str(tmp_path / "x"), benchmark="photos", teacher=str(tiny_teacher), progress=False)
+    with pytest.raises(ValueError, match="photos benchmark"):
+        compare(cfg, {"step distillation": {"history_layers": 0}})
+    assert not (tmp_path / "x" / "recordings").exists()

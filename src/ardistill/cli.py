@@ -311,11 +311,19 @@ def _add_encode_latents(sub):
 def _add_train_teacher(sub):
     # Options default to "not given" so the values come from TeacherTrainConfig (shown in brackets).
     p = sub.add_parser("train-teacher", argument_default=argparse.SUPPRESS,
-                       help="train a class-conditional DiT teacher on the embedded digits",
-                       description="eps-prediction on DiT's VP process, label dropout, AdamW, EMA; rerun to resume. "
-                                   "The defaults are the shipped teacher's recipe (docs/digits.md).")
+                       help="train a class-conditional DiT teacher (embedded digits or photos, an image folder, "
+                            "a latent store)",
+                       description="eps-prediction on DiT's VP process (or velocity on rectified flow), label dropout, "
+                                   "AdamW, EMA; rerun to resume exactly. The defaults are the shipped digits "
+                                   "teacher's recipe (docs/digits.md); docs/photos.md has the photos teacher's.")
     p.add_argument("--out", required=True, help="run folder: teacher.safetensors (EMA), train_state.pt, config.json")
-    p.add_argument("--model", help="DiT size from the registry; the digits set input size, channels, classes "
+    p.add_argument("--data", help="'digits', 'photos', an image folder (root/<class>/<images>) or a latent store "
+                                  "from encode-latents [digits]")
+    p.add_argument("--image-size", type=int, help="ADM centre-crop size of an image folder [32]")
+    p.add_argument("--hflip", action="store_true", help="mirror half of an image folder's draws [off]")
+    p.add_argument("--prediction", choices=("eps", "velocity"),
+                   help="eps on DiT's VP process, or velocity on rectified flow [eps]")
+    p.add_argument("--model", help="DiT size from the registry; the data set input size, channels, classes "
                                    "[DiT-digits-S]")
     p.add_argument("--steps", type=int, help="optimizer steps [14000]")
     p.add_argument("--batch-size", type=int, help="[32]")
@@ -376,13 +384,14 @@ def _train_text_teacher(args):
 def _add_train_classifier(sub):
     # Options default to "not given" so the values come from ClassifierTrainConfig (shown in brackets).
     p = sub.add_parser("train-classifier", argument_default=argparse.SUPPRESS,
-                       help="train the digits classifier (the feature network of the digits metrics)")
+                       help="train the feature network of the digits or photos metrics (a small CNN classifier)")
     p.add_argument("--out", required=True, help="output .safetensors file (a .json summary is written beside)")
+    p.add_argument("--data", choices=("digits", "photos"), help="the embedded data set [digits]")
     p.add_argument("--epochs", type=int, help="[40]")
     p.add_argument("--batch-size", type=int, help="[64]")
     p.add_argument("--lr", type=float, help="AdamW learning rate, cosine decay to 0 [2e-3]")
     p.add_argument("--weight-decay", type=float, help="[1e-4]")
-    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1]")
+    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1 digits, 0 photos]")
     p.add_argument("--noise-std", type=float, help="Gaussian input noise in the model range [-1, 1] [0.1]")
     p.add_argument("--width", type=int, help="channels of the first conv [32]")
     p.add_argument("--feature-dim", type=int, help="penultimate (feature) layer size [64]")
@@ -495,7 +504,9 @@ def _add_finetune_gan(sub):
 def _compare_args(p, default_out: str):
     """Flags shared by demo and sweep: CompareConfig fields."""
     p.add_argument("--out", default=None, help=f"output folder (default {default_out}); rerun to resume")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--benchmark", choices=("digits", "photos"), default=None,
+                   help="embedded benchmark: its shipped teacher, feature network and held-out images (default digits)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the benchmark's shipped teacher)")
     p.add_argument("--train-count", type=int, help="recorded training trajectories")
     p.add_argument("--eval-count", type=int, help="held-out evaluation trajectories (disjoint seeds)")
     p.add_argument("--num-steps", type=int, help="student steps S")
@@ -515,7 +526,8 @@ def _compare_args(p, default_out: str):
 def _compare_config(args, preset: dict, default_out: str):
     from ardistill.compare import CompareConfig
     kw = dict(preset)
-    for k in ("teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds", "device"):
+    for k in ("benchmark", "teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds",
+              "device"):
         if getattr(args, k, None) is not None:
             kw[k] = getattr(args, k)
     kw["out"] = args.out or kw.get("out", default_out)
@@ -530,9 +542,9 @@ def _compare_config(args, preset: dict, default_out: str):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the main job: record, distil step distillation and ARD, evaluate, report",
-                       description="Teacher vs step distillation vs ARD on the embedded digits default, end to end. "
-                                   "--preset quick fits ~10 minutes on a 2-core CPU; --preset full is the documented "
-                                   "comparison (docs/results.md).")
+                       description="Teacher vs step distillation vs ARD on an embedded benchmark (the digits by "
+                                   "default, or --benchmark photos), end to end. --preset quick fits ~10 minutes on "
+                                   "a 2-core CPU; --preset full is the documented comparison (docs/results.md).")
     p.add_argument("--preset", choices=("quick", "full"), default="quick")
     p.add_argument("--history-layers", type=int, default=None, help="ARD's N_h (default: 6/28 of the depth)")
     p.add_argument("--gan", action="store_true", help="add the GAN fine-tuning stage: an ARD (R+G) row")
@@ -546,18 +558,19 @@ def _add_demo(sub):
             from ardistill.compare_t2i import compare_t2i, t2i_config
             if args.gan:
                 raise SystemExit("demo --task t2i: --gan is for the class-conditional digits task")
+            if args.benchmark not in (None, "digits"):
+                raise SystemExit("demo --task t2i has its own benchmark (two digits with captions); drop --benchmark")
             _threads(args.threads)
             opts = {k: getattr(args, k) for k in ("out", "teacher", "train_count", "eval_count", "num_steps", "steps",
                                                   "batch_size", "lr", "seeds", "device", "history_layers")}
             student = {k: getattr(args, k) for k in ("target", "output", "on_policy_prob", "on_policy_start")}
             print(compare_t2i(t2i_config(args.preset, opts, student, progress=not args.no_progress)))
             return
-        from ardistill.compare import DEMO_PRESETS, compare, demo_variants
+        from ardistill.compare import BENCHMARK_PRESETS, BENCHMARKS, compare, demo_variants
         from ardistill.io.checkpoints import load_any_teacher
-        from ardistill.assets import DIGITS_TEACHER, shipped
         _threads(args.threads)
-        cfg = _compare_config(args, DEMO_PRESETS[args.preset], "runs/demo")
-        depth = load_any_teacher(cfg.teacher or shipped(DIGITS_TEACHER, "digits teacher")).cfg.depth
+        cfg = _compare_config(args, BENCHMARK_PRESETS[args.benchmark or "digits"][args.preset], "runs/demo")
+        depth = load_any_teacher(cfg.teacher or BENCHMARKS[cfg.benchmark].teacher_path()).cfg.depth
         variants = demo_variants(depth, args.history_layers)
         print(compare(cfg, variants, gan=args.gan))
     p.set_defaults(func=run)

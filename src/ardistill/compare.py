@@ -27,7 +27,8 @@ class CompareConfig:
     """One comparison: recording, training budget, evaluation. Saved as config.json in ``out``."""
 
     out: str = "runs/demo"
-    teacher: str | None = None  # None = the shipped digits teacher
+    benchmark: str = "digits"  # a key of BENCHMARKS: its shipped teacher, feature network and real images
+    teacher: str | None = None  # None = the benchmark's shipped teacher
     # recording (teacher DDIM-25, guidance 1.5, S = 4 on the public code's grid)
     train_count: int = 2048
     eval_count: int = 1000
@@ -66,11 +67,42 @@ class CompareConfig:
             raise ValueError("CompareConfig.seeds must name at least one training seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"CompareConfig.seeds has repeats: {self.seeds}")
+        if self.benchmark not in BENCHMARKS:
+            raise ValueError(f"CompareConfig.benchmark: unknown {self.benchmark!r}; choose from {sorted(BENCHMARKS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["seeds"] = list(self.seeds)
         return d
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """An embedded benchmark: the shipped teacher, the feature network of its metrics, its real images."""
+
+    name: str
+    teacher_asset: str  # attribute of ardistill.assets
+    features: str  # a key of evaluation.features.FEATURE_NETWORKS
+    description: str  # how the real reference is described in reports
+
+    def teacher_path(self) -> Path:
+        import ardistill.assets as assets
+        return assets.shipped(getattr(assets, self.teacher_asset), f"{self.name} teacher")
+
+    def real_images(self, split: str) -> torch.Tensor:
+        """The benchmark's real images of one split ('train' or 'heldout'), (N, C, H, W) in [-1, 1]."""
+        if self.name == "photos":
+            from ardistill.data.photos import load_photos_split
+            return load_photos_split(split).images
+        from ardistill.data.digits import load_digits_split
+        return load_digits_split(split).images
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "digits": Benchmark("digits", "DIGITS_TEACHER", "digits", "the held-out digits split (359 images)"),
+    "photos": Benchmark("photos", "PHOTOS_TEACHER", "photos",
+                        "the held-out photo crops (2000 images from regions no training crop touches)"),
+}
 
 
 # Named presets of ``ardistill demo``. "quick" fits 10 minutes on a 2-core CPU; "full" is the
@@ -79,6 +111,14 @@ DEMO_PRESETS: dict[str, dict] = {
     "quick": dict(),
     "full": dict(out="runs/full", train_count=8192, eval_count=2000, steps=3000, seeds=(0, 1, 2)),
 }
+# ``ardistill demo --benchmark photos`` (docs/photos.md): the harder benchmark, where step
+# distillation degrades visibly; "quick" is sized for 10 minutes on a 2-core CPU.
+PHOTOS_PRESETS: dict[str, dict] = {
+    "quick": dict(benchmark="photos", out="runs/demo-photos", train_count=1024, eval_count=500, steps=300),
+    "full": dict(benchmark="photos", out="runs/full-photos", train_count=4096, eval_count=1000, steps=1500,
+                 seeds=(0, 1, 2)),
+}
+BENCHMARK_PRESETS: dict[str, dict[str, dict]] = {"digits": DEMO_PRESETS, "photos": PHOTOS_PRESETS}
 
 
 def demo_variants(depth: int, history_layers: int | None = None) -> dict[str, dict]:
@@ -228,9 +268,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
             to "ARD (R, control)": the same fine-tuning with GAN weight 0.
     Returns the path of report.md.
     """
-    from ardistill.assets import DIGITS_TEACHER, shipped
     from ardistill.io.checkpoints import load_any_teacher
-    from ardistill.data.digits import load_digits_split
     from ardistill.evaluation.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features, image_metrics,
                                     median_latency, run_sampler, trajectory_errors, write_report)
     from ardistill.evaluation.features import get_feature_network
@@ -244,8 +282,10 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"compare": cfg.to_dict(), "variants": variants})
-    teacher_path = shipped(DIGITS_TEACHER, "digits teacher") if cfg.teacher is None else Path(cfg.teacher)
+    bench = BENCHMARKS[cfg.benchmark]
+    teacher_path = bench.teacher_path() if cfg.teacher is None else Path(cfg.teacher)
     device = torch.device(cfg.device or "cpu")
+    _check_teacher_fits(load_any_teacher(teacher_path).cfg, bench, teacher_path)
 
     train_rec, eval_rec = record_sets(cfg, teacher_path)
     t_record = time.perf_counter() - t_start
@@ -263,8 +303,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     # ---- evaluation: same noise and labels for every model
     ev, manifest = load_eval_set(eval_rec)
     teacher = load_any_teacher(teacher_path).to(device).eval()
-    net = get_feature_network("digits", device=device)
-    real = net.features(load_digits_split("heldout").images.to(device)).float().cpu()
+    net = get_feature_network(bench.features, device=device)
+    real = net.features(bench.real_images("heldout").to(device)).float().cpu()
     process = process_for(teacher.cfg)
     model_fn = make_model_fn(teacher, cfg.cfg_scale)
     lat_noise, lat_y = ev.noise[:cfg.latency_batch].to(device), ev.labels[:cfg.latency_batch].to(device)
@@ -278,8 +318,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     teacher_row = ModelResult(name=f"teacher ({cfg.solver.upper()}, cfg {cfg.cfg_scale})", steps=cfg.teacher_steps,
                               metrics=t_metrics, flops=flops(0).teacher,
                               latency_ms=1e3 * median_latency(teacher_sampler, lat_noise, lat_y, cfg.latency_repeats))
-    real_row = ModelResult(name="held-out real digits (vs train split)", steps=0,
-                           metrics=image_metrics(load_digits_split("train").images, real, net))
+    real_row = ModelResult(name=f"held-out real {bench.name} (vs train split)", steps=0,
+                           metrics=image_metrics(bench.real_images("train"), real, net))
     rows, results, grids = [], [real_row, teacher_row], {"teacher": ev.teacher_samples[:cfg.grid_columns]}
     for name in list(variants) + extra_rows:
         per_seed = []
@@ -319,9 +359,20 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
                      f"discriminator; docs/gan.md). {GAN_CONTROL_ROW}: the same {G['steps']} steps with GAN weight "
                      "0, so the difference between the two rows is the GAN's alone.")
     path = write_report(out / "report", results, title, summary=summary, notes=notes, grids=grids,
+                        feature_name=f"{bench.name} classifier",
                         sections=sections)
     print(f"report: {path}  ({summary['wall_seconds']['total']:.0f} s in all)")
     return path
+
+
+def _check_teacher_fits(tcfg, bench: Benchmark, teacher_path: Path) -> None:
+    """The benchmark's metrics need the teacher's samples to have the shape of its real images."""
+    real = tuple(bench.real_images("heldout").shape[1:])
+    got = (tcfg.in_channels, tcfg.input_size, tcfg.input_size)
+    if got != real:
+        raise ValueError(f"teacher {teacher_path} makes {got} samples but the {bench.name} benchmark's feature "
+                         f"network and held-out images are {real}; pick the matching --benchmark "
+                         f"({', '.join(BENCHMARKS)}) or evaluate with your own feature network")
 
 
 def history_section(rows: list[dict]) -> str:
@@ -350,8 +401,9 @@ def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
     notes = [f"teacher {cfg.solver.upper()}-{cfg.teacher_steps}, guidance {cfg.cfg_scale}; students S = {cfg.num_steps} "
              f"on the '{cfg.grid}' grid, {cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr}, seeds {list(cfg.seeds)}; "
              f"{cfg.train_count} training / {cfg.eval_count} evaluation trajectories",
-             "FD, precision/recall (k = 3) are on the shipped digits classifier's features against the held-out "
-             "split (359 images); IS uses its logits. Every model starts from the same noise and labels.",
+             f"FD, precision/recall (k = 3) are on the shipped {cfg.benchmark} classifier's features against "
+             f"{BENCHMARKS[cfg.benchmark].description}; IS uses its logits. Every model starts from the same noise "
+             "and labels.",
              "latency: median wall time per image of one batch of "
              f"{cfg.latency_batch} on this machine ({summary['machine']})."]
     if "fd_degradation_ratio" in summary:
@@ -406,9 +458,8 @@ def sweep_variants(axis: str, depth: int, steps: int = 400) -> dict[str, dict]:
 def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
     """One comparison per axis (per S for ``num_steps``); all rows merged into sweep.md / sweep.json."""
     from ardistill.io.checkpoints import load_any_teacher
-    from ardistill.assets import DIGITS_TEACHER, shipped
 
-    teacher_path = shipped(DIGITS_TEACHER, "digits teacher") if cfg.teacher is None else Path(cfg.teacher)
+    teacher_path = BENCHMARKS[cfg.benchmark].teacher_path() if cfg.teacher is None else Path(cfg.teacher)
     depth = load_any_teacher(teacher_path).cfg.depth
     root = Path(cfg.out)
     shared_rec = root / "recordings"
@@ -441,9 +492,9 @@ def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
     def pm(mean, std):  # mean ± std over seeds; one seed has no spread to show
         return f"{mean:.2f} ± {std:.2f}" if len(cfg.seeds) > 1 else f"{mean:.2f}"
 
-    lines = ["# Ablation sweep on the embedded default", "",
+    lines = [f"# Ablation sweep on the embedded {cfg.benchmark}", "",
              f"Each axis is one comparison (same recording, {cfg.steps} steps x batch {cfg.batch_size}, "
-             f"seeds {list(cfg.seeds)}); FD on the digits classifier's features vs held-out digits; FD to teacher "
+             f"seeds {list(cfg.seeds)}); FD on the {cfg.benchmark} classifier's features vs held-out {cfg.benchmark}; FD to teacher "
              "vs the teacher's own samples from the same noise; final-step MSE to the teacher's end point, "
              "free-running. Mean ± std over seeds when there are several.", "",
              "| axis | variant | FD | FD to teacher | precision | recall | final-step MSE | teacher FD |",

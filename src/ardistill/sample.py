@@ -105,19 +105,27 @@ def sample_grid(teacher_path: str | Path | None, out: str | Path, seeds: str = "
 def digits_teacher_metrics(teacher: nn.Module, num_samples: int = 2000, steps: int = 25, solver: str = "ddim",
                            cfg_scale: float = 1.5, classifier: nn.Module | None = None, reference: str = "heldout",
                            first_seed: int = 0, device: str = "cpu"):
-    """FD / IS / precision / recall of class-balanced teacher samples on the digits classifier's features.
+    """FD / IS / precision / recall of class-balanced teacher samples on the digits classifier's features."""
+    return teacher_metrics(teacher, "digits", num_samples, steps, solver, cfg_scale, classifier, reference,
+                           first_seed, device)
 
-    The reference is a digits split ('heldout' by default: images the teacher never saw); seeds are
-    first_seed .. first_seed + num_samples - 1 and labels cycle through the classes; samples are
-    clamped to [-1, 1]. Returns ``evaluate.ImageMetrics``.
+
+def teacher_metrics(teacher: nn.Module, benchmark: str = "digits", num_samples: int = 2000, steps: int = 25,
+                    solver: str = "ddim", cfg_scale: float = 1.5, classifier: nn.Module | None = None,
+                    reference: str = "heldout", first_seed: int = 0, device: str = "cpu"):
+    """FD / IS / precision / recall of class-balanced teacher samples on an embedded benchmark's classifier.
+
+    The reference is a split of the benchmark ('heldout' by default: images the teacher never saw);
+    seeds are first_seed .. first_seed + num_samples - 1 and labels cycle through the classes;
+    samples are clamped to [-1, 1]. Returns ``evaluate.ImageMetrics``.
     """
-    from ardistill.evaluation.classifier import load_digits_classifier
-    from ardistill.data.digits import load_digits_split
+    from ardistill.compare import BENCHMARKS
     from ardistill.evaluation.evaluate import image_metrics
     from ardistill.evaluation.features import get_feature_network
 
-    net = get_feature_network("digits", classifier=classifier or load_digits_classifier(), device=device)
-    real = net.features(load_digits_split(reference).images.to(device)).cpu()
+    bench = BENCHMARKS[benchmark]
+    net = get_feature_network(bench.features, classifier=classifier, device=device)
+    real = net.features(bench.real_images(reference).to(device)).cpu()
     seeds = list(range(first_seed, first_seed + num_samples))
     images = sample_teacher(teacher.to(device), process_for(teacher.cfg),
                             balanced_labels(num_samples, teacher.cfg.num_classes), seeds, steps, solver, cfg_scale,

@@ -1,7 +1,7 @@
-"""Files shipped inside the package: the embedded digits teacher, the digits classifier, the text teacher.
+"""Files shipped inside the package: the teachers and classifiers of the embedded digits and photos, the text teacher.
 
-How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md; the
-text-to-image teacher of the two-digit benchmark: docs/t2i.md.
+How each was made (commands, wall time, held-out accuracy, Fréchet distances): docs/digits.md and docs/photos.md;
+the text-to-image teacher of the two-digit benchmark: docs/t2i.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ DIGITS_CLASSIFIER_CONFIG = ASSETS_DIR / "digits_classifier.json"
 # Text-to-image: TextDiT (PixArt form) on two digits side by side; TextDiTConfig and encoder spec inside.
 DIGITS_T2I_TEACHER = ASSETS_DIR / "digits_t2i_teacher.safetensors"
 DIGITS_T2I_TEACHER_CONFIG = ASSETS_DIR / "digits_t2i_teacher.json"  # command, wall time, losses, adherence, sha256
+PHOTOS_TEACHER = ASSETS_DIR / "photos_teacher.safetensors"  # the photos benchmark's teacher (EMA)
+PHOTOS_TEACHER_CONFIG = ASSETS_DIR / "photos_teacher.json"
+PHOTOS_CLASSIFIER = ASSETS_DIR / "photos_classifier.safetensors"  # feature network for the photos metrics
+PHOTOS_CLASSIFIER_CONFIG = ASSETS_DIR / "photos_classifier.json"
 
 
 def shipped(path: Path, what: str) -> Path:

@@ -1,4 +1,4 @@
-"""The digits feature network: a small CNN classifier whose penultimate layer is the metrics' feature space.
+"""The feature networks of the embedded data sets: a small CNN classifier whose penultimate layer is the metrics' feature space.
 
 On the embedded default (8x8 digits) Inception-v3 is meaningless, so Fréchet distance, precision /
 recall and the Inception Score are computed on this classifier instead: ``features(x)`` is the
@@ -9,7 +9,9 @@ the 10 logits. Inputs are (N, 1, 8, 8) in the model range [-1, 1].
 Training uses light augmentation (shifts of up to 1 pixel, Gaussian pixel noise) so the features
 stay well-behaved on generated samples, which are never exactly like the training digits.
 The shipped weights (``assets/digits_classifier.safetensors``) and their held-out accuracy are
-described in docs/digits.md.
+described in docs/digits.md. The same network, trained on the photo crops (``data='photos'``,
+(N, 3, 16, 16), no shifts since a background fill would be visible), is
+``assets/photos_classifier.safetensors`` (docs/photos.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from ardistill.data.digits import (
     random_shift,
 )
 from ardistill.io.fileio import atomic_write_json
+
+CLASSIFIER_DATA = ("digits", "photos")
 
 CLASSIFIER_KIND = "digits-classifier"
 
@@ -90,11 +94,12 @@ class DigitsClassifier(nn.Module):
 class ClassifierTrainConfig:
     """Everything that determines a classifier training run (saved in the checkpoint's metadata)."""
 
+    data: str = "digits"  # 'digits' or 'photos'
     epochs: int = 40
     batch_size: int = 64
     lr: float = 2e-3  # AdamW, cosine decay to 0 over the run
     weight_decay: float = 1e-4
-    augment_shift: int = 1  # random translation by up to this many pixels
+    augment_shift: int | None = None  # random translation by up to this many pixels (None: 1 digits, 0 photos)
     noise_std: float = 0.1  # Gaussian pixel noise added to the inputs (model range [-1, 1])
     width: int = 32
     feature_dim: int = 64
@@ -103,6 +108,12 @@ class ClassifierTrainConfig:
     heldout_fraction: float = 0.2
 
     def __post_init__(self):
+        if self.data not in CLASSIFIER_DATA:
+            raise ValueError(f"ClassifierTrainConfig.data must be one of {CLASSIFIER_DATA}, got {self.data!r}")
+        if self.augment_shift is None:
+            object.__setattr__(self, "augment_shift", 1 if self.data == "digits" else 0)
+        if self.data == "photos" and self.augment_shift:
+            raise ValueError("ClassifierTrainConfig.augment_shift must be 0 for photos (shifts fill with background)")
         for name in ("epochs", "batch_size", "width", "feature_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClassifierTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -126,7 +137,7 @@ class ClassifierResult:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: DigitsData, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, data, batch_size: int = 512) -> float:
     """Fraction of ``data`` classified correctly."""
     model.eval()
     correct = 0
@@ -137,7 +148,7 @@ def accuracy(model: nn.Module, data: DigitsData, batch_size: int = 512) -> float
 
 
 def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool = True) -> ClassifierResult:
-    """Train the digits classifier on the train split and save it (safetensors, config in the metadata).
+    """Train the classifier of ``cfg.data`` on its train split and save it (safetensors, config in the metadata).
 
     Args:
         cfg: the run's configuration.
@@ -149,9 +160,10 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
     from ardistill.io.checkpoints import save_model
 
     t_start = time.time()
-    train = load_digits_split("train", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction)
-    heldout = load_digits_split("heldout", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction)
-    mcfg = ClassifierConfig(width=cfg.width, feature_dim=cfg.feature_dim)
+    train, heldout = classifier_splits(cfg)
+    c, size = train.images.shape[1], train.images.shape[2]
+    mcfg = ClassifierConfig(in_channels=c, input_size=size, num_classes=int(train.labels.max()) + 1,
+                            width=cfg.width, feature_dim=cfg.feature_dim)
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = DigitsClassifier(mcfg)
@@ -184,6 +196,21 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
     atomic_write_json(Path(out).with_suffix(".json"), {"model": asdict(mcfg), **summary,
                                                         "wall_s": round(result.wall_s, 1)})
     return result
+
+
+def classifier_splits(cfg: ClassifierTrainConfig):
+    """(train, held-out) splits of the classifier's data set."""
+    if cfg.data == "photos":
+        from ardistill.data.photos import load_photos_split
+        return load_photos_split("train", seed=cfg.data_seed), load_photos_split("heldout", seed=cfg.data_seed)
+    return (load_digits_split("train", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction),
+            load_digits_split("heldout", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction))
+
+
+def load_photos_classifier(path: str | Path | None = None) -> DigitsClassifier:
+    """The photos classifier from a file (None = the shipped one), eval mode."""
+    from ardistill.assets import PHOTOS_CLASSIFIER, shipped
+    return load_digits_classifier(shipped(PHOTOS_CLASSIFIER, "photos classifier") if path is None else path)
 
 
 def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:

@@ -7,6 +7,8 @@ images as (N, C, H, W) tensors, either float in [-1, 1] (the models' output rang
 
   "digits"     the shipped 8x8 digits classifier (ardistill.evaluation.classifier): (N, 1, 8, 8);
                features = its penultimate layer, logits = its 10 class logits.
+  "photos"     the shipped photos classifier (same network, trained on the 16x16 RGB photo crops):
+               (N, 3, 16, 16); features = its penultimate layer, logits = its 10 class logits.
   "inception"  the FID Inception-v3 (2015 TensorFlow graph) from a local weights file: (N, 3, H, W),
                any size; features = pool_3 (2048), logits = 1008 unbiased logits. Float images are
                quantised to uint8 first (DiT's rounding), as when samples are saved for ADM.
@@ -100,12 +102,16 @@ class DigitsFeatureNetwork(nn.Module):
     name = "digits"
     image_size = 8
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: nn.Module, name: str = "digits"):
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
+        self.name = name
+        cfg = getattr(classifier, "cfg", None)
+        self.channels = cfg.in_channels if cfg is not None else 1
+        self.image_size = cfg.input_size if cfg is not None else 8
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        _check_shape(self.name, images, 1, self.image_size)
+        _check_shape(self.name, images, self.channels, self.image_size)
         return _to_pm1(images.to(_module_device(self)))
 
     @torch.no_grad()
@@ -152,6 +158,14 @@ def _digits(path=None, classifier: nn.Module | None = None, device=None) -> Digi
     return DigitsFeatureNetwork(classifier).to(device)
 
 
+def _photos(path=None, classifier: nn.Module | None = None, device=None) -> DigitsFeatureNetwork:
+    if classifier is None:
+        from ardistill.evaluation.classifier import load_photos_classifier
+
+        classifier = load_photos_classifier(path)
+    return DigitsFeatureNetwork(classifier, name="photos").to(device)
+
+
 def _inception(weights_path=None, backend: str = "auto", device=None) -> InceptionFeatureNetwork:
     from ardistill.evaluation.inception import load_fid_inception, resolve_weights_path
 
@@ -182,6 +196,7 @@ def _clip(folder=None, device=None):
 
 FEATURE_NETWORKS: dict[str, Callable[..., FeatureNetwork]] = {
     "digits": _digits,
+    "photos": _photos,
     "inception": _inception,
     "clip": _clip,  # projected CLIP image embeddings (evaluation/clip_score.py): FD in CLIP space
 }
@@ -191,7 +206,7 @@ def get_feature_network(name: str, **kwargs) -> FeatureNetwork:
     """Build a registered feature network.
 
     Args:
-        name: "digits" (kwargs: path=None for the embedded classifier, classifier=a module, device)
+        name: "digits" or "photos" (kwargs: path=None for the shipped classifier, classifier=a module, device)
             or "inception" (kwargs: weights_path=None -> $ARDISTILL_INCEPTION_WEIGHTS,
             backend="auto" | "torch-fidelity" | "builtin", device) or "clip" (kwargs: folder, device).
     """

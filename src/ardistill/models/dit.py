@@ -161,6 +161,9 @@ DiT_models["DiT-digits"] = dict(depth=6, hidden_size=128, num_heads=4, patch_siz
 # The shipped digits teacher's size: at equal CPU training time it matched DiT-digits' FD and it is
 # 2.4x cheaper per sample, which every CPU demo (recording, distillation) pays (docs/digits.md).
 DiT_models["DiT-digits-S"] = dict(DiT_models["DiT-digits"], depth=4, hidden_size=96)
+# The embedded photos benchmark: 16x16 RGB crops, 64 tokens of patch 2; DiT-digits-S's width and depth
+# so that recording and distillation fit a 2-core CPU demo (docs/photos.md).
+DiT_models["DiT-photos-S"] = dict(DiT_models["DiT-digits-S"], input_size=16, in_channels=3)
 
 
 def dit_config(name: str, **overrides) -> DiTConfig:

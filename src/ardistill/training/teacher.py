@@ -1,8 +1,11 @@
-"""Train a class-conditional DiT teacher on the embedded digits (eps-prediction on DiT's VP process).
+"""Train a class-conditional DiT teacher on any data: the embedded digits or photos, an image folder, a latent store.
 
-Loss: E_{x0, y, t, eps} |eps_theta(x_t, t, y') - eps|^2 with t uniform on 0..999, x_t = q_sample(x0, t, eps)
-and y' = y replaced by the null class with probability ``class_dropout_prob`` (so classifier-free
+Loss (``prediction`` 'eps', DiT's VP process): E_{x0, y, t, eps} |eps_theta(x_t, t, y') - eps|^2 with t
+uniform on 0..999 and x_t = q_sample(x0, t, eps); (``prediction`` 'velocity', rectified flow):
+|v_theta(x_t, t, y') - (eps - x0)|^2 with t uniform on [0, 1] and x_t = (1 - t) x0 + t eps. In both,
+y' = y replaced by the null class with probability ``class_dropout_prob`` (so classifier-free
 guidance works). AdamW, linear warm-up then cosine decay, gradient clipping, EMA of the weights.
+The data (``data``: 'digits', 'photos', or a path) sets the DiT's input size, channels and classes.
 
 Every random draw (batch indices, shifts, label dropout, t, eps) comes from one seeded
 ``torch.Generator`` whose state is checkpointed, so a resumed run is bit-identical to an
@@ -23,14 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ardistill.data.digits import (
-    DIGITS_CHANNELS,
-    DIGITS_CLASSES,
-    DIGITS_RESOLUTION,
-    load_digits_split,
-    random_shift,
-)
-from ardistill.sampling.diffusion import VPProcess
+from ardistill.data.sources import TrainingData, open_training_data
+from ardistill.sampling.diffusion import process_for
 from ardistill.models.dit import DiT, DiT_models, dit_config
 from ardistill.training.ema import EMA
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
@@ -40,6 +37,7 @@ STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
 LOSSES_FILE = "losses.json"
 LR_SCHEDULES = ("constant", "cosine")
+PREDICTIONS = ("eps", "velocity")  # eps on DiT's VP process, velocity on rectified flow
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,10 @@ class TeacherTrainConfig:
     """Everything that determines a teacher training run (saved as config.json beside it)."""
 
     model: str = "DiT-digits-S"  # a key of dit.DiT_models (its width and depth; the data sets the shape)
+    data: str = "digits"  # 'digits', 'photos', an image folder (ImageNet layout) or a latent store
+    image_size: int = 32  # ADM centre crop of an image folder (other data have their own size)
+    hflip: bool = False  # mirror half of an image folder's draws
+    prediction: str = "eps"  # 'eps' (VP) or 'velocity' (rectified flow)
     steps: int = 14000
     batch_size: int = 32
     lr: float = 1e-3
@@ -68,7 +70,11 @@ class TeacherTrainConfig:
         if self.model not in DiT_models:
             raise ValueError(f"TeacherTrainConfig.model: unknown DiT size {self.model!r}; "
                              f"choose from {sorted(DiT_models)}")
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"TeacherTrainConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not self.data:
+            raise ValueError("TeacherTrainConfig.data must be 'digits', 'photos' or a path")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "augment_shift"):
@@ -110,19 +116,28 @@ def learning_rate(cfg: TeacherTrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def teacher_model_config(cfg: TeacherTrainConfig):
-    """The DiT config this run trains: the registry size, with the digits' shape and no learned sigma.
+def open_data(cfg: TeacherTrainConfig) -> TrainingData:
+    """The run's training data."""
+    return open_training_data(cfg.data, image_size=cfg.image_size, hflip=cfg.hflip, augment_shift=cfg.augment_shift,
+                              data_seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction)
+
+
+def teacher_model_config(cfg: TeacherTrainConfig, data: TrainingData | None = None):
+    """The DiT config this run trains: the registry size, with the data's shape and no learned sigma.
 
     Any registered size works ('DiT-T/2' in tests): input size, channels and classes come from the
-    data; learn_sigma is off because the loss is the plain eps-MSE (no variational-bound term).
+    data; learn_sigma is off because the loss is the plain MSE (no variational-bound term).
     """
-    return dit_config(cfg.model, input_size=DIGITS_RESOLUTION, in_channels=DIGITS_CHANNELS,
-                      num_classes=DIGITS_CLASSES, learn_sigma=False, prediction="eps",
-                      class_dropout_prob=cfg.class_dropout_prob)
+    data = open_data(cfg) if data is None else data
+    c, h, w = data.shape
+    if h != w:
+        raise ValueError(f"training data {cfg.data!r}: samples are {h}x{w}; the DiT needs square inputs")
+    return dit_config(cfg.model, input_size=h, in_channels=c, num_classes=data.num_classes, learn_sigma=False,
+                      prediction=cfg.prediction, class_dropout_prob=cfg.class_dropout_prob)
 
 
 def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> Path:
-    """Train (or resume) a digits teacher; returns the path of the EMA checkpoint ``teacher.safetensors``.
+    """Train (or resume) a teacher; returns the path of the EMA checkpoint ``teacher.safetensors``.
 
     Args:
         cfg: the run's configuration.
@@ -134,9 +149,9 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mcfg = teacher_model_config(cfg)
-    data = load_digits_split("train", seed=cfg.data_seed, heldout_fraction=cfg.heldout_fraction)
-    process = VPProcess()
+    data = open_data(cfg)
+    mcfg = teacher_model_config(cfg, data)
+    process = process_for(cfg.prediction)
 
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
@@ -163,24 +178,21 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
             raise ValueError(f"{state_path}: the run is already at step {start}, past --steps {cfg.steps}")
     atomic_write_json(out_dir / CONFIG_FILE, {
         "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
-        "data": {"name": "sklearn-digits", "split": "train", "num_images": len(data),
-                 "value_range": [-1, 1], "heldout_fraction": cfg.heldout_fraction, "data_seed": cfg.data_seed},
+        "data": data.describe(),
     })
 
     # Label dropout is drawn here from the run's generator (so resume is exact); the model itself runs
     # in eval mode, which only switches off its own dropout draw (DiT has no other train-time layers).
     model.eval()
-    images, labels = data.images, data.labels
     t0, window = time.time() - elapsed, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-teacher")
     for step in bar:
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
-        x0 = random_shift(images[idx], cfg.augment_shift, gen)
-        y = model.y_embedder.token_drop(labels[idx], generator=gen)
+        x0, labels = data.sample(cfg.batch_size, gen)
+        y = model.y_embedder.token_drop(labels, generator=gen)
         t = process.sample_train_t(cfg.batch_size, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        x_t = process.q_sample(x0, t, eps)
-        loss = F.mse_loss(model(x_t, process.model_time(t), y), eps)
+        x_t = process.q_sample(x0, t, eps).float()
+        loss = F.mse_loss(model(x_t, process.model_time(t), y), process.training_target(x0, eps, t).float())
 
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
