@@ -182,7 +182,7 @@ def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
             torch.nn.init.normal_(prm, std=0.02)
     save_checkpoint_safetensors(t, tmp_path / "teacher.safetensors")
     cfg = replace(CompareConfig(**PHOTOS_PRESETS["quick"]), out=str(tmp_path / "demo"),
-                  teacher=str(tmp_path / "teacher.safetensors"), train_count=24, eval_count=20, teacher_steps=4,
+                  teacher=str(tmp_path / "teacher.safetensors"), train_count=24, eval_count=20, teacher_steps=10,
                   steps=2, batch_size=8, record_batch=8, latency_batch=4, latency_repeats=1, progress=False)
     report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}})
     m = json.loads((report.parent / "metrics.json").read_text())

@@ -195,3 +195,13 @@ def test_an_image_folder_teacher_feeds_record_and_distill(tmp_path):
     res = distill(DistillConfig(recording=str(tmp_path / "rec"), teacher=str(path), run_dir=str(tmp_path / "s"),
                                 steps=2, batch_size=2, history_layers=1, progress=False, tensorboard=False))
     assert res.step == 2
+
+
+def test_a_truncated_training_state_is_named_not_a_raw_traceback(tmp_path):
+    from ardistill.training.loop import CheckpointReadError
+    cfg = TeacherTrainConfig(steps=4, **TINY)
+    train_teacher(cfg, tmp_path, progress=False)
+    state = tmp_path / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:300])
+    with pytest.raises(CheckpointReadError, match=r"train_state\.pt is unreadable .*delete it"):
+        train_teacher(TeacherTrainConfig(steps=8, **TINY), tmp_path, progress=False)

@@ -30,7 +30,9 @@ from ardistill.data.sources import TrainingData, open_training_data
 from ardistill.sampling.diffusion import process_for
 from ardistill.models.dit import DiT, DiT_models, dit_config
 from ardistill.training.ema import EMA
+from ardistill.io.checkpoints import torch_load_reason
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
+from ardistill.training.loop import CheckpointReadError
 
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "train_state.pt"
@@ -153,29 +155,7 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
     mcfg = teacher_model_config(cfg, data)
     process = process_for(cfg.prediction)
 
-    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
-        torch.manual_seed(cfg.seed)
-        model = DiT(mcfg)
-    # EMA warm-up (decay min(d, (1 + n) / (10 + n))) keeps a short run from averaging in the random init.
-    ema = EMA(model, cfg.ema_decay, warmup=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, losses, elapsed = 0, [], 0.0
-
-    state_path = out_dir / STATE_FILE
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = TeacherTrainConfig.from_dict(state["train_config"])
-        if _resume_key(saved) != _resume_key(cfg):
-            raise ValueError(f"{state_path}: saved with a different training config; use a new --out or resume=False")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
-        if start > cfg.steps:
-            raise ValueError(f"{state_path}: the run is already at step {start}, past --steps {cfg.steps}")
+    model, ema, opt, gen, start, losses, elapsed = start_teacher_run(lambda: DiT(mcfg), cfg, out_dir, resume)
     atomic_write_json(out_dir / CONFIG_FILE, {
         "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
         "data": data.describe(),
@@ -194,14 +174,7 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
         x_t = process.q_sample(x0, t, eps).float()
         loss = F.mse_loss(model(x_t, process.model_time(t), y), process.training_target(x0, eps, t).float())
 
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model)
+        optimizer_step(cfg, step, loss, model, opt, ema)
 
         window.append(loss.item())
         done = step + 1
@@ -213,6 +186,55 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
             _save(out_dir, cfg, mcfg, model, ema, opt, gen, done, losses, time.time() - t0)
     return out_dir / TEACHER_FILE
 
+
+
+def start_teacher_run(make_model, cfg, out_dir: Path, resume: bool):
+    """Seeded model, EMA, AdamW and the run's generator; restored from ``train_state.pt`` when resuming.
+
+    Shared by the class-conditional and the text teacher trainers. Returns (model, ema, opt, gen,
+    start step, losses, elapsed seconds).
+    """
+    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = make_model()
+    # EMA warm-up (decay min(d, (1 + n) / (10 + n))) keeps a short run from averaging in the random init.
+    ema = EMA(model, cfg.ema_decay, warmup=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, losses, elapsed = 0, [], 0.0
+
+    state_path = out_dir / STATE_FILE
+    if resume and state_path.exists():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, flipped bytes, a pickle that is not ours
+            raise CheckpointReadError(
+                f"teacher training state {state_path} is unreadable ({torch_load_reason(e)}); delete it to start "
+                f"the run again from step 0 (the {TEACHER_FILE} beside it is the last completed save)") from e
+        saved = type(cfg).from_dict(state["train_config"])
+        if _resume_key(saved) != _resume_key(cfg):
+            raise ValueError(f"{state_path}: saved with a different training config; use a new --out or resume=False")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
+        if start > cfg.steps:
+            raise ValueError(f"{state_path}: the run is already at step {start}, past --steps {cfg.steps}")
+    return model, ema, opt, gen, start, losses, elapsed
+
+
+def optimizer_step(cfg, step: int, loss: torch.Tensor, model, opt, ema) -> None:
+    """One AdamW step at the schedule's learning rate, gradient clipping, then the EMA update."""
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    ema.update(model)
 
 def _resume_key(cfg: TeacherTrainConfig) -> dict:
     """Fields that must match to resume; logging and checkpoint cadence and ``steps`` may change.

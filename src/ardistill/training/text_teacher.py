@@ -31,8 +31,8 @@ from ardistill.io.checkpoints import TEXT_TEACHER_KIND
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
 from ardistill.models.text_dit import TextDiT, TextDiT_models, text_dit_config
 from ardistill.sampling.diffusion import VPProcess
-from ardistill.training.ema import EMA
-from ardistill.training.teacher import CONFIG_FILE, LOSSES_FILE, LR_SCHEDULES, STATE_FILE, TEACHER_FILE, learning_rate
+from ardistill.training.teacher import (CONFIG_FILE, LOSSES_FILE, LR_SCHEDULES, STATE_FILE, TEACHER_FILE,
+                                        learning_rate, optimizer_step, start_teacher_run)
 
 
 @dataclass(frozen=True)
@@ -125,28 +125,7 @@ def train_text_teacher(cfg: TextTeacherTrainConfig, out_dir: str | Path, resume:
     null_text, null_mask = encoder.encode([""], pad_to=text.shape[1])
     process = VPProcess()
 
-    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
-        torch.manual_seed(cfg.seed)
-        model = TextDiT(mcfg)
-    ema = EMA(model, cfg.ema_decay, warmup=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, losses, elapsed = 0, [], 0.0
-
-    state_path = out_dir / STATE_FILE
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = TextTeacherTrainConfig.from_dict(state["train_config"])
-        if _resume_key(saved) != _resume_key(cfg):
-            raise ValueError(f"{state_path}: saved with a different training config; use a new --out or resume=False")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
-        if start > cfg.steps:
-            raise ValueError(f"{state_path}: the run is already at step {start}, past --steps {cfg.steps}")
+    model, ema, opt, gen, start, losses, elapsed = start_teacher_run(lambda: TextDiT(mcfg), cfg, out_dir, resume)
     atomic_write_json(out_dir / CONFIG_FILE, {
         "task": "t2i", "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
         "text_encoder": encoder.spec(),
@@ -169,14 +148,7 @@ def train_text_teacher(cfg: TextTeacherTrainConfig, out_dir: str | Path, resume:
         x_t = process.q_sample(x0, t, eps)
         loss = F.mse_loss(model(x_t, process.model_time(t), txt, msk), eps)
 
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model)
+        optimizer_step(cfg, step, loss, model, opt, ema)
 
         window.append(loss.item())
         done = step + 1
@@ -188,13 +160,6 @@ def train_text_teacher(cfg: TextTeacherTrainConfig, out_dir: str | Path, resume:
             _save(out_dir, cfg, mcfg, encoder, model, ema, opt, gen, done, losses, time.time() - t0)
     return out_dir / TEACHER_FILE
 
-
-def _resume_key(cfg: TextTeacherTrainConfig) -> dict:
-    """Fields that must match to resume; logging and checkpoint cadence and ``steps`` may change."""
-    d = cfg.to_dict()
-    for k in ("log_every", "checkpoint_every", "steps"):
-        d.pop(k)
-    return d
 
 
 def _save(out_dir: Path, cfg, mcfg, encoder, model, ema, opt, gen, step: int, losses: list, elapsed: float) -> None:
