@@ -5,6 +5,12 @@ same report: compare() finds the finished students and only evaluates), except t
 (variant, seed) trainings run side by side, which on a shared multi-core CPU finishes sooner.
 
   python scripts/photos_study.py --out runs/study-s4 --num-steps 4 --seeds 0,1,2 --steps 150 --jobs 6
+  python scripts/photos_study.py --out runs/study-s4 --variants comparison --gan ...   # the full variant set
+
+``--variants demo`` trains step distillation and ARD (``--history-layers``); ``--variants comparison``
+the issue-12 set of ``compare.comparison_variants`` (N_h sweep, per-step heads, the public code's
+settings, warm-started on-policy history), and ``--gan`` adds ARD (R+G) and its control. Students
+already trained in the same ``--out`` (same names) are reused, so a comparison can extend a demo run.
 """
 
 from __future__ import annotations
@@ -36,10 +42,19 @@ def _record(job):
     return str(record(load_any_teacher(teacher), Path(cfg.out) / "recordings" / name, rc, device="cpu", progress=False))
 
 
+def _finetune(job):
+    import torch
+    torch.set_num_threads(1)
+    from ardistill.compare import finetune_variant
+    cfg, run, seed, rec, teacher, control = job
+    return str(finetune_variant(cfg, Path(run), seed, Path(rec), Path(teacher), control=control))
+
+
 def main():
     import torch
 
-    from ardistill.compare import BENCHMARKS, CompareConfig, compare
+    from ardistill.compare import BENCHMARKS, CompareConfig, compare, comparison_variants, slug
+    from ardistill.io.checkpoints import load_any_teacher
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--num-steps", type=int, default=4)
@@ -48,7 +63,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-count", type=int, default=512)
     p.add_argument("--eval-count", type=int, default=200)
-    p.add_argument("--history-layers", default="0,1", help="N_h of each variant (0 = step distillation)")
+    p.add_argument("--history-layers", default="0,1", help="--variants demo: N_h of each variant (0 = step distillation)")
+    p.add_argument("--variants", choices=("demo", "comparison"), default="demo")
+    p.add_argument("--gan", action="store_true", help="also ARD (R+G) and its regression-only control")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--teacher", default=None, help="default: the shipped photos teacher")
     p.add_argument("--teacher-steps", type=int, default=25)
@@ -58,9 +75,13 @@ def main():
                         batch_size=args.batch_size, train_count=args.train_count, eval_count=args.eval_count,
                         seeds=tuple(int(s) for s in args.seeds.split(",")), teacher=args.teacher,
                         teacher_steps=args.teacher_steps, latency_batch=32, latency_repeats=2, progress=False)
-    variants = {("step distillation" if n == 0 else f"ARD (N_h={n})"): {"history_layers": n}
-                for n in (int(x) for x in args.history_layers.split(","))}
     teacher = BENCHMARKS["photos"].teacher_path() if args.teacher is None else Path(args.teacher)
+    if args.variants == "demo":
+        variants = {("step distillation" if n == 0 else f"ARD (N_h={n})"): {"history_layers": n}
+                    for n in (int(x) for x in args.history_layers.split(","))}
+    else:
+        variants = comparison_variants(load_any_teacher(teacher).cfg.depth, args.steps)
+    ard = [n for n, ov in variants.items() if ov["history_layers"] > 0][0]  # the GAN stage's base
     t0 = time.time()
     train_rec = Path(cfg.out) / "recordings" / "train"
     with mp.get_context("spawn").Pool(args.jobs) as pool:
@@ -70,8 +91,12 @@ def main():
         jobs = [(cfg, name, ov, seed, str(train_rec), str(teacher)) for name, ov in variants.items()
                 for seed in cfg.seeds]
         pool.map(_train, jobs, chunksize=1)
+        if args.gan:
+            base = Path(cfg.out) / "students"
+            pool.map(_finetune, [(cfg, str(base / f"{slug(ard)}-seed{seed}"), seed, str(train_rec), str(teacher),
+                                  control) for seed in cfg.seeds for control in (False, True)], chunksize=1)
     t2 = time.time()
-    report = compare(cfg, variants)
+    report = compare(cfg, variants, gan=args.gan, gan_variant=ard)
     print(f"record {t1 - t0:.0f} s, train {t2 - t1:.0f} s, evaluate {time.time() - t2:.0f} s: {report}")
 
 

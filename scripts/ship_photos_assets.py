@@ -2,7 +2,8 @@
 
 Usage (after `ardistill train-teacher --data photos ...` and `ardistill train-classifier --data photos ...`):
   python scripts/ship_photos_assets.py --teacher-run runs/photos-teacher --classifier runs/photos-classifier/photos_classifier.safetensors \
-      --teacher-command "..." --classifier-command "..." --machine "..." [--samples 1000]
+      --teacher-command "..." --classifier-command "..." --machine "..." --teacher-wall-s 1234 [--samples 1000]
+Without --classifier the shipped classifier (and its sidecar) stay as they are and only the teacher is replaced.
 The sidecars record the training config, losses, command, wall time, machine, metrics and sha256.
 """
 
@@ -33,9 +34,9 @@ def metrics_dict(m) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--teacher-run", required=True)
-    p.add_argument("--classifier", required=True)
+    p.add_argument("--classifier", default=None, help="default: keep the shipped classifier")
     p.add_argument("--teacher-command", required=True)
-    p.add_argument("--classifier-command", required=True)
+    p.add_argument("--classifier-command", default=None)
     p.add_argument("--machine", required=True)
     p.add_argument("--teacher-wall-s", type=float, required=True)
     p.add_argument("--samples", type=int, default=1000)
@@ -43,16 +44,20 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    clf_src = Path(args.classifier)
-    shutil.copyfile(clf_src, PHOTOS_CLASSIFIER)
-    clf = read_json(clf_src.with_suffix(".json"), "classifier summary")
+    if args.classifier is not None:
+        if args.classifier_command is None:
+            p.error("--classifier needs --classifier-command (recorded in its sidecar)")
+        clf_src = Path(args.classifier)
+        shutil.copyfile(clf_src, PHOTOS_CLASSIFIER)
+        clf = read_json(clf_src.with_suffix(".json"), "classifier summary")
     bench = BENCHMARKS["photos"]
     net = get_feature_network("photos")
     real = net.features(bench.real_images("heldout"))
     floor = image_metrics(bench.real_images("train"), real, net)
-    clf.update({"command": args.classifier_command, "machine": args.machine,
-                "floor_train_vs_heldout": metrics_dict(floor), "sha256": sha256_file(PHOTOS_CLASSIFIER)})
-    atomic_write_json(PHOTOS_CLASSIFIER_CONFIG, clf)
+    if args.classifier is not None:
+        clf.update({"command": args.classifier_command, "machine": args.machine,
+                    "floor_train_vs_heldout": metrics_dict(floor), "sha256": sha256_file(PHOTOS_CLASSIFIER)})
+        atomic_write_json(PHOTOS_CLASSIFIER_CONFIG, clf)
 
     run = Path(args.teacher_run)
     shutil.copyfile(run / "teacher.safetensors", PHOTOS_TEACHER)
@@ -72,6 +77,7 @@ def main():
         "run": {"machine": args.machine, "steps": losses["step"], "train_loop_s": losses["elapsed_s"],
                 "wall_s": args.teacher_wall_s, "torch_threads": 1},
         "metrics": metrics, "sha256": sha256_file(PHOTOS_TEACHER)})
+    clf = read_json(PHOTOS_CLASSIFIER_CONFIG, "classifier sidecar")
     print(json.dumps({"classifier": clf["heldout_accuracy"], "floor": metrics_dict(floor),
                       **{k: v for k, v in metrics.items() if k.startswith("cfg_")}}, indent=1))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ardistill.io.checkpoints import save_checkpoint_safetensors
-from ardistill.compare import CompareConfig, compare, summarize, sweep_variants
+from ardistill.compare import CompareConfig, compare, comparison_variants, summarize, sweep_variants
 from ardistill.models.dit import build_dit
 from ardistill.evaluation.evaluate import fd_degradation_ratio
 
@@ -80,6 +80,32 @@ def test_sweep_variants_cover_the_ablations():
         sweep_variants("depth", 6)
 
 
+def test_comparison_variants_are_the_papers_comparison():
+    v = comparison_variants(depth=4, steps=300)
+    names = list(v)
+    # the ratio pair first: step distillation, then ARD with the default N_h (6/28 of 4 layers -> 1)
+    assert names[:2] == ["step distillation", "ARD (N_h=1)"]
+    assert v["step distillation"] == {"history_layers": 0} and v["ARD (N_h=1)"] == {"history_layers": 1}
+    assert v["ARD (N_h=2)"] == {"history_layers": 2} and v["ARD (N_h=4)"] == {"history_layers": 4}
+    assert v["ARD (N_h=1), per-step heads"] == {"history_layers": 1, "heads": "per_step"}
+    public = {"target": "x0", "time_labels": "uniform", "heads": "per_step", "mask": "M4"}
+    assert v["ARD (N_h=1), public code's settings"] == {"history_layers": 1, **public}
+    assert v["step distillation, public code's settings"] == {"history_layers": 0, **public}
+    assert v["ARD (N_h=1), on-policy p=0.5 from step 150"] == {"history_layers": 1, "on_policy_prob": 0.5,
+                                                               "on_policy_start": 150}
+    assert len(v) == 8
+    # depth 2, N_h 1: the sweep does not repeat N_h=2 (= all layers)
+    assert [n for n in comparison_variants(2, 10) if n.startswith("ARD (N_h=") and "," not in n] == ["ARD (N_h=1)",
+                                                                                                  "ARD (N_h=2)"]
+
+
+def test_compare_refuses_an_unknown_gan_variant_before_any_work(tiny_teacher, tmp_path):
+    cfg = CompareConfig(out=str(tmp_path / "x"), teacher=str(tiny_teacher), progress=False)
+    with pytest.raises(ValueError, match="gan_variant 'ARD'"):
+        compare(cfg, {"step distillation": {"history_layers": 0}}, gan=True, gan_variant="ARD")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
     import ardistill.training.finetune_gan as fg
@@ -88,10 +114,13 @@ def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
     cfg = CompareConfig(out=str(tmp_path / "gan"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
                         teacher_steps=6, steps=3, batch_size=8, record_batch=16, latency_batch=4, latency_repeats=1,
                         progress=False)
-    report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}}, gan=True)
+    # the fine-tuned variant is named (not the last one): as scripts/photos_study.py --gan does
+    report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1},
+                           "ARD (N_h=2)": {"history_layers": 2}}, gan=True, gan_variant="ARD")
     m = json.loads((report.parent / "metrics.json").read_text())
     assert [r["name"] for r in m["models"]][-2:] == ["ARD (R, control)", "ARD (R+G)"]
     students = tmp_path / "gan" / "students"
+    assert not (students / "ard-n-h-2-seed0-gan").exists()
     assert "ARD (R+G)" in m["summary"] and (students / "ard-seed0-gan" / "ema.safetensors").is_file()
     # the control is the same fine-tuning with GAN weight 0
     control = json.loads((students / "ard-seed0-control" / "config.json").read_text())["gan"]

@@ -128,6 +128,27 @@ def demo_variants(depth: int, history_layers: int | None = None) -> dict[str, di
     return {"step distillation": {"history_layers": 0}, f"ARD (N_h={nh})": {"history_layers": nh}}
 
 
+def comparison_variants(depth: int, steps: int, history_layers: int | None = None) -> dict[str, dict]:
+    """The paper's comparison as one report (issue 12): step distillation and ARD first (the pair whose
+    FD-degradation ratio is reported), then ARD's N_h sweep, per-step heads, the public code's student
+    (x0 targets, k/S time labels, per-step heads) beside a step-distillation student with the same
+    settings, and warm-started on-policy history (teacher forcing for the first half of ``steps``).
+    Every variant has the same training budget; ``compare(..., gan=True, gan_variant=<ARD>)`` adds
+    ARD (R+G) and its regression-only control."""
+    from ardistill.training.distill import default_history_layers
+    nh = default_history_layers(depth) if history_layers is None else history_layers
+    public = {"target": "x0", "time_labels": "uniform", "heads": "per_step", "mask": "M4"}
+    out = demo_variants(depth, nh)
+    for n in sorted({min(2 * nh, depth), depth} - {nh}):
+        out[f"ARD (N_h={n})"] = {"history_layers": n}
+    out[f"ARD (N_h={nh}), per-step heads"] = {"history_layers": nh, "heads": "per_step"}
+    out["step distillation, public code's settings"] = {"history_layers": 0, **public}
+    out[f"ARD (N_h={nh}), public code's settings"] = {"history_layers": nh, **public}
+    out[f"ARD (N_h={nh}), on-policy p=0.5 from step {steps // 2}"] = {
+        "history_layers": nh, "on_policy_prob": 0.5, "on_policy_start": steps // 2}
+    return out
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -257,15 +278,16 @@ def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording
 
 
 def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher vs step distillation vs ARD",
-            gan: bool = False) -> Path:
+            gan: bool = False, gan_variant: str | None = None) -> Path:
     """Record, distil every variant for every seed, evaluate all from the same noise, write the report.
 
     Args:
         cfg: recording, training budget and evaluation settings.
         variants: report name -> DistillConfig overrides (e.g. {"history_layers": 0}). The first two
             are the pair whose FD-degradation ratio is reported (step distillation first).
-        gan: also fine-tune the last variant (ARD) with the GAN stage and report it as "ARD (R+G)", next
+        gan: also fine-tune an ARD variant with the GAN stage and report it as "ARD (R+G)", next
             to "ARD (R, control)": the same fine-tuning with GAN weight 0.
+        gan_variant: the variant that is fine-tuned (default: the last one).
     Returns the path of report.md.
     """
     from ardistill.io.checkpoints import load_any_teacher
@@ -278,6 +300,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     from ardistill.sampling.ode import solve
     from ardistill.io.student_io import load_student
 
+    if gan_variant is not None and gan_variant not in variants:
+        raise ValueError(f"compare: gan_variant {gan_variant!r} is not one of the variants {list(variants)}")
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +317,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
             for name, ov in variants.items() for seed in cfg.seeds}
     extra_rows = [GAN_CONTROL_ROW, GAN_ROW] if gan else []
     if gan:
-        ard_name = list(variants)[-1]
+        ard_name = list(variants)[-1] if gan_variant is None else gan_variant
         for seed in cfg.seeds:
             for row in extra_rows:
                 runs[(row, seed)] = finetune_variant(cfg, runs[(ard_name, seed)], seed, train_rec, teacher_path,
