@@ -81,7 +81,9 @@ def main():
                     for n in (int(x) for x in args.history_layers.split(","))}
     else:
         variants = comparison_variants(load_any_teacher(teacher).cfg.depth, args.steps)
-    ard = [n for n, ov in variants.items() if ov["history_layers"] > 0][0]  # the GAN stage's base
+    ard = next((n for n, ov in variants.items() if ov["history_layers"] > 0), None)  # the GAN stage's base
+    if args.gan and ard is None:
+        p.error("--gan fine-tunes an ARD variant: give one with --history-layers (e.g. 0,1)")
     t0 = time.time()
     train_rec = Path(cfg.out) / "recordings" / "train"
     with mp.get_context("spawn").Pool(args.jobs) as pool:
@@ -96,7 +98,7 @@ def main():
             pool.map(_finetune, [(cfg, str(base / f"{slug(ard)}-seed{seed}"), seed, str(train_rec), str(teacher),
                                   control) for seed in cfg.seeds for control in (False, True)], chunksize=1)
     t2 = time.time()
-    report = compare(cfg, variants, gan=args.gan, gan_variant=ard)
+    report = compare(cfg, variants, gan=args.gan, gan_variant=ard if args.gan else None)
     print(f"record {t1 - t0:.0f} s, train {t2 - t1:.0f} s, evaluate {time.time() - t2:.0f} s: {report}")
 
 

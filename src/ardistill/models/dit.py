@@ -164,6 +164,8 @@ DiT_models["DiT-digits-S"] = dict(DiT_models["DiT-digits"], depth=4, hidden_size
 # The embedded photos benchmark: 16x16 RGB crops, 64 tokens of patch 2; DiT-digits-S's width and depth
 # so that recording and distillation fit a 2-core CPU demo (docs/photos.md).
 DiT_models["DiT-photos-S"] = dict(DiT_models["DiT-digits-S"], input_size=16, in_channels=3)
+# A smaller photos teacher (DiT-T's depth 2 and width 64): the teacher-size axis of the regime study.
+DiT_models["DiT-photos-T"] = dict(DiT_models["DiT-photos-S"], depth=2, hidden_size=64)
 
 
 def dit_config(name: str, **overrides) -> DiTConfig:
