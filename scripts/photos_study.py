@@ -53,7 +53,7 @@ def _finetune(job):
 def main():
     import torch
 
-    from ardistill.compare import BENCHMARKS, CompareConfig, compare, comparison_variants, slug
+    from ardistill.compare import BENCHMARKS, CompareConfig, compare, comparison_variants
     from ardistill.io.checkpoints import load_any_teacher
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -92,11 +92,10 @@ def main():
         t1 = time.time()
         jobs = [(cfg, name, ov, seed, str(train_rec), str(teacher)) for name, ov in variants.items()
                 for seed in cfg.seeds]
-        pool.map(_train, jobs, chunksize=1)
+        runs = dict(zip(((job[1], job[3]) for job in jobs), pool.map(_train, jobs, chunksize=1)))  # (name, seed) -> run
         if args.gan:
-            base = Path(cfg.out) / "students"
-            pool.map(_finetune, [(cfg, str(base / f"{slug(ard)}-seed{seed}"), seed, str(train_rec), str(teacher),
-                                  control) for seed in cfg.seeds for control in (False, True)], chunksize=1)
+            pool.map(_finetune, [(cfg, runs[(ard, seed)], seed, str(train_rec), str(teacher), control)
+                                 for seed in cfg.seeds for control in (False, True)], chunksize=1)
     t2 = time.time()
     report = compare(cfg, variants, gan=args.gan, gan_variant=ard if args.gan else None)
     print(f"record {t1 - t0:.0f} s, train {t2 - t1:.0f} s, evaluate {time.time() - t2:.0f} s: {report}")

@@ -30,12 +30,17 @@ def pm(s: dict, digits: int = 1) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def model_rows(m: dict, name: str) -> list[int]:
+    """Indices of the report's rows of one variant ("<name>" or "<name> (mean of K seeds)")."""
+    pat = re.compile(re.escape(name) + r"( \(mean of \d+ seeds\))?$")
+    return [i for i, r in enumerate(m["models"]) if pat.match(r["name"])]
+
+
 def variant_names(m: dict) -> list[str]:
     """The variants in the report's order (the first two are the ratio's pair: step distillation, ARD)."""
     s = m["summary"]
     names = [n for n in s if isinstance(s[n], dict) and "fd" in s[n]]
-    first = {n: min((i for i, r in enumerate(m["models"]) if r["name"].startswith(n)), default=10 ** 6) for n in names}
-    return sorted(names, key=lambda n: (first[n], n))
+    return sorted(names, key=lambda n: (min(model_rows(m, n), default=10 ** 6), n))
 
 
 def regime_row(label: str, m: dict) -> str:
@@ -72,8 +77,7 @@ def main():
         print(f"| {t['name']} | {t['fd']:.1f} | - | {t['precision']:.3f} | {t['recall']:.3f} | - |")
         for name in variant_names(m):
             e = s[name]
-            pat = re.compile(re.escape(name) + r"( \(mean of \d+ seeds\))?$")
-            rows = [r for r in m["models"] if pat.match(r["name"])]
+            rows = [m["models"][i] for i in model_rows(m, name)]
             errs = [r["trajectory_errors"] for r in rows if r.get("trajectory_errors")]
             mse = ""
             if errs:

@@ -220,6 +220,27 @@ def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
     assert "FD (photos classifier)" in report.read_text()
 
 
+@pytest.mark.slow
+def test_photos_gan_rows_use_the_photos_as_real_data(tmp_path, monkeypatch):
+    """demo --benchmark photos --gan: the discriminator's real images are the photo crops, not the digits."""
+    from dataclasses import replace
+
+    import ardistill.training.finetune_gan as fg
+    from ardistill.compare import PHOTOS_PRESETS
+    for k, v in dict(steps=3, gan_warmup=1, batch_size=8).items():
+        monkeypatch.setitem(fg.DIGITS_GAN_SETTINGS, k, v)
+    torch.manual_seed(0)
+    t = build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10, learn_sigma=False)
+    save_checkpoint_safetensors(t, tmp_path / "teacher.safetensors")
+    cfg = replace(CompareConfig(**PHOTOS_PRESETS["quick"]), out=str(tmp_path / "demo"),
+                  teacher=str(tmp_path / "teacher.safetensors"), train_count=24, eval_count=20, teacher_steps=6,
+                  steps=2, batch_size=8, record_batch=8, latency_batch=4, latency_repeats=1, progress=False)
+    report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}}, gan=True)
+    gan_cfg = json.loads((tmp_path / "demo" / "students" / "ard-seed0-gan" / "config.json").read_text())["gan"]
+    assert gan_cfg["real"] == "photos"
+    assert "ARD (R+G)" in report.read_text()
+
+
 def test_a_teacher_of_another_shape_is_refused_before_any_work(tiny_teacher, tmp_path):
     cfg = CompareConfig(out=str(tmp_path / "x"), benchmark="photos", teacher=str(tiny_teacher), progress=False)
     with pytest.raises(ValueError, match="photos benchmark"):

@@ -459,7 +459,7 @@ def _add_finetune_gan(sub):
     p.add_argument("--recording", help="the recording the student was distilled on")
     p.add_argument("--teacher", help="the recording's teacher (frozen feature network of the discriminator)")
     p.add_argument("--run-dir", help="output folder: checkpoints, logs, final weights")
-    p.add_argument("--real", help="real images: 'digits' (train split, default) or a latent store folder")
+    p.add_argument("--real", help="real images: 'digits' (default) or 'photos' (the train split) or a latent store folder")
     p.add_argument("--resume", action="store_true", default=False, help="continue the run in --run-dir exactly")
     p.add_argument("--start-weights", choices=("ema", "student"), help="weights of a run folder to start from (default ema)")
     g = p.add_argument_group("discriminator and GAN")

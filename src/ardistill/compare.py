@@ -273,7 +273,8 @@ def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording
     run_dir = Path(cfg.out) / "students" / f"{student_run.name}-{'control' if control else 'gan'}"
     t0 = time.perf_counter()
     res = finetune_gan(GANConfig(student=str(student_run), recording=str(recording), teacher=str(teacher_path),
-                                 run_dir=str(run_dir), seed=seed, device=cfg.device, progress=cfg.progress,
+                                 run_dir=str(run_dir), real=cfg.benchmark, seed=seed, device=cfg.device,
+                                 progress=cfg.progress,
                                  tensorboard=False, **settings), resume=True)
     print(f"[finetune-gan {run_dir.name}] {res.step} steps, {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir

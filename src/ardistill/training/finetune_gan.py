@@ -36,6 +36,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ardistill.data.sources import EMBEDDED
 from ardistill.io import distributed as dist
 from ardistill.io.checkpoints import load_state_and_config, save_model
 from ardistill.sampling.diffusion import VPProcess, make_process
@@ -65,7 +66,7 @@ class GANConfig:
     recording: str  # the recording it was distilled on (regression targets, fakes' noise and labels)
     teacher: str  # the teacher of the recording: the frozen feature network (sha256-checked)
     run_dir: str
-    real: str = "digits"  # real images: "digits" (train split) or a latent store folder (encode-latents)
+    real: str = "digits"  # real images: "digits" or "photos" (train split) or a latent store folder (encode-latents)
     start_weights: str = "ema"  # which weights of a run/checkpoint folder to start from
     # discriminator
     disc_blocks: tuple[int, ...] = ()  # teacher blocks with a head; () = every block
@@ -201,14 +202,15 @@ class RealData(Protocol):
     def identity(self) -> dict: ...
 
 
-class DigitsReal:
-    """The embedded digits' train split (the teacher's training images), in [-1, 1]."""
+class EmbeddedReal:
+    """The training split of an embedded data set ("digits" or "photos"), in [-1, 1]: the images the
+    benchmark's teacher was trained on (``data.sources.open_training_data``)."""
 
-    def __init__(self, split: str = "train"):
-        from ardistill.data.digits import DIGITS_CLASSES, load_digits_split
-        d = load_digits_split(split)
-        self.images, self.labels, self.split = d.images, d.labels, split
-        self.shape, self.num_classes = tuple(d.images.shape[1:]), DIGITS_CLASSES
+    def __init__(self, name: str = "digits"):
+        from ardistill.data.sources import open_training_data
+        d = open_training_data(name)
+        self.images, self.labels, self.name = d.images, d.labels, name
+        self.shape, self.num_classes = tuple(d.shape), d.num_classes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -218,7 +220,7 @@ class DigitsReal:
         return self.images[idx], self.labels[idx]
 
     def identity(self) -> dict:
-        return {"kind": "digits", "split": self.split, "count": len(self)}
+        return {"kind": self.name, "split": "train", "count": len(self)}
 
 
 class LatentReal:
@@ -242,8 +244,8 @@ class LatentReal:
 
 
 def open_real(spec: str, verify_shards: bool = True) -> RealData:
-    """"digits" -> the digits train split; anything else is a latent store folder."""
-    return DigitsReal("train") if spec == "digits" else LatentReal(spec, verify_shards)
+    """"digits" or "photos" -> that embedded data set's train split; anything else is a latent store folder."""
+    return EmbeddedReal(spec) if spec in EMBEDDED else LatentReal(spec, verify_shards)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def finetune_gan(cfg: GANConfig, resume: bool = False) -> GANResult:
     and ``cfg.stop_on_collapse`` (after writing a checkpoint).
     """
     from ardistill.training.distill import resolve_path
-    paths = [k for k in ("student", "recording", "teacher", "run_dir", "real") if not (k == "real" and cfg.real == "digits")]
+    paths = [k for k in ("student", "recording", "teacher", "run_dir", "real") if not (k == "real" and cfg.real in EMBEDDED)]
     cfg = replace(cfg, **{k: resolve_path(getattr(cfg, k)) for k in paths})  # resumable from any directory
     owns_group = not dist.is_distributed()
     device = dist.init(cfg.device)
