@@ -53,7 +53,7 @@ def _finetune(job):
 def main():
     import torch
 
-    from ardistill.compare import BENCHMARKS, CompareConfig, compare, comparison_variants
+    from ardistill.compare import BENCHMARKS, CompareConfig, compare, comparison_variants, slug
     from ardistill.io.checkpoints import load_any_teacher
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -65,6 +65,9 @@ def main():
     p.add_argument("--eval-count", type=int, default=200)
     p.add_argument("--history-layers", default="0,1", help="--variants demo: N_h of each variant (0 = step distillation)")
     p.add_argument("--variants", choices=("demo", "comparison"), default="demo")
+    p.add_argument("--only", default=None,
+                   help="comma-separated slugs (compare.slug of the report names, e.g. step-distillation,ard-n-h-1) "
+                        "of the variants to run, in their report order; default: all of --variants")
     p.add_argument("--gan", action="store_true", help="also ARD (R+G) and its regression-only control")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--teacher", default=None, help="default: the shipped photos teacher")
@@ -81,6 +84,12 @@ def main():
                     for n in (int(x) for x in args.history_layers.split(","))}
     else:
         variants = comparison_variants(load_any_teacher(teacher).cfg.depth, args.steps)
+    if args.only is not None:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {slug(n) for n in variants})
+        if unknown:
+            p.error(f"--only: no variant has the slug(s) {unknown}; the slugs are {[slug(n) for n in variants]}")
+        variants = {n: ov for n, ov in variants.items() if slug(n) in wanted}
     ard = next((n for n, ov in variants.items() if ov["history_layers"] > 0), None)  # the GAN stage's base
     if args.gan and ard is None:
         p.error("--gan fine-tunes an ARD variant: give one with --history-layers (e.g. 0,1)")

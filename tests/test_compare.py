@@ -88,12 +88,16 @@ def test_comparison_variants_are_the_papers_comparison():
     assert v["step distillation"] == {"history_layers": 0} and v["ARD (N_h=1)"] == {"history_layers": 1}
     assert v["ARD (N_h=2)"] == {"history_layers": 2} and v["ARD (N_h=4)"] == {"history_layers": 4}
     assert v["ARD (N_h=1), per-step heads"] == {"history_layers": 1, "heads": "per_step"}
+    # the heads' control: step distillation with the same per-step heads
+    assert v["step distillation, per-step heads"] == {"history_layers": 0, "heads": "per_step"}
     public = {"target": "x0", "time_labels": "uniform", "heads": "per_step", "mask": "M4"}
     assert v["ARD (N_h=1), public code's settings"] == {"history_layers": 1, **public}
     assert v["step distillation, public code's settings"] == {"history_layers": 0, **public}
     assert v["ARD (N_h=1), on-policy p=0.5 from step 150"] == {"history_layers": 1, "on_policy_prob": 0.5,
                                                                "on_policy_start": 150}
-    assert len(v) == 8
+    assert v["ARD (N_h=1), on-policy p=0.5 from step 150, teacher-relabelled"] == {
+        "history_layers": 1, "on_policy_prob": 0.5, "on_policy_start": 150, "on_policy_targets": "teacher"}
+    assert len(v) == 10
     # depth 2, N_h 1: the sweep does not repeat N_h=2 (= all layers)
     assert [n for n in comparison_variants(2, 10) if n.startswith("ARD (N_h=") and "," not in n] == ["ARD (N_h=1)",
                                                                                                   "ARD (N_h=2)"]

@@ -224,6 +224,9 @@ def _add_distill(sub):
     g.add_argument("--on-policy-prob", type=float, help="probability of on-policy history per batch (default 0)")
     g.add_argument("--on-policy-start", type=int, help="teacher-forced steps before on-policy batches (default 0)")
     g.add_argument("--on-policy-model", choices=("student", "ema"), help="weights of the rollout (default student)")
+    g.add_argument("--on-policy-targets", choices=("recorded", "teacher"),
+                   help="targets of on-policy batches: the recorded teacher states (default) or the teacher's ODE "
+                        "run again from the student's own states (DAgger-style relabelling; costs teacher passes)")
     _run_group(p, seed_help="data order and on-policy coin flips (default 0)")
     _verify_shards_flag(p)
     _threads_flag(p)
@@ -384,14 +387,18 @@ def _train_text_teacher(args):
 def _add_train_classifier(sub):
     # Options default to "not given" so the values come from ClassifierTrainConfig (shown in brackets).
     p = sub.add_parser("train-classifier", argument_default=argparse.SUPPRESS,
-                       help="train the feature network of the digits or photos metrics (a small CNN classifier)")
+                       help="train the feature network of the digits, photos or your own data's metrics (a small CNN)")
     p.add_argument("--out", required=True, help="output .safetensors file (a .json summary is written beside)")
-    p.add_argument("--data", choices=("digits", "photos"), help="the embedded data set [digits]")
+    p.add_argument("--data", help="'digits', 'photos' or an image folder (root/<class>/<images>) of your own [digits]")
+    p.add_argument("--image-size", type=int, help="image folders: centre-crop size, that of the teacher's samples [32]")
+    p.add_argument("--heldout-data", help="image folders: a held-out folder with the same classes "
+                                          "[none: --heldout-fraction of each class is held out]")
+    p.add_argument("--heldout-fraction", type=float, help="digits, or an image folder without --heldout-data [0.2]")
     p.add_argument("--epochs", type=int, help="[40]")
     p.add_argument("--batch-size", type=int, help="[64]")
     p.add_argument("--lr", type=float, help="AdamW learning rate, cosine decay to 0 [2e-3]")
     p.add_argument("--weight-decay", type=float, help="[1e-4]")
-    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1 digits, 0 photos]")
+    p.add_argument("--augment-shift", type=int, help="random translations by up to N pixels [1 digits, 0 otherwise]")
     p.add_argument("--noise-std", type=float, help="Gaussian input noise in the model range [-1, 1] [0.1]")
     p.add_argument("--width", type=int, help="channels of the first conv [32]")
     p.add_argument("--feature-dim", type=int, help="penultimate (feature) layer size [64]")
@@ -504,9 +511,15 @@ def _add_finetune_gan(sub):
 def _compare_args(p, default_out: str):
     """Flags shared by demo and sweep: CompareConfig fields."""
     p.add_argument("--out", default=None, help=f"output folder (default {default_out}); rerun to resume")
-    p.add_argument("--benchmark", choices=("digits", "photos"), default=None,
-                   help="embedded benchmark: its shipped teacher, feature network and held-out images (default digits)")
+    p.add_argument("--benchmark", choices=("digits", "photos", "folder"), default=None,
+                   help="embedded benchmark: its shipped teacher, feature network and held-out images (default "
+                        "digits); 'folder' = your own data (--real-train, --real-heldout, --classifier, --teacher)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the benchmark's shipped teacher)")
+    own = p.add_argument_group("your own data (benchmark 'folder'; docs/photos.md)")
+    own.add_argument("--real-train", default=None, help="image folder the teacher was trained on (root/<class>/<images>)")
+    own.add_argument("--real-heldout", default=None, help="held-out image folder with the same classes: FD's reference")
+    own.add_argument("--classifier", default=None,
+                     help="feature network: ardistill train-classifier --data REAL_TRAIN --heldout-data REAL_HELDOUT")
     p.add_argument("--train-count", type=int, help="recorded training trajectories")
     p.add_argument("--eval-count", type=int, help="held-out evaluation trajectories (disjoint seeds)")
     p.add_argument("--num-steps", type=int, help="student steps S")
@@ -518,22 +531,34 @@ def _compare_args(p, default_out: str):
     p.add_argument("--output", choices=("direct", "ode_step"), help="student head output for every variant")
     p.add_argument("--on-policy-prob", type=float, help="on-policy history probability for every variant")
     p.add_argument("--on-policy-start", type=int, help="teacher-forced optimizer steps before on-policy batches begin")
+    p.add_argument("--on-policy-targets", choices=("recorded", "teacher"),
+                   help="on-policy targets for every variant: recorded (default) or relabelled by the teacher")
     p.add_argument("--device", default=None)
     _threads_flag(p)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _benchmark(args) -> str:
+    """--benchmark, or 'folder' when the own-data flags are given (the digits otherwise)."""
+    own = any(getattr(args, k, None) is not None for k in ("real_train", "real_heldout", "classifier"))
+    if own and args.benchmark not in (None, "folder"):
+        raise ValueError(f"--real-train / --real-heldout / --classifier are your own data: drop --benchmark "
+                         f"{args.benchmark} (or give --benchmark folder)")
+    return args.benchmark or ("folder" if own else "digits")
 
 
 def _compare_config(args, preset: dict, default_out: str):
     from ardistill.compare import CompareConfig
     kw = dict(preset)
     for k in ("benchmark", "teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds",
-              "device"):
+              "device", "real_train", "real_heldout", "classifier"):
         if getattr(args, k, None) is not None:
             kw[k] = getattr(args, k)
+    kw["benchmark"] = _benchmark(args)
     kw["out"] = args.out or kw.get("out", default_out)
     kw["progress"] = not args.no_progress
     student = dict(kw.get("student", {}))
-    for k in ("target", "output", "on_policy_prob", "on_policy_start"):
+    for k in ("target", "output", "on_policy_prob", "on_policy_start", "on_policy_targets"):
         if getattr(args, k, None) is not None:
             student[k] = getattr(args, k)
     kw["student"] = student
@@ -563,14 +588,14 @@ def _add_demo(sub):
             _threads(args.threads)
             opts = {k: getattr(args, k) for k in ("out", "teacher", "train_count", "eval_count", "num_steps", "steps",
                                                   "batch_size", "lr", "seeds", "device", "history_layers")}
-            student = {k: getattr(args, k) for k in ("target", "output", "on_policy_prob", "on_policy_start")}
+            student = {k: getattr(args, k) for k in ("target", "output", "on_policy_prob", "on_policy_start", "on_policy_targets")}
             print(compare_t2i(t2i_config(args.preset, opts, student, progress=not args.no_progress)))
             return
-        from ardistill.compare import BENCHMARK_PRESETS, BENCHMARKS, compare, demo_variants
+        from ardistill.compare import BENCHMARK_PRESETS, compare, demo_variants, get_benchmark
         from ardistill.io.checkpoints import load_any_teacher
         _threads(args.threads)
-        cfg = _compare_config(args, BENCHMARK_PRESETS[args.benchmark or "digits"][args.preset], "runs/demo")
-        depth = load_any_teacher(cfg.teacher or BENCHMARKS[cfg.benchmark].teacher_path()).cfg.depth
+        cfg = _compare_config(args, BENCHMARK_PRESETS[_benchmark(args)][args.preset], "runs/demo")
+        depth = load_any_teacher(cfg.teacher or get_benchmark(cfg).teacher_path()).cfg.depth
         variants = demo_variants(depth, args.history_layers)
         print(compare(cfg, variants, gan=args.gan))
     p.set_defaults(func=run)

@@ -29,6 +29,11 @@ class CompareConfig:
     out: str = "runs/demo"
     benchmark: str = "digits"  # a key of BENCHMARKS: its shipped teacher, feature network and real images
     teacher: str | None = None  # None = the benchmark's shipped teacher
+    # benchmark "folder", your own data: the teacher's training images and held-out images (ImageNet-layout
+    # folders, the same classes) and a classifier trained on them (ardistill train-classifier --data FOLDER)
+    real_train: str | None = None
+    real_heldout: str | None = None
+    classifier: str | None = None
     # recording (teacher DDIM-25, guidance 1.5, S = 4 on the public code's grid)
     train_count: int = 2048
     eval_count: int = 1000
@@ -67,8 +72,17 @@ class CompareConfig:
             raise ValueError("CompareConfig.seeds must name at least one training seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"CompareConfig.seeds has repeats: {self.seeds}")
-        if self.benchmark not in BENCHMARKS:
-            raise ValueError(f"CompareConfig.benchmark: unknown {self.benchmark!r}; choose from {sorted(BENCHMARKS)}")
+        own = {k: getattr(self, k) for k in ("real_train", "real_heldout", "classifier")}
+        if self.benchmark == "folder":
+            missing = [k for k, v in own.items() if v is None] + (["teacher"] if self.teacher is None else [])
+            if missing:
+                raise ValueError(f"CompareConfig: benchmark 'folder' (your own data) needs {', '.join(missing)}")
+        elif self.benchmark not in BENCHMARKS:
+            raise ValueError(f"CompareConfig.benchmark: unknown {self.benchmark!r}; choose from "
+                             f"{sorted(BENCHMARKS) + ['folder']}")
+        elif any(v is not None for v in own.values()):
+            raise ValueError(f"CompareConfig: real_train / real_heldout / classifier are for benchmark 'folder', "
+                             f"not {self.benchmark!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,6 +103,10 @@ class Benchmark:
         import ardistill.assets as assets
         return assets.shipped(getattr(assets, self.teacher_asset), f"{self.name} teacher")
 
+    def feature_network(self, device=None):
+        from ardistill.evaluation.features import get_feature_network
+        return get_feature_network(self.features, device=device)
+
     def real_images(self, split: str) -> torch.Tensor:
         """The benchmark's real images of one split ('train' or 'heldout'), (N, C, H, W) in [-1, 1]."""
         if self.name == "photos":
@@ -96,6 +114,48 @@ class Benchmark:
             return load_photos_split(split).images
         from ardistill.data.digits import load_digits_split
         return load_digits_split(split).images
+
+
+@dataclass(frozen=True)
+class FolderBenchmark:
+    """Your own data as a benchmark: the images a teacher was trained on, held-out images of the same
+    classes (ImageNet-layout folders) and a classifier trained on them (``ardistill train-classifier
+    --data TRAIN --heldout-data HELDOUT --image-size N``), whose features give FD, precision/recall and IS.
+    Images are ADM centre-cropped to the classifier's input size. There is no shipped teacher."""
+
+    train: str
+    heldout: str
+    classifier: str
+    name: str = "folder"
+
+    @property
+    def description(self) -> str:
+        return f"the held-out images of {self.heldout}"
+
+    @property
+    def features(self) -> str:
+        return "classifier"
+
+    def teacher_path(self) -> Path:
+        raise ValueError("benchmark 'folder' (your own data) has no shipped teacher: give --teacher")
+
+    def feature_network(self, device=None):
+        from ardistill.evaluation.features import get_feature_network
+        return get_feature_network("classifier", path=self.classifier, device=device)
+
+    def real_images(self, split: str) -> torch.Tensor:
+        from ardistill.data.sources import load_image_folder
+        if split not in ("train", "heldout"):
+            raise ValueError(f"unknown split {split!r}; choose 'train' or 'heldout'")
+        net = self.feature_network()
+        return load_image_folder(self.train if split == "train" else self.heldout, net.image_size).images
+
+
+def get_benchmark(cfg: CompareConfig) -> "Benchmark | FolderBenchmark":
+    """The benchmark a comparison evaluates against: an embedded one, or your own data ('folder')."""
+    if cfg.benchmark == "folder":
+        return FolderBenchmark(cfg.real_train, cfg.real_heldout, cfg.classifier)
+    return BENCHMARKS[cfg.benchmark]
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -120,7 +180,13 @@ PHOTOS_PRESETS: dict[str, dict] = {
     "full": dict(benchmark="photos", out="runs/full-photos", train_count=1024, eval_count=500, steps=300,
                  seeds=(0, 1, 2)),
 }
-BENCHMARK_PRESETS: dict[str, dict[str, dict]] = {"digits": DEMO_PRESETS, "photos": PHOTOS_PRESETS}
+# ``ardistill demo --benchmark folder``: your own data; the digits' budgets (a start: size them to your data)
+FOLDER_PRESETS: dict[str, dict] = {
+    "quick": dict(benchmark="folder", out="runs/demo-folder"),
+    "full": dict(DEMO_PRESETS["full"], benchmark="folder", out="runs/full-folder"),
+}
+BENCHMARK_PRESETS: dict[str, dict[str, dict]] = {"digits": DEMO_PRESETS, "photos": PHOTOS_PRESETS,
+                                                 "folder": FOLDER_PRESETS}
 
 
 def demo_variants(depth: int, history_layers: int | None = None) -> dict[str, dict]:
@@ -132,9 +198,11 @@ def demo_variants(depth: int, history_layers: int | None = None) -> dict[str, di
 
 def comparison_variants(depth: int, steps: int, history_layers: int | None = None) -> dict[str, dict]:
     """The paper's comparison as one report (issue 12): step distillation and ARD first (the pair whose
-    FD-degradation ratio is reported), then ARD's N_h sweep, per-step heads, the public code's student
+    FD-degradation ratio is reported), then ARD's N_h sweep, per-step heads (for ARD and, to separate the
+    heads' effect from the history's, for step distillation), the public code's student
     (x0 targets, k/S time labels, per-step heads) beside a step-distillation student with the same
-    settings, and warm-started on-policy history (teacher forcing for the first half of ``steps``).
+    settings, and warm-started on-policy history (teacher forcing for the first half of ``steps``), with
+    the recorded targets and, beyond the paper, with targets relabelled by the teacher (DAgger-style).
     Every variant has the same training budget; ``compare(..., gan=True, gan_variant=<ARD>)`` adds
     ARD (R+G) and its regression-only control."""
     from ardistill.training.distill import default_history_layers
@@ -144,10 +212,13 @@ def comparison_variants(depth: int, steps: int, history_layers: int | None = Non
     for n in sorted({min(2 * nh, depth), depth} - {nh}):
         out[f"ARD (N_h={n})"] = {"history_layers": n}
     out[f"ARD (N_h={nh}), per-step heads"] = {"history_layers": nh, "heads": "per_step"}
+    out["step distillation, per-step heads"] = {"history_layers": 0, "heads": "per_step"}
     out["step distillation, public code's settings"] = {"history_layers": 0, **public}
     out[f"ARD (N_h={nh}), public code's settings"] = {"history_layers": nh, **public}
     out[f"ARD (N_h={nh}), on-policy p=0.5 from step {steps // 2}"] = {
         "history_layers": nh, "on_policy_prob": 0.5, "on_policy_start": steps // 2}
+    out[f"ARD (N_h={nh}), on-policy p=0.5 from step {steps // 2}, teacher-relabelled"] = {
+        "history_layers": nh, "on_policy_prob": 0.5, "on_policy_start": steps // 2, "on_policy_targets": "teacher"}
     return out
 
 
@@ -273,7 +344,8 @@ def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording
     run_dir = Path(cfg.out) / "students" / f"{student_run.name}-{'control' if control else 'gan'}"
     t0 = time.perf_counter()
     res = finetune_gan(GANConfig(student=str(student_run), recording=str(recording), teacher=str(teacher_path),
-                                 run_dir=str(run_dir), real=cfg.benchmark, seed=seed, device=cfg.device,
+                                 run_dir=str(run_dir), real=cfg.real_train if cfg.benchmark == "folder" else cfg.benchmark,
+                                 seed=seed, device=cfg.device,
                                  progress=cfg.progress,
                                  tensorboard=False, **settings), resume=True)
     print(f"[finetune-gan {run_dir.name}] {res.step} steps, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -296,7 +368,6 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     from ardistill.io.checkpoints import load_any_teacher
     from ardistill.evaluation.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features, image_metrics,
                                     median_latency, run_sampler, trajectory_errors, write_report)
-    from ardistill.evaluation.features import get_feature_network
     from ardistill.evaluation.flops import sampling_flops
     from ardistill.sampling.guidance import make_model_fn
     from ardistill.sampling.diffusion import process_for
@@ -309,7 +380,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"compare": cfg.to_dict(), "variants": variants})
-    bench = BENCHMARKS[cfg.benchmark]
+    bench = get_benchmark(cfg)
     teacher_path = bench.teacher_path() if cfg.teacher is None else Path(cfg.teacher)
     device = torch.device(cfg.device or "cpu")
     _check_teacher_fits(load_any_teacher(teacher_path).cfg, bench, teacher_path)
@@ -330,7 +401,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     # ---- evaluation: same noise and labels for every model
     ev, manifest = load_eval_set(eval_rec)
     teacher = load_any_teacher(teacher_path).to(device).eval()
-    net = get_feature_network(bench.features, device=device)
+    net = bench.feature_network(device=device)
     real = net.features(bench.real_images("heldout").to(device)).float().cpu()
     process = process_for(teacher.cfg)
     model_fn = make_model_fn(teacher, cfg.cfg_scale)
@@ -428,8 +499,9 @@ def _notes(cfg: CompareConfig, summary: dict, names: list[str]) -> list[str]:
     notes = [f"teacher {cfg.solver.upper()}-{cfg.teacher_steps}, guidance {cfg.cfg_scale}; students S = {cfg.num_steps} "
              f"on the '{cfg.grid}' grid, {cfg.steps} steps x batch {cfg.batch_size}, lr {cfg.lr}, seeds {list(cfg.seeds)}; "
              f"{cfg.train_count} training / {cfg.eval_count} evaluation trajectories",
-             f"FD, precision/recall (k = 3) are on the shipped {cfg.benchmark} classifier's features against "
-             f"{BENCHMARKS[cfg.benchmark].description}; IS uses its logits. Every model starts from the same noise "
+             f"FD, precision/recall (k = 3) are on the "
+             + (f"classifier {cfg.classifier}" if cfg.benchmark == "folder" else f"shipped {cfg.benchmark} classifier")
+             + f"'s features against {get_benchmark(cfg).description}; IS uses its logits. Every model starts from the same noise "
              "and labels.",
              "latency: median wall time per image of one batch of "
              f"{cfg.latency_batch} on this machine ({summary['machine']})."]
@@ -486,7 +558,7 @@ def sweep(cfg: CompareConfig, axes: tuple[str, ...] = SWEEP_AXES) -> Path:
     """One comparison per axis (per S for ``num_steps``); all rows merged into sweep.md / sweep.json."""
     from ardistill.io.checkpoints import load_any_teacher
 
-    teacher_path = BENCHMARKS[cfg.benchmark].teacher_path() if cfg.teacher is None else Path(cfg.teacher)
+    teacher_path = get_benchmark(cfg).teacher_path() if cfg.teacher is None else Path(cfg.teacher)
     depth = load_any_teacher(teacher_path).cfg.depth
     root = Path(cfg.out)
     shared_rec = root / "recordings"

@@ -101,11 +101,63 @@ def open_training_data(spec: str, *, image_size: int = 32, hflip: bool = False, 
             raise ValueError(f"{path}: a latent store mirrors by itself when it was encoded with flips; drop hflip")
         return TrainingData(name="latent-store", shape=tuple(store.shape), num_classes=store.num_classes,
                             store=store, info={"root": str(path), "flipped": store.layout.flipped})
-    from ardistill.data.image_folder import ImageFolder
-    folder = ImageFolder(path, image_size=image_size)
-    images = torch.stack([folder.load(i) for i in range(len(folder))])  # small data sets: keep them in memory
-    labels = torch.tensor([c for _, c in folder.items], dtype=torch.int64)
-    return TrainingData(name="image-folder", shape=tuple(images.shape[1:]), num_classes=folder.num_classes,
-                        images=images, labels=labels, hflip=hflip,
-                        info={"root": str(path), "image_size": image_size, "hflip": hflip, "classes": folder.classes,
+    d = load_image_folder(path, image_size)
+    return TrainingData(name="image-folder", shape=tuple(d.images.shape[1:]), num_classes=len(d.classes),
+                        images=d.images, labels=d.labels, hflip=hflip,
+                        info={"root": str(path), "image_size": image_size, "hflip": hflip, "classes": d.classes,
                               "value_range": [-1, 1]})
+
+
+@dataclass
+class LabelledImages:
+    """Images (N, C, H, W) float32 in [-1, 1] with labels (N,) int64 and the class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    root: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> "LabelledImages":
+        return LabelledImages(self.images[idx], self.labels[idx], self.classes, self.root)
+
+
+def load_image_folder(root: str | Path, image_size: int) -> LabelledImages:
+    """Every image of an ImageNet-layout folder (``root/<class>/<images>``), ADM centre-cropped to
+    ``image_size``, in memory (small data sets)."""
+    from ardistill.data.image_folder import ImageFolder
+    folder = ImageFolder(root, image_size=image_size)
+    images = torch.stack([folder.load(i) for i in range(len(folder))])
+    labels = torch.tensor([c for _, c in folder.items], dtype=torch.int64)
+    return LabelledImages(images, labels, list(folder.classes), str(root))
+
+
+def image_folder_splits(root: str | Path, image_size: int, heldout: str | Path | None = None,
+                        heldout_fraction: float = 0.2, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+    """(train, held-out) images of your own data: ``heldout`` is a second folder with the same classes
+    (e.g. ImageNet's val/ beside train/), or else ``heldout_fraction`` of each class of ``root`` is
+    held out, chosen with ``seed`` (at least one image per class stays in training)."""
+    data = load_image_folder(root, image_size)
+    if heldout is not None:
+        other = load_image_folder(heldout, image_size)
+        if other.classes != data.classes:
+            raise ValueError(f"held-out folder {heldout} has the classes {other.classes[:10]}, the training folder "
+                             f"{root} {data.classes[:10]}: they must be the same class sub-folders")
+        return data, other
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in range(len(data.classes)):
+        idx = (data.labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        held.append(idx[:min(round(len(idx) * heldout_fraction), len(idx) - 1)])
+    held_idx = torch.cat(held).sort().values
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[held_idx] = False
+    if not len(held_idx):
+        raise ValueError(f"image folder {root}: too few images to hold {heldout_fraction} of each class out; "
+                         "give a held-out folder")
+    return data.subset(keep.nonzero().flatten()), data.subset(held_idx)

@@ -94,7 +94,7 @@ class DigitsClassifier(nn.Module):
 class ClassifierTrainConfig:
     """Everything that determines a classifier training run (saved in the checkpoint's metadata)."""
 
-    data: str = "digits"  # 'digits' or 'photos'
+    data: str = "digits"  # 'digits', 'photos' or an image folder (root/<class>/<images>): your own data
     epochs: int = 40
     batch_size: int = 64
     lr: float = 2e-3  # AdamW, cosine decay to 0 over the run
@@ -105,15 +105,23 @@ class ClassifierTrainConfig:
     feature_dim: int = 64
     seed: int = 0
     data_seed: int = 0
-    heldout_fraction: float = 0.2
+    heldout_fraction: float = 0.2  # digits, or an image folder without heldout_data: per class
+    image_size: int = 32  # image folders: ADM centre-crop size (that of the teacher's samples)
+    heldout_data: str | None = None  # image folders: a held-out folder with the same classes
 
     def __post_init__(self):
-        if self.data not in CLASSIFIER_DATA:
-            raise ValueError(f"ClassifierTrainConfig.data must be one of {CLASSIFIER_DATA}, got {self.data!r}")
+        if self.data not in CLASSIFIER_DATA and not Path(self.data).is_dir():
+            raise ValueError(f"ClassifierTrainConfig.data must be one of {CLASSIFIER_DATA} or an image folder, "
+                             f"got {self.data!r} (no such folder)")
+        if self.heldout_data is not None and self.data in CLASSIFIER_DATA:
+            raise ValueError(f"ClassifierTrainConfig.heldout_data is for image folders, not {self.data!r}")
         if self.augment_shift is None:
             object.__setattr__(self, "augment_shift", 1 if self.data == "digits" else 0)
-        if self.data == "photos" and self.augment_shift:
-            raise ValueError("ClassifierTrainConfig.augment_shift must be 0 for photos (shifts fill with background)")
+        if self.data != "digits" and self.augment_shift:
+            raise ValueError(f"ClassifierTrainConfig.augment_shift must be 0 for {self.data!r} (shifts fill with "
+                             "background)")
+        if self.image_size < 4 or self.image_size % 4:
+            raise ValueError(f"ClassifierTrainConfig.image_size must be a multiple of 4, got {self.image_size}")
         for name in ("epochs", "batch_size", "width", "feature_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClassifierTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -162,7 +170,8 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
     t_start = time.time()
     train, heldout = classifier_splits(cfg)
     c, size = train.images.shape[1], train.images.shape[2]
-    mcfg = ClassifierConfig(in_channels=c, input_size=size, num_classes=int(train.labels.max()) + 1,
+    num_classes = len(train.classes) if hasattr(train, "classes") else int(train.labels.max()) + 1
+    mcfg = ClassifierConfig(in_channels=c, input_size=size, num_classes=num_classes,
                             width=cfg.width, feature_dim=cfg.feature_dim)
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
@@ -192,6 +201,8 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
                               heldout_accuracy=accuracy(model, heldout), wall_s=time.time() - t_start)
     summary = {"train_config": cfg.to_dict(), "train_accuracy": result.train_accuracy,
                "heldout_accuracy": result.heldout_accuracy, "heldout_images": len(heldout)}
+    if cfg.data not in CLASSIFIER_DATA:  # your own data: the class order the labels follow
+        summary["classes"] = list(train.classes)
     save_model(model, asdict(mcfg), out, kind=CLASSIFIER_KIND, extra_metadata=summary)
     atomic_write_json(Path(out).with_suffix(".json"), {"model": asdict(mcfg), **summary,
                                                         "wall_s": round(result.wall_s, 1)})
@@ -200,6 +211,9 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
 
 def classifier_splits(cfg: ClassifierTrainConfig):
     """(train, held-out) splits of the classifier's data set."""
+    if cfg.data not in CLASSIFIER_DATA:
+        from ardistill.data.sources import image_folder_splits
+        return image_folder_splits(cfg.data, cfg.image_size, cfg.heldout_data, cfg.heldout_fraction, cfg.data_seed)
     if cfg.data == "photos":
         from ardistill.data.photos import load_photos_split
         return load_photos_split("train", seed=cfg.data_seed), load_photos_split("heldout", seed=cfg.data_seed)

@@ -166,6 +166,17 @@ def _photos(path=None, classifier: nn.Module | None = None, device=None) -> Digi
     return DigitsFeatureNetwork(classifier, name="photos").to(device)
 
 
+def _classifier(path=None, classifier: nn.Module | None = None, device=None) -> DigitsFeatureNetwork:
+    """A classifier trained by ``ardistill train-classifier`` on your own data (``path`` required)."""
+    if classifier is None:
+        if path is None:
+            raise ValueError("feature network 'classifier': give the path of a train-classifier file")
+        from ardistill.evaluation.classifier import load_digits_classifier
+
+        classifier = load_digits_classifier(path)
+    return DigitsFeatureNetwork(classifier, name="classifier").to(device)
+
+
 def _inception(weights_path=None, backend: str = "auto", device=None) -> InceptionFeatureNetwork:
     from ardistill.evaluation.inception import load_fid_inception, resolve_weights_path
 
@@ -197,6 +208,7 @@ def _clip(folder=None, device=None):
 FEATURE_NETWORKS: dict[str, Callable[..., FeatureNetwork]] = {
     "digits": _digits,
     "photos": _photos,
+    "classifier": _classifier,  # a train-classifier file of your own data (path=...)
     "inception": _inception,
     "clip": _clip,  # projected CLIP image embeddings (evaluation/clip_score.py): FD in CLIP space
 }

@@ -76,13 +76,7 @@ def solve(model_fn: ModelFn, process: Process, noise: torch.Tensor, y: torch.Ten
     states, x0s = {}, {}
     x = noise
     nfe = 0
-    B = x.shape[0]
-
-    def evaluate(x_cur: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.full((B,), times[i], device=x.device, dtype=torch.float64)
-        out = model_fn(x_cur, process.model_time(t), y)
-        return out, process.x0_from_output(x_cur, t, out).to(x_cur.dtype)
-
+    evaluate = _evaluator(model_fn, process, times, y)
     for i in range(steps):
         out, x0 = evaluate(x, i)
         nfe += 1
@@ -98,6 +92,38 @@ def solve(model_fn: ModelFn, process: Process, noise: torch.Tensor, y: torch.Ten
         result.states = torch.stack([states[i] for i in record_at], dim=1)
         result.x0_preds = torch.stack([x0s[i] for i in record_at], dim=1)
     return result
+
+
+@torch.no_grad()
+def solve_segment(model_fn: ModelFn, process: Process, x: torch.Tensor, y, steps: int, solver: str,
+                  start: int, end: int) -> torch.Tensor:
+    """The state at grid position ``end`` reached from the state ``x`` at position ``start``.
+
+    The same grid (``steps`` intervals), solver and model evaluations as ``solve``, so a segment of a
+    trajectory that ``solve`` recorded is reproduced bit for bit from its state at ``start``. Used to
+    relabel on-policy targets: the teacher's ODE from the student's own state to the next student time.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+    if solver == "ddim" and not isinstance(process, VPProcess):
+        raise ValueError("solver 'ddim' is for the VP process; use 'euler' or 'heun' for flow")
+    if not 0 <= start <= end <= steps:
+        raise ValueError(f"solve_segment: need 0 <= start <= end <= steps, got start {start}, end {end}, steps {steps}")
+    times = grid_times(process, steps)
+    evaluate = _evaluator(model_fn, process, times, y)
+    for i in range(start, end):
+        out, x0 = evaluate(x, i)
+        x, _ = _step(process, solver, x, out, x0, times, i, evaluate)
+    return x
+
+
+def _evaluator(model_fn: ModelFn, process: Process, times: list[float], y):
+    """(x, grid position i) -> (model output, x0-prediction) at the grid time of position i."""
+    def evaluate(x_cur: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.full((x_cur.shape[0],), times[i], device=x_cur.device, dtype=torch.float64)
+        out = model_fn(x_cur, process.model_time(t), y)
+        return out, process.x0_from_output(x_cur, t, out).to(x_cur.dtype)
+    return evaluate
 
 
 def _step(process, solver, x, out, x0, times, i, evaluate):

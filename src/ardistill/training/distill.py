@@ -5,7 +5,9 @@ a global batch of trajectories (seeded epoch order, split over ranks and ``grad_
 micro-batches) -> teacher-forced student pass over all S blocks at once -> per-step MSE against the
 teacher's next states, averaged over steps with optional weights -> AdamW with gradient clipping
 -> EMA update. Optionally (``on_policy_prob``) the inputs of blocks 1..S-1 are replaced by the
-student's own free-running rollout from the same noise (targets stay the teacher's).
+student's own free-running rollout from the same noise; the targets stay the teacher's recorded
+states, or (``on_policy_targets = "teacher"``) are relabelled by the teacher's ODE from the
+student's states (relabel.py).
 
 Run folder::
 
@@ -35,6 +37,7 @@ from ardistill.io import distributed as dist
 from ardistill.io.checkpoints import load_any_teacher
 from ardistill.sampling.diffusion import make_process
 from ardistill.training.ema import EMA
+from ardistill.training.relabel import RELABEL_TARGETS, TeacherRelabeler
 from ardistill.io.fileio import atomic_write_json, read_json
 from ardistill.models.masks import check_mask
 from ardistill.models.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
@@ -87,6 +90,9 @@ class DistillConfig:
     on_policy_prob: float = 0.0
     on_policy_start: int = 0  # optimizer steps of pure teacher forcing before on-policy batches begin
     on_policy_model: str = "student"  # weights that roll out: the current "student" or its "ema"
+    # targets of on-policy batches: the "recorded" teacher states, or the "teacher"'s ODE run again from
+    # the student's own states to the next student time (DAgger-style relabelling; training/relabel.py)
+    on_policy_targets: str = "recorded"
     # run
     seed: int = 0
     device: str | None = None  # "cpu", "cuda" or None (cuda when available)
@@ -103,7 +109,8 @@ class DistillConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
         for name, choices in (("target", TARGETS), ("time_labels", TIME_LABELS), ("heads", HEADS),
-                              ("output", OUTPUTS), ("on_policy_model", ROLLOUT_MODELS), ("precision", PRECISIONS)):
+                              ("output", OUTPUTS), ("on_policy_model", ROLLOUT_MODELS), ("precision", PRECISIONS),
+                              ("on_policy_targets", RELABEL_TARGETS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"DistillConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         check_mask(self.mask)
@@ -123,6 +130,11 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
         if not 0 <= self.on_policy_prob <= 1:
             raise ValueError(f"DistillConfig.on_policy_prob must be in [0, 1], got {self.on_policy_prob}")
+        if self.on_policy_targets == "teacher" and self.target != "state":
+            raise ValueError("DistillConfig.on_policy_targets = 'teacher' relabels ODE states: it needs target 'state', "
+                             f"got {self.target!r}")
+        if self.on_policy_targets == "teacher" and self.on_policy_prob == 0:
+            raise ValueError("DistillConfig.on_policy_targets = 'teacher' relabels on-policy batches: set on_policy_prob > 0")
         if any(w < 0 for w in self.loss_weights) or (self.loss_weights and sum(self.loss_weights) == 0):
             raise ValueError(f"DistillConfig.loss_weights must be >= 0 and not all zero, got {self.loss_weights}")
         if self.batch_size % self.grad_accum:
@@ -319,6 +331,10 @@ class _Distiller:
         teacher = load_distill_teacher(cfg.teacher, manifest)
         self.data = _open_data(cfg, teacher, manifest)
         student = build_distill_student(cfg, teacher, manifest)
+        self.relabel = None
+        if cfg.on_policy_targets == "teacher":  # the teacher stays, to relabel on-policy targets
+            null = self.data.null_text() if is_text_recording(manifest) else None
+            self.relabel = TeacherRelabeler(teacher.to(device), manifest, null)
         del teacher
         self.scfg, self.recording_id = student.cfg, recording_id(manifest)
         # a text student's files carry its encoder's spec (when the prompt store recorded one), so that
@@ -411,6 +427,8 @@ class _Distiller:
                 roller = self.student if cfg.on_policy_model == "student" else self.ema.module
                 with autocast(dev, self.precision):
                     x = on_policy_inputs(roller, x, *cond)
+                if self.relabel is not None:
+                    target = self.relabel(x, target, *cond)
                 n_on_policy += 1
             with sync_gradients(self.model, m == len(micro) - 1):
                 with autocast(dev, self.precision):

@@ -66,7 +66,8 @@ class GANConfig:
     recording: str  # the recording it was distilled on (regression targets, fakes' noise and labels)
     teacher: str  # the teacher of the recording: the frozen feature network (sha256-checked)
     run_dir: str
-    real: str = "digits"  # real images: "digits" or "photos" (train split) or a latent store folder (encode-latents)
+    real: str = "digits"  # real images: "digits" or "photos" (train split), a latent store folder (encode-latents)
+    #                       or an image folder (root/<class>/<images>, centre-cropped to the student's size)
     start_weights: str = "ema"  # which weights of a run/checkpoint folder to start from
     # discriminator
     disc_blocks: tuple[int, ...] = ()  # teacher blocks with a head; () = every block
@@ -243,9 +244,39 @@ class LatentReal:
         return {"kind": "latents", "count": len(self), "shape": list(self.shape), "content": content}
 
 
-def open_real(spec: str, verify_shards: bool = True) -> RealData:
-    """"digits" or "photos" -> that embedded data set's train split; anything else is a latent store folder."""
-    return EmbeddedReal(spec) if spec in EMBEDDED else LatentReal(spec, verify_shards)
+class FolderReal:
+    """An image folder in ImageNet layout (your own data), ADM centre-cropped to the student's image size."""
+
+    def __init__(self, root: str | Path, image_size: int):
+        from ardistill.data.sources import load_image_folder
+        d = load_image_folder(root, image_size)
+        self.root, self.images, self.labels, self.classes = str(root), d.images, d.labels, d.classes
+        self.shape, self.num_classes = tuple(d.images.shape[1:]), len(d.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices, generator):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+    def identity(self) -> dict:
+        content = hashlib.sha256(self.images.numpy().tobytes() + self.labels.numpy().tobytes()).hexdigest()
+        return {"kind": "image-folder", "count": len(self), "shape": list(self.shape), "classes": self.classes,
+                "content": content}
+
+
+def open_real(spec: str, verify_shards: bool = True, image_size: int | None = None) -> RealData:
+    """"digits" or "photos" -> that embedded data set's train split; a folder with a trajectory-store
+    manifest -> a latent store; any other folder -> an image folder (centre-cropped to ``image_size``)."""
+    from ardistill.data.trajectories import MANIFEST
+    if spec in EMBEDDED:
+        return EmbeddedReal(spec)
+    if Path(spec).is_dir() and not (Path(spec) / MANIFEST).exists():
+        if image_size is None:
+            raise ValueError(f"real data {spec}: an image folder needs the image size to crop to")
+        return FolderReal(spec, image_size)
+    return LatentReal(spec, verify_shards)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +379,7 @@ class _GANTrainer:
             raise ValueError("GANConfig.gan_steps 'all' needs a student with target 'state': x0-prediction "
                              "targets of intermediate steps are not samples of the data distribution")
         self.recording_id = recording_id(manifest)
-        self.real = open_real(cfg.real, cfg.verify_shards)
+        self.real = open_real(cfg.real, cfg.verify_shards, image_size=spec.shape[-1])
         if self.real.shape != spec.shape or self.real.num_classes != tc.num_classes:
             raise ValueError(f"real data {cfg.real}: images {self.real.shape} with {self.real.num_classes} classes, "
                              f"the teacher's are {spec.shape} with {tc.num_classes}")

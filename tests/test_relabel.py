@@ -1,0 +1,161 @@
+"""Teacher-relabelled on-policy targets: the ODE segment solver, the relabeler (class and text), training with it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ardistill.data.prompts import Prompt, TextTrajectoryDataset, write_prompt_store
+from ardistill.data.record import RecordConfig, TextRecordConfig, record, record_text
+from ardistill.data.trajectories import TrajectoryDataset
+from ardistill.io.checkpoints import TEXT_TEACHER_KIND, load_any_teacher, save_checkpoint_safetensors, save_model
+from ardistill.models.dit import DiT, DiTConfig
+from ardistill.models.text_dit import TextDiT, text_dit_config
+from ardistill.sampling.diffusion import FlowProcess, VPProcess
+from ardistill.sampling.ode import solve, solve_segment
+from ardistill.training.distill import DistillConfig, distill
+from ardistill.training.relabel import TeacherRelabeler
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def _randomize(model, seed=0, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":  # adaLN-Zero init would make the teacher trivial
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory) -> dict:
+    """A tiny guided VP teacher and a 16-trajectory recording (S = 4 on 8 teacher steps, Heun: uneven segments)."""
+    root = tmp_path_factory.mktemp("relabel")
+    teacher = _randomize(DiT(DiTConfig(**TINY)))
+    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
+    record(teacher, root / "rec", RecordConfig(count=16, num_steps=4, teacher_steps=8, cfg_scale=2.0, solver="heun",
+                                               shard_size=8, batch_size=8, dtype="float32"), progress=False)
+    return {"recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors")}
+
+
+def _manifest(recording) -> dict:
+    return json.loads((Path(recording) / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("process,solver", [(VPProcess(), "ddim"), (VPProcess(), "heun"),
+                                            (FlowProcess(), "euler"), (FlowProcess(), "heun")])
+def test_solve_segment_reproduces_a_solved_trajectory_bit_for_bit(process, solver):
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.3
+
+    def model_fn(x, t, y):  # a smooth nonlinear field that depends on time and label
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", w, x) + t.view(-1, 1, 1, 1).float() * 1e-3 + y.view(-1, 1, 1, 1))
+
+    noise = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0.0, 0.1, -0.2])
+    positions = [0, 2, 5, 7, 9]
+    full = solve(model_fn, process, noise, y, 9, solver, record_at=positions)
+    for a, b in zip(range(4), range(1, 5)):
+        seg = solve_segment(model_fn, process, full.states[:, a], y, 9, solver, positions[a], positions[b])
+        assert torch.equal(seg, full.states[:, b]), (a, b)
+    assert torch.equal(solve_segment(model_fn, process, noise, y, 9, solver, 3, 3), noise)  # empty segment
+    with pytest.raises(ValueError, match="start 5, end 4"):
+        solve_segment(model_fn, process, noise, y, 9, solver, 5, 4)
+
+
+def test_relabel_keeps_block_0_and_follows_the_teacher_from_the_given_states(rec):
+    """Inputs of blocks 1..S-1 taken from *other* trajectories (with their labels): each relabelled target is
+    that other trajectory's recorded next state; block 0 keeps the target it was given."""
+    manifest = _manifest(rec["recording"])
+    teacher = load_any_teacher(rec["teacher"])
+    relabel = TeacherRelabeler(teacher, manifest)
+    b = TrajectoryDataset(rec["recording"]).batch(list(range(8)))
+    x, target, y = b["inputs"], b["targets"], b["label"]
+    # on the teacher's own states, relabelling reproduces the recording (up to batch-composition rounding)
+    assert (relabel(x, target, y) - target).abs().max() < 1e-5
+    perm = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
+    mixed = torch.cat([x[:, :1], x[perm, 1:]], dim=1)
+    out = relabel(mixed, target, y[perm])
+    assert torch.equal(out[:, 0], target[:, 0])
+    assert (out[:, 1:] - target[perm, 1:]).abs().max() < 1e-5
+    assert (out[:, 1:] - target[:, 1:]).abs().max() > 0.1  # the recorded targets would have been far off
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_relabel_of_a_text_recording_uses_the_captions_and_the_null_text(tmp_path):
+    C = 32
+
+    def encoder(prompts):
+        tokens, mask = torch.zeros(len(prompts), 5, C), torch.zeros(len(prompts), 5, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            words = ["<s>"] + p.split()[:4]
+            for j, w in enumerate(words):
+                tokens[i, j] = torch.randn(C, generator=torch.Generator().manual_seed(sum(map(ord, w)) + 13 * j))
+            mask[i, :len(words)] = True
+        return tokens, mask
+
+    teacher = TextDiT(text_dit_config("TextDiT-T", prediction="velocity"))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    items = [Prompt(str(i), p) for i, p in enumerate(["a 1 and a 2", "three then four", "five", "six left seven"])]
+    write_prompt_store(tmp_path / "prompts", items, encoder, {"name": "toy", "sha256": "0" * 64, "width": C, "max_length": 5})
+    record_text(teacher, tmp_path / "prompts", tmp_path / "rec", TextRecordConfig(
+        count=8, num_steps=3, teacher_steps=6, solver="euler", cfg_scale=2.0, shard_size=8, batch_size=8,
+        dtype="float32"), progress=False)
+    ds = TextTrajectoryDataset(tmp_path / "rec")
+    relabel = TeacherRelabeler(teacher, _manifest(tmp_path / "rec"), ds.null_text())
+    b = ds.batch(list(range(8)))
+    x, target = b["inputs"], b["targets"]
+    assert (relabel(x, target, b["text"], b["text_mask"]) - target).abs().max() < 1e-5
+    perm = torch.tensor([1, 2, 3, 0, 5, 6, 7, 4])
+    mixed = torch.cat([x[:, :1], x[perm, 1:]], dim=1)
+    out = relabel(mixed, target, b["text"][perm], b["text_mask"][perm])
+    assert (out[:, 1:] - target[perm, 1:]).abs().max() < 1e-5
+    assert (out[:, 1:] - target[:, 1:]).abs().max() > 1e-2
+
+
+def _cfg(rec, run_dir, **kw) -> DistillConfig:
+    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
+                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False,
+                history_layers=1, on_policy_prob=1.0, on_policy_start=2)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_training_with_relabelled_targets_resumes_exactly_and_differs_from_recorded_targets(rec, tmp_path):
+    straight = distill(_cfg(rec, tmp_path / "straight", on_policy_targets="teacher"))
+    part = _cfg(rec, tmp_path / "part", on_policy_targets="teacher")
+    distill(replace(part, steps=3))
+    distill(part, resume=True)
+    recorded = distill(_cfg(rec, tmp_path / "recorded"))
+    log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["on_policy_frac"] for r in log] == [0, 0, 1, 1, 1, 1]
+    a, b = load_file(str(tmp_path / "part" / "student.safetensors")), load_file(str(straight.student_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(str(recorded.student_path))
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the relabelled targets changed the updates
+    # the first two (teacher-forced) steps are the same in both runs: the losses agree there, not after
+    lr = [json.loads(x)["loss"] for x in (tmp_path / "recorded" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log][:2] == lr[:2] and [r["loss"] for r in log][2:] != lr[2:]
+
+
+def test_relabel_settings_are_validated_and_reach_the_cli(rec, tmp_path):
+    with pytest.raises(ValueError, match="needs target 'state'"):
+        _cfg(rec, tmp_path, on_policy_targets="teacher", target="x0")
+    with pytest.raises(ValueError, match="set on_policy_prob > 0"):
+        _cfg(rec, tmp_path, on_policy_targets="teacher", on_policy_prob=0.0)
+    with pytest.raises(ValueError, match="on_policy_targets"):
+        _cfg(rec, tmp_path, on_policy_targets="dagger")
+    from ardistill.cli import main
+    run = tmp_path / "cli"
+    assert main(["distill", "--recording", rec["recording"], "--teacher", rec["teacher"], "--run-dir", str(run),
+                 "--steps", "1", "--batch-size", "4", "--history-layers", "1", "--on-policy-prob", "1",
+                 "--on-policy-targets", "teacher", "--no-progress", "--no-tensorboard"]) == 0
+    cfg = json.loads((run / "config.json").read_text())["distill"]
+    assert cfg["on_policy_targets"] == "teacher"
