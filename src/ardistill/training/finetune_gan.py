@@ -203,7 +203,21 @@ class RealData(Protocol):
     def identity(self) -> dict: ...
 
 
-class EmbeddedReal:
+class _InMemoryReal:
+    """Real images held in memory: ``images`` (N, C, H, W) in [-1, 1], ``labels`` (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices, generator):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+class EmbeddedReal(_InMemoryReal):
     """The training split of an embedded data set ("digits" or "photos"), in [-1, 1]: the images the
     benchmark's teacher was trained on (``data.sources.open_training_data``)."""
 
@@ -212,13 +226,6 @@ class EmbeddedReal:
         d = open_training_data(name)
         self.images, self.labels, self.name = d.images, d.labels, name
         self.shape, self.num_classes = tuple(d.shape), d.num_classes
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, indices, generator):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[idx], self.labels[idx]
 
     def identity(self) -> dict:
         return {"kind": self.name, "split": "train", "count": len(self)}
@@ -244,7 +251,7 @@ class LatentReal:
         return {"kind": "latents", "count": len(self), "shape": list(self.shape), "content": content}
 
 
-class FolderReal:
+class FolderReal(_InMemoryReal):
     """An image folder in ImageNet layout (your own data), ADM centre-cropped to the student's image size."""
 
     def __init__(self, root: str | Path, image_size: int):
@@ -252,13 +259,6 @@ class FolderReal:
         d = load_image_folder(root, image_size)
         self.root, self.images, self.labels, self.classes = str(root), d.images, d.labels, d.classes
         self.shape, self.num_classes = tuple(d.images.shape[1:]), len(d.classes)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, indices, generator):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[idx], self.labels[idx]
 
     def identity(self) -> dict:
         content = hashlib.sha256(self.images.numpy().tobytes() + self.labels.numpy().tobytes()).hexdigest()
