@@ -69,6 +69,7 @@ def main():
                    help="comma-separated slugs (compare.slug of the report names, e.g. step-distillation,ard-n-h-1) "
                         "of the variants to run, in their report order; default: all of --variants")
     p.add_argument("--gan", action="store_true", help="also ARD (R+G) and its regression-only control")
+    p.add_argument("--gan-factor", type=float, default=None, help="the GAN stage's factor (default 0.3, the digits')")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--teacher", default=None, help="default: the shipped photos teacher")
     p.add_argument("--teacher-steps", type=int, default=25)
@@ -77,7 +78,8 @@ def main():
     cfg = CompareConfig(out=args.out, benchmark="photos", num_steps=args.num_steps, steps=args.steps,
                         batch_size=args.batch_size, train_count=args.train_count, eval_count=args.eval_count,
                         seeds=tuple(int(s) for s in args.seeds.split(",")), teacher=args.teacher,
-                        teacher_steps=args.teacher_steps, latency_batch=32, latency_repeats=2, progress=False)
+                        teacher_steps=args.teacher_steps, latency_batch=32, latency_repeats=2, progress=False,
+                        gan={} if args.gan_factor is None else {"gan_factor": args.gan_factor})
     teacher = BENCHMARKS["photos"].teacher_path() if args.teacher is None else Path(args.teacher)
     if args.variants == "demo":
         variants = {("step distillation" if n == 0 else f"ARD (N_h={n})"): {"history_layers": n}

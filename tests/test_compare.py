@@ -117,7 +117,7 @@ def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
         monkeypatch.setitem(fg.DIGITS_GAN_SETTINGS, k, v)
     cfg = CompareConfig(out=str(tmp_path / "gan"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
                         teacher_steps=6, steps=3, batch_size=8, record_batch=16, latency_batch=4, latency_repeats=1,
-                        progress=False)
+                        progress=False, gan={"gan_factor": 2.0})
     # the fine-tuned variant is named (not the last one): as scripts/photos_study.py --gan does
     report = compare(cfg, {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1},
                            "ARD (N_h=2)": {"history_layers": 2}}, gan=True, gan_variant="ARD")
@@ -129,9 +129,24 @@ def test_compare_with_gan_row(tiny_teacher, tmp_path, monkeypatch):
     # the control is the same fine-tuning with GAN weight 0
     control = json.loads((students / "ard-seed0-control" / "config.json").read_text())["gan"]
     gan_cfg = json.loads((students / "ard-seed0-gan" / "config.json").read_text())["gan"]
-    assert control.pop("gan_factor") == 0.0 and gan_cfg.pop("gan_factor") > 0
+    assert control.pop("gan_factor") == 0.0 and gan_cfg.pop("gan_factor") == 2.0  # CompareConfig.gan reached it
     assert {k: v for k, v in control.items() if k != "run_dir"} == {k: v for k, v in gan_cfg.items() if k != "run_dir"}
-    assert "GAN weight 0" in report.read_text()
+    assert "GAN weight 0" in report.read_text() and "factor 2.0" in report.read_text()
+
+
+def test_compare_gan_settings_are_validated_and_the_demo_flag_sets_the_factor():
+    import argparse
+
+    from ardistill.cli import _add_demo
+    with pytest.raises(ValueError, match=r"\['student'\] are not GAN settings"):
+        CompareConfig(gan={"student": "x"})
+    with pytest.raises(ValueError, match="bogus"):
+        CompareConfig(gan={"bogus": 1})
+    sub = argparse.ArgumentParser().add_subparsers(dest="command")
+    _add_demo(sub)
+    from ardistill.cli import _compare_config
+    args = sub.choices["demo"].parse_args(["--gan", "--gan-factor", "10"])
+    assert _compare_config(args, {}, "runs/demo").gan == {"gan_factor": 10.0}
 
 
 @pytest.mark.slow

@@ -554,6 +554,8 @@ def _compare_config(args, preset: dict, default_out: str):
               "device", "real_train", "real_heldout", "classifier"):
         if getattr(args, k, None) is not None:
             kw[k] = getattr(args, k)
+    if getattr(args, "gan_factor", None) is not None:
+        kw["gan"] = {**kw.get("gan", {}), "gan_factor": args.gan_factor}
     kw["benchmark"] = _benchmark(args)
     kw["out"] = args.out or kw.get("out", default_out)
     kw["progress"] = not args.no_progress
@@ -573,6 +575,8 @@ def _add_demo(sub):
     p.add_argument("--preset", choices=("quick", "full"), default="quick")
     p.add_argument("--history-layers", type=int, default=None, help="ARD's N_h (default: 6/28 of the depth)")
     p.add_argument("--gan", action="store_true", help="add the GAN fine-tuning stage: an ARD (R+G) row")
+    p.add_argument("--gan-factor", type=float, default=None,
+                   help="the GAN stage's adaptive-weight factor (default 0.3, the digits' setting; the paper's is 10)")
     p.add_argument("--task", choices=("digits", "t2i"), default="digits",
                    help="digits: class-conditional digits; t2i: the text-to-image two-digit benchmark (docs/t2i.md; "
                         "default out runs/t2i, teacher = the shipped text teacher)")

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class CompareConfig:
     ema_warmup: bool = True  # short runs: decay min(ema_decay, (1+n)/(10+n)), else the EMA stays near the init
     seeds: tuple[int, ...] = (0,)
     student: dict = field(default_factory=dict)  # DistillConfig fields shared by all variants
+    gan: dict = field(default_factory=dict)  # GANConfig fields over the digits' GAN settings (the --gan rows)
     # a folder shared by several comparisons (the sweep): students are kept by a hash of their training
     # settings, so a variant that appears on several axes (the baseline) is trained once
     student_cache: str | None = None
@@ -72,6 +73,11 @@ class CompareConfig:
             raise ValueError("CompareConfig.seeds must name at least one training seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"CompareConfig.seeds has repeats: {self.seeds}")
+        from ardistill.training.finetune_gan import GANConfig
+        bad = set(self.gan) - ({f.name for f in fields(GANConfig)} - {"student", "recording", "teacher", "run_dir",
+                                                                          "real", "seed", "device", "progress"})
+        if bad:
+            raise ValueError(f"CompareConfig.gan: {sorted(bad)} are not GAN settings a comparison may change")
         own = {k: getattr(self, k) for k in ("real_train", "real_heldout", "classifier")}
         if self.benchmark == "folder":
             missing = [k for k, v in own.items() if v is None] + (["teacher"] if self.teacher is None else [])
@@ -331,16 +337,22 @@ GAN_ROW = "ARD (R+G)"
 GAN_CONTROL_ROW = "ARD (R, control)"
 
 
+def gan_settings(cfg: CompareConfig) -> dict:
+    """The GAN stage's settings of a comparison: the digits' recommended ones with ``cfg.gan`` on top."""
+    from ardistill.training.finetune_gan import DIGITS_GAN_SETTINGS
+    return dict(DIGITS_GAN_SETTINGS, **cfg.gan)
+
+
 def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording: Path, teacher_path: Path,
                      control: bool = False) -> Path:
-    """ARD (R+G): GAN fine-tuning of a distilled student with the recommended digits settings (resumes).
+    """ARD (R+G): GAN fine-tuning of a distilled student with ``gan_settings(cfg)`` (resumes).
 
     ``control=True`` runs the same fine-tuning with GAN weight 0 (regression only, same steps, same
     data order): it separates the GAN's effect from simply training longer.
     """
-    from ardistill.training.finetune_gan import DIGITS_GAN_SETTINGS, GANConfig, finetune_gan
+    from ardistill.training.finetune_gan import GANConfig, finetune_gan
 
-    settings = dict(DIGITS_GAN_SETTINGS, **({"gan_factor": 0.0} if control else {}))
+    settings = dict(gan_settings(cfg), **({"gan_factor": 0.0} if control else {}))
     run_dir = Path(cfg.out) / "students" / f"{student_run.name}-{'control' if control else 'gan'}"
     t0 = time.perf_counter()
     res = finetune_gan(GANConfig(student=str(student_run), recording=str(recording), teacher=str(teacher_path),
@@ -451,7 +463,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     notes = _notes(cfg, summary, list(variants) + extra_rows)
     sections = [history_section(rows)] if any("history_cut" in r for r in rows) else []
     if gan:
-        from ardistill.training.finetune_gan import DIGITS_GAN_SETTINGS as G
+        G = gan_settings(cfg)
         notes.append(f"{GAN_ROW}: the ARD (R) student fine-tuned {G['steps']} more steps with regression + hinge GAN "
                      f"(factor {G['gan_factor']}, GAN weight 0 for the first {G['gan_warmup']} steps, frozen-teacher "
                      f"discriminator; docs/gan.md). {GAN_CONTROL_ROW}: the same {G['steps']} steps with GAN weight "
