@@ -9,8 +9,11 @@ same report: compare() finds the finished students and only evaluates), except t
 
 ``--variants demo`` trains step distillation and ARD (``--history-layers``); ``--variants comparison``
 the issue-12 set of ``compare.comparison_variants`` (N_h sweep, per-step heads, the public code's
-settings, warm-started on-policy history), and ``--gan`` adds ARD (R+G) and its control. Students
-already trained in the same ``--out`` (same names) are reused, so a comparison can extend a demo run.
+settings, warm-started on-policy history with recorded and with teacher-relabelled targets);
+``--only`` keeps the variants with the given slugs. ``--gan`` adds ARD (R+G) and its control
+(``--gan-factor`` sets the GAN rows' factor). Students already trained in the same ``--out`` (same
+names) are reused, so a comparison can extend a demo run; link finished students into a new ``--out``
+to fine-tune them again with other GAN settings.
 """
 
 from __future__ import annotations
