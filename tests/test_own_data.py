@@ -104,4 +104,5 @@ def test_demo_on_your_own_data_end_to_end_with_gan(tmp_path, monkeypatch):
         .read_text())["gan"]
     assert gan["real"] == str(train.resolve())
     cfg = json.loads((tmp_path / "demo" / "config.json").read_text())["compare"]
-    assert cfg["benchmark"] == "folder" and get_benchmark(CompareConfig(**{**cfg, "seeds": tuple(cfg["seeds"])}))
+    bench = get_benchmark(CompareConfig(**{**cfg, "seeds": tuple(cfg["seeds"])}))
+    assert cfg["benchmark"] == "folder" and bench.heldout == str(val) and bench.gan_real == str(train)

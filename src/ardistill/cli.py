@@ -550,7 +550,7 @@ def _benchmark(args) -> str:
 def _compare_config(args, preset: dict, default_out: str):
     from ardistill.compare import CompareConfig
     kw = dict(preset)
-    for k in ("benchmark", "teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds",
+    for k in ("teacher", "train_count", "eval_count", "num_steps", "steps", "batch_size", "lr", "seeds",
               "device", "real_train", "real_heldout", "classifier"):
         if getattr(args, k, None) is not None:
             kw[k] = getattr(args, k)

@@ -14,6 +14,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,11 @@ class Benchmark:
         import ardistill.assets as assets
         return assets.shipped(getattr(assets, self.teacher_asset), f"{self.name} teacher")
 
+    @property
+    def gan_real(self) -> str:
+        """The GAN stage's real images (GANConfig.real): the benchmark's training split."""
+        return self.name
+
     def feature_network(self, device=None):
         from ardistill.evaluation.features import get_feature_network
         return get_feature_network(self.features, device=device)
@@ -142,19 +148,28 @@ class FolderBenchmark:
     def features(self) -> str:
         return "classifier"
 
+    @property
+    def gan_real(self) -> str:
+        return self.train
+
+    @cached_property
+    def _classifier(self):
+        from ardistill.evaluation.classifier import load_digits_classifier
+        return load_digits_classifier(self.classifier)
+
     def teacher_path(self) -> Path:
         raise ValueError("benchmark 'folder' (your own data) has no shipped teacher: give --teacher")
 
     def feature_network(self, device=None):
         from ardistill.evaluation.features import get_feature_network
-        return get_feature_network("classifier", path=self.classifier, device=device)
+        return get_feature_network("classifier", classifier=self._classifier, device=device)
 
     def real_images(self, split: str) -> torch.Tensor:
         from ardistill.data.sources import load_image_folder
         if split not in ("train", "heldout"):
             raise ValueError(f"unknown split {split!r}; choose 'train' or 'heldout'")
-        net = self.feature_network()
-        return load_image_folder(self.train if split == "train" else self.heldout, net.image_size).images
+        return load_image_folder(self.train if split == "train" else self.heldout,
+                                 self._classifier.cfg.input_size).images
 
 
 def get_benchmark(cfg: CompareConfig) -> "Benchmark | FolderBenchmark":
@@ -356,7 +371,7 @@ def finetune_variant(cfg: CompareConfig, student_run: Path, seed: int, recording
     run_dir = Path(cfg.out) / "students" / f"{student_run.name}-{'control' if control else 'gan'}"
     t0 = time.perf_counter()
     res = finetune_gan(GANConfig(student=str(student_run), recording=str(recording), teacher=str(teacher_path),
-                                 run_dir=str(run_dir), real=cfg.real_train if cfg.benchmark == "folder" else cfg.benchmark,
+                                 run_dir=str(run_dir), real=get_benchmark(cfg).gan_real,
                                  seed=seed, device=cfg.device,
                                  progress=cfg.progress,
                                  tensorboard=False, **settings), resume=True)

@@ -170,7 +170,8 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
     t_start = time.time()
     train, heldout = classifier_splits(cfg)
     c, size = train.images.shape[1], train.images.shape[2]
-    num_classes = len(train.classes) if hasattr(train, "classes") else int(train.labels.max()) + 1
+    own = cfg.data not in CLASSIFIER_DATA  # your own data: classes are its sub-folders, not the labels seen
+    num_classes = len(train.classes) if own else int(train.labels.max()) + 1
     mcfg = ClassifierConfig(in_channels=c, input_size=size, num_classes=num_classes,
                             width=cfg.width, feature_dim=cfg.feature_dim)
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
@@ -201,7 +202,7 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, progress: bool
                               heldout_accuracy=accuracy(model, heldout), wall_s=time.time() - t_start)
     summary = {"train_config": cfg.to_dict(), "train_accuracy": result.train_accuracy,
                "heldout_accuracy": result.heldout_accuracy, "heldout_images": len(heldout)}
-    if cfg.data not in CLASSIFIER_DATA:  # your own data: the class order the labels follow
+    if own:  # the class order the labels follow
         summary["classes"] = list(train.classes)
     save_model(model, asdict(mcfg), out, kind=CLASSIFIER_KIND, extra_metadata=summary)
     atomic_write_json(Path(out).with_suffix(".json"), {"model": asdict(mcfg), **summary,

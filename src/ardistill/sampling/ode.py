@@ -65,10 +65,7 @@ def solve(model_fn: ModelFn, process: Process, noise: torch.Tensor, y: torch.Ten
         solver: "ddim" (VP only), "euler" or "heun".
         record_at: grid positions (0..steps) whose states and x0-predictions are returned.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
-    if solver == "ddim" and not isinstance(process, VPProcess):
-        raise ValueError("solver 'ddim' is for the VP process; use 'euler' or 'heun' for flow")
+    _check_solver(solver, process)
     record_at = sorted(set(record_at or []))
     if record_at and not (0 <= record_at[0] and record_at[-1] <= steps):
         raise ValueError(f"record_at positions must lie in [0, {steps}], got {record_at}")
@@ -103,10 +100,7 @@ def solve_segment(model_fn: ModelFn, process: Process, x: torch.Tensor, y, steps
     trajectory that ``solve`` recorded is reproduced bit for bit from its state at ``start``. Used to
     relabel on-policy targets: the teacher's ODE from the student's own state to the next student time.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
-    if solver == "ddim" and not isinstance(process, VPProcess):
-        raise ValueError("solver 'ddim' is for the VP process; use 'euler' or 'heun' for flow")
+    _check_solver(solver, process)
     if not 0 <= start <= end <= steps:
         raise ValueError(f"solve_segment: need 0 <= start <= end <= steps, got start {start}, end {end}, steps {steps}")
     times = grid_times(process, steps)
@@ -115,6 +109,13 @@ def solve_segment(model_fn: ModelFn, process: Process, x: torch.Tensor, y, steps
         out, x0 = evaluate(x, i)
         x, _ = _step(process, solver, x, out, x0, times, i, evaluate)
     return x
+
+
+def _check_solver(solver: str, process: Process) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+    if solver == "ddim" and not isinstance(process, VPProcess):
+        raise ValueError("solver 'ddim' is for the VP process; use 'euler' or 'heun' for flow")
 
 
 def _evaluator(model_fn: ModelFn, process: Process, times: list[float], y):
