@@ -218,6 +218,9 @@ def _add_distill(sub):
     g.add_argument("--heads", choices=("shared", "per_step"), help="output heads (default shared)")
     g.add_argument("--output", choices=("direct", "ode_step"), help="head output parameterisation (default direct)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (equal to eager within float32 rounding; about 1 min "
+                        "of compilation at start; see docs/benchmarks.md)")
     g = _optimisation_group(p, default_steps=1000)
     g.add_argument("--adam-eps", type=float, help="AdamW epsilon (default 1e-8)")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (default 0)")

@@ -303,13 +303,14 @@ def training_key(opts: dict) -> str:
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def load_eval_set(path: Path):
-    """The evaluation recording as EvalTrajectories (states and x0-predictions, S + 1 points)."""
+def load_eval_set(path: Path, count: int | None = None):
+    """The evaluation recording (or its first ``count`` records) as EvalTrajectories (S + 1 points)."""
     from ardistill.evaluation.evaluate import EvalTrajectories
     from ardistill.data.trajectories import TrajectoryDataset
 
     ds = TrajectoryDataset(path)
-    rec = ds.records(np.arange(len(ds)))
+    n = len(ds) if count is None else min(int(count), len(ds))
+    rec = ds.records(np.arange(n))
     states = torch.from_numpy(np.ascontiguousarray(rec["states"])).float()
     if "x0_preds" in rec.dtype.names:
         x0 = torch.from_numpy(np.ascontiguousarray(rec["x0_preds"])).float()

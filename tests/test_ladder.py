@@ -1,0 +1,130 @@
+"""The convergence ladder (ardistill.ladder, scripts/photos_ladder.py) at tiny size on the photos benchmark."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ardistill.io.checkpoints import save_checkpoint_safetensors
+from ardistill.io.student_io import read_student_file
+from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, ladder_rows, ladder_runs,
+                              prepare, ratio_table, read_csv, run_rung, teacher_row, train_to, write_csv)
+from ardistill.models.dit import build_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _teacher(path: Path) -> Path:
+    torch.manual_seed(0)
+    t = build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10, learn_sigma=False)
+    for prm in t.parameters():
+        if prm.requires_grad:
+            torch.nn.init.normal_(prm, std=0.02)
+    save_checkpoint_safetensors(t, path)
+    return path
+
+
+def _cfg(tmp_path: Path, **kw) -> LadderConfig:
+    base = dict(out=str(tmp_path / "ladder"), teacher_name="tiny", teacher=str(_teacher(tmp_path / "t.safetensors")),
+                rungs=(3, 6), students={"step distillation": [0], "ARD (N_h = 1)": [0]}, train_count=24,
+                eval_count=16, train_eval_count=8, teacher_steps=6, batch_size=8, warmup_steps=2, ckpt_every=2)
+    base.update(kw)
+    return LadderConfig(**base)
+
+
+def test_config_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="rungs"):
+        LadderConfig(out="x", teacher_name="t", rungs=(10, 5))
+    with pytest.raises(ValueError, match="unknown"):
+        LadderConfig(out="x", teacher_name="t", students={"GAN please": [0]})
+    with pytest.raises(ValueError, match="warmup"):
+        LadderConfig(out="x", teacher_name="t", rungs=(50, 100), warmup_steps=100)
+    with pytest.raises(ValueError, match="train_eval_count"):
+        LadderConfig(out="x", teacher_name="t", train_count=10, train_eval_count=20)
+
+
+@pytest.mark.slow
+def test_ladder_rungs_equal_runs_stopped_there_and_rows_are_complete(tmp_path):
+    cfg = _cfg(tmp_path)
+    prepare(cfg, "eval")
+    prepare(cfg, "train")
+    trow = teacher_row(cfg)
+    assert trow["student"] == "teacher" and math.isfinite(trow["fd"])
+    runs = ladder_runs(cfg)
+    assert [r.student for r in runs] == ["step distillation", "ARD (N_h = 1)"]
+    for steps in cfg.rungs:
+        for run in runs:
+            row = run_rung(cfg, run, steps)
+            assert row["steps"] == steps and math.isfinite(row["fd"]) and row["wall_s"] > 0
+            for key in ("mse_free", "mse_forced", "mse_free_train", "mse_forced_train"):
+                assert len(row[key].split()) == cfg.num_steps
+    # the 6-step rung (3 steps, then resumed to 6) is the run trained straight to 6: the same steps replayed
+    # with the same kernels on the same inputs, so bit-equality is the right check here
+    straight = LadderRun("ARD (N_h = 1)", 0, tmp_path / "straight")
+    w = train_to(cfg, straight, 6)
+    a = read_student_file(w)[1]
+    b = read_student_file(runs[1].rung_weights(6))[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the 3-step rung's weights were kept, and differ from the 6-step ones
+    c = read_student_file(runs[1].rung_weights(3))[1]
+    assert any(not torch.equal(b[k], c[k]) for k in b)
+    # a finished rung is not trained again; a rung below the run's position without weights is refused
+    assert run_rung(cfg, runs[0], 3) == run_rung(cfg, runs[0], 3)
+    runs[0].rung_weights(3).unlink()
+    runs[0].rung_json(3).unlink()
+    with pytest.raises(ValueError, match="past the rung"):
+        run_rung(cfg, runs[0], 3)
+
+    rows = ladder_rows([cfg])
+    assert [(r["student"], r["steps"]) for r in rows] == [("teacher", 0), ("step distillation", 6),
+                                                         ("ARD (N_h = 1)", 3), ("ARD (N_h = 1)", 6)]
+    path = write_csv(rows, tmp_path / "ladder.csv")
+    assert path.read_text().splitlines()[0] == ",".join(CSV_FIELDS)
+    back = read_csv(path)
+    d = degradation_ratios(back)
+    assert [x["steps"] for x in d] == [6]  # the only budget both students have
+    assert "| tiny | 6 |" in ratio_table(back)
+
+
+def test_a_changed_ladder_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, train_count=8, eval_count=8, train_eval_count=4)
+    prepare(cfg, "eval")
+    with pytest.raises(ValueError, match="other settings"):
+        prepare(_cfg(tmp_path, train_count=8, eval_count=8, train_eval_count=4, lr=1e-3), "eval")
+    prepare(_cfg(tmp_path, train_count=8, eval_count=8, train_eval_count=4, rungs=(3, 6, 9)), "eval")  # more rungs: fine
+
+
+def test_degradation_ratio_is_the_papers():
+    rows = [{"teacher": "t", "student": "teacher", "seed": "", "steps": 0, "fd": 100.0, "fd_to_teacher": 0.0}]
+    for seed, sd, ard in ((0, 150.0, 110.0), (1, 170.0, 120.0)):
+        rows.append({"teacher": "t", "student": "step distillation", "seed": seed, "steps": 10, "fd": sd,
+                     "fd_to_teacher": sd - 90})
+        rows.append({"teacher": "t", "student": "ARD (N_h = 1)", "seed": seed, "steps": 10, "fd": ard,
+                     "fd_to_teacher": ard - 90})
+    (d,) = degradation_ratios(rows)
+    assert d["ratio"] == pytest.approx((160 - 100) / (115 - 100))
+    assert d["ratio_range"] == pytest.approx((3.5, 5.0))
+    assert d["ratio_to_teacher"] == pytest.approx(70 / 25)
+
+
+@pytest.mark.slow
+def test_script_runs_the_ladder_and_continues(tmp_path):
+    teacher = _teacher(tmp_path / "t.safetensors")
+    cmd = [sys.executable, str(ROOT / "scripts" / "photos_ladder.py"), "--out", str(tmp_path / "runs"),
+           "--ladder", f"tiny={teacher}:3,6", "--jobs", "2", "--csv", str(tmp_path / "l.csv"),
+           "--figure", str(tmp_path / "l.png"), "--train-count", "16", "--eval-count", "8", "--train-eval-count", "8",
+           "--warmup-steps", "1", "--ckpt-every", "2", "--seeds", "step distillation=0;ARD (N_h = 1)=0",
+           "--max-rung", "3", "--batch-size", "8", "--teacher-steps", "6"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    assert {int(r["steps"]) for r in read_csv(tmp_path / "l.csv")} == {0, 3}
+    out = subprocess.run(cmd[:-6] + ["--batch-size", "8", "--teacher-steps", "6"], check=True, capture_output=True,
+                         text=True, timeout=600).stdout
+    rows = read_csv(tmp_path / "l.csv")
+    assert sorted(int(r["steps"]) for r in rows) == [0, 3, 3, 6, 6]
+    assert "rung 3 done" not in out  # the finished rungs were kept
+    assert "FD-degradation ratio" in out and (tmp_path / "l.png").stat().st_size > 0
