@@ -103,7 +103,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.student)
-        return float(loss)
+        return loss.item()
 
 
 def main(argv=None) -> dict:

@@ -7,7 +7,9 @@ fixed grid, so it runs Euler or Heun. This script measures the gap on a tiny SiT
   2. samples the same noise and labels (guidance ``--cfg-scale`` on all channels, the digits have one)
      with a tight reference (scipy's DOP853, rtol = atol = 1e-8, the model in float64), with SiT's default (scipy's RK45 =
      Dormand-Prince 5(4), the dopri5 of torchdiffeq, at atol 1e-6 / rtol 1e-3, the batch as one state
-     with an RMS error norm as torchdiffeq does) and with our Euler / Heun at several step counts;
+     with an RMS error norm as torchdiffeq does) and with our Euler / Heun at several step counts (Heun
+     both ways: an Euler step on the last interval as EDM and REPA do, and corrected there too as SiT's
+     ``--sampling-method heun2`` does, ``heun_last_step``);
   3. prints a table: RMS error to the reference (over all pixels, in the model's [-1, 1] range),
      its ratio to the RMS of the sample, and model evaluations (a guided evaluation counts once).
 
@@ -127,10 +129,11 @@ def main() -> None:
     row("DOP853 rtol=atol=1e-6, float64 (the reference's own accuracy)", x, nfe)
     x, nfe = adaptive(model_fn, process, noise, y, "RK45", 1e-3, 1e-6)
     row("dopri5 atol 1e-6 rtol 1e-3 (SiT's default)", x, nfe)
-    for solver in ("euler", "heun"):
+    for name, solver, last in (("euler", "euler", None), ("heun, Euler last step (EDM / REPA)", "heun", "euler"),
+                               ("heun2, every interval corrected (SiT's)", "heun", "heun")):
         for n in (int(s) for s in args.steps.split(",")):
-            res = solve(model_fn, process, noise, y, n, solver)
-            row(f"{solver} {n}", res.sample, res.nfe)
+            res = solve(model_fn, process, noise, y, n, solver, heun_last_step=last)
+            row(f"{name} {n}", res.sample, res.nfe)
     print(f"tiny SiT (DiT-digits-S, {'trained %d steps' % args.train_steps if args.train_steps else 'random'}; "
           f"train {train_s:.0f} s), {args.count} samples, cfg {args.cfg_scale}; RMS of the reference sample {scale:.3f}")
     print("| solver | model evaluations | RMS error to reference | relative |")

@@ -1,6 +1,7 @@
 """Straightforward re-implementations of the public codes the loaders must match, written from their papers
 and repositories (no download): a functional SiT / DiT forward over an original-layout state dict
-(willisma/SiT models.py, sihyun-yu/REPA models/sit.py), SiT's and REPA's ODE samplers, and the public
+(willisma/SiT models.py, sihyun-yu/REPA models/sit.py), SiT's and REPA's ODE samplers (with the step rules of
+torchdiffeq's fixed-grid Euler / Heun2, which SiT calls, and of REPA's euler_sampler), and the public
 ARD student (alsdudrla10/ARD models_ARD.py: forward and KV-cached ``infer``), generalised from 256 to N
 tokens and kept at its four hard-coded steps. Nothing here imports ardistill's models.
 """
@@ -101,45 +102,115 @@ def sit_forward_with_cfg(ref: Ref, C: int, x, t, y, cfg_scale):
     return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
 
 
-def sit_ode(ref: Ref, C: int, noise, y, null: int, cfg_scale: float, steps: int, method: str):
-    """transport.Sampler.sample_ode on t = linspace(0, 1, steps + 1) with a fixed-grid method, written out.
+def sit_drift(ref: Ref, C: int, yy, cfg_scale):
+    """SiT's ODE drift on the doubled batch: integrators.ode.sample's ``_fn(t, x)`` (t a 0-dim tensor broadcast
+    to the batch) around transport.get_drift's ``velocity_ode`` (the network's output is the drift)."""
+    return lambda t, x: sit_forward_with_cfg(ref, C, x, torch.ones(x.size(0)) * t, yy, cfg_scale)
 
-    "euler": x += dt v; "heun": the trapezoid with an Euler predictor, except on the last interval
-    (ardistill's and REPA's Heun; torchdiffeq's heun2 would correct there too).
+
+def sit_ode(ref: Ref, C: int, noise, y, null: int, cfg_scale: float, steps: int, method: str, odeint=None):
+    """sample.py's ODE path: transport.Sampler.sample_ode(sampling_method=method, num_steps=steps + 1), then
+    ``[-1]`` and the conditional half (``samples.chunk(2)``).
+
+    SiT's integrators.ode builds ``t = linspace(t0, t1, num_steps)`` (num_steps *time points*, so steps + 1
+    for ``steps`` intervals; check_interval gives t0, t1 = 0, 1 for the Linear path with a velocity model)
+    and calls ``torchdiffeq.odeint(_fn, x, t, method=method)``. ``method``: "euler" or "heun2", torchdiffeq's
+    fixed-grid solvers, transcribed below (``torchdiffeq_fixed_grid``); pass the package's ``odeint`` to run
+    the package itself instead.
     """
     z = torch.cat([noise, noise])
     yy = torch.cat([y, torch.full_like(y, null)])
-    ts = torch.linspace(0, 1, steps + 1)
-    for i in range(steps):
-        t0, t1 = ts[i], ts[i + 1]
-        v = sit_forward_with_cfg(ref, C, z, torch.ones(len(z)) * t0, yy, cfg_scale)
-        z_pred = z + (t1 - t0) * v
-        if method == "heun" and i < steps - 1:
-            v2 = sit_forward_with_cfg(ref, C, z_pred, torch.ones(len(z)) * t1, yy, cfg_scale)
-            z = z + (t1 - t0) * 0.5 * (v + v2)
+    t = torch.linspace(0, 1, steps + 1)
+    func = sit_drift(ref, C, yy, cfg_scale)
+    if odeint is not None:
+        samples = odeint(func, z, t, method=method, atol=[1e-6], rtol=[1e-3])  # SiT's default atol, rtol (unused)
+    else:
+        samples = torchdiffeq_fixed_grid(func, z, t, method)
+    return samples[-1][: len(noise)]
+
+
+# ------------------------------------------------------------------------------------------------
+# ODE step rules, transcribed from the public solvers (the lines of the step rule and the grid loop)
+
+
+def torchdiffeq_fixed_grid(func, y0, t, method: str):
+    """torchdiffeq.odeint(func, y0, t, method=method) for the fixed-grid "euler" and "heun2", torchdiffeq 0.2.5
+    (rtqichen/torchdiffeq, commit 657943a):
+
+    * _impl/solvers.py FixedGridODESolver.integrate: with no step_size the grid is ``t`` itself; for each
+      interval ``dt = t1 - t0``, ``dy, f0 = self._step_func(func, t0, dt, t1, y0)``, ``y1 = y0 + dy``; the
+      output at a grid point is y1 itself (``_linear_interp`` returns y1 when t == t1).
+    * _impl/fixed_grid.py Euler._step_func: ``dt * f0``.
+    * _impl/fixed_grid.py Heun2._step_func -> _impl/rk_common.py rk2_step_func with the tableau
+      [[0, 0, 0], [1, 1, 0], [0, 1/2, 1/2]]: ``k2 = func(t0 + dt * 1.0, y0 + dt * k1 * 1.0)``,
+      ``dy = dt * (k1 * 1/2 + k2 * 1/2)`` -- the correction on *every* interval, the last one included.
+    * _impl/misc.py _PerturbFunc casts t to y's dtype (perturb is off by default: no nextafter).
+    Returns the states at every grid point, (len(t), *y0.shape), as odeint does.
+    """
+    if method not in ("euler", "heun2"):
+        raise ValueError(f"transcribed fixed-grid methods are 'euler' and 'heun2', got {method!r}")
+    f = lambda tt, yy: func(tt.to(yy.abs().dtype), yy)  # noqa: E731  (_PerturbFunc)
+    out = [y0]
+    y0_ = y0
+    for t0, t1 in zip(t[:-1], t[1:]):
+        dt = t1 - t0
+        f0 = f(t0, y0_)
+        if method == "euler":
+            dy = dt * f0
         else:
-            z = z_pred
-    return z[: len(noise)]
+            k1 = f0
+            k2 = f(t0 + dt * 1.0, y0_ + dt * k1 * 1.0)
+            dy = dt * (k1 * (1 / 2) + k2 * (1 / 2))
+        y1 = y0_ + dy
+        out.append(y1)
+        y0_ = y1
+    return torch.stack(out)
+
+
+def repa_euler_sampler_loop(d, x, t_steps, heun: bool):
+    """The step loop of REPA's samplers.euler_sampler (sihyun-yu/REPA, commit 67f7145), guidance and dtype
+    casts left to ``d(x, t_cur) -> d_cur``:
+
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if heun and (i < num_steps - 1):
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)   # d_prime = d(x_next, t_next)
+
+    i.e. no correction on the last interval (as in EDM's edm_sampler, ``if i < num_steps - 1``).
+    """
+    num_steps = len(t_steps) - 1
+    x_next = x
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        d_cur = d(x_cur, t_cur)
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if heun and (i < num_steps - 1):
+            d_prime = d(x_next, t_next)
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def sit_heun_euler_last(ref: Ref, C: int, noise, y, null: int, cfg_scale: float, steps: int):
+    """REPA's / EDM's Heun (no correction on the last interval) on SiT's network, written in REPA's time
+    s = 1 - t (s = 1 noise): REPA's loop with d(x, s) = -(SiT's drift at t = 1 - s)."""
+    z = torch.cat([noise, noise])
+    yy = torch.cat([y, torch.full_like(y, null)])
+    drift = sit_drift(ref, C, yy, cfg_scale)
+    t_steps = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    d = lambda xc, s: -drift((1 - s).float(), xc)  # noqa: E731
+    return repa_euler_sampler_loop(d, z, t_steps, heun=True)[: len(noise)]
 
 
 def repa_euler(ref: Ref, noise, y, null: int, cfg_scale: float, steps: int, heun: bool = False):
     """REPA samplers.euler_sampler: t = linspace(1, 0), float64 state, CFG on all channels."""
     yy = torch.cat([y, torch.full_like(y, null)])
     t_steps = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    x = noise.to(torch.float64)
 
     def d(xc, tc):
         out = ref.forward(torch.cat([xc, xc]).float(), (torch.ones(2 * len(xc), dtype=torch.float64) * tc).float(), yy)
         cond, uncond = out.to(torch.float64).chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        d_cur = d(x, t_cur)
-        x_next = x + (t_next - t_cur) * d_cur
-        if heun and i < steps - 1:
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d(x_next, t_next))
-        x = x_next
-    return x.float()
+    return repa_euler_sampler_loop(d, noise.to(torch.float64), t_steps, heun).float()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from ardistill.io.checkpoints import (CheckpointError, diffusers_to_dit_state, d
                                    load_diffusers_dit, load_dit_pt, load_state_and_config, load_teacher,
                                    save_checkpoint_safetensors, save_diffusers_dit, save_model)
 from ardistill.models.dit import DiTConfig
+from tolerances import assert_paths_agree
 
 
+# The torch.equal checks of _out() below compare our DiT holding weights read back from a file with our DiT
+# holding the originals: the same code and kernels on the same inputs and shapes, so bit-equality is valid.
 def _out(model, inputs):
     with torch.no_grad():
         return model(*inputs)
@@ -278,6 +281,7 @@ def _real_diffusers_model(cls, seed=0):
     return m
 
 
+@pytest.mark.numerics
 def test_real_diffusers_model_loads_with_the_same_weights(tmp_path, diffusers_dit_cls, dit_inputs):
     theirs = _real_diffusers_model(diffusers_dit_cls)
     theirs.save_pretrained(tmp_path / "real")
@@ -299,9 +303,11 @@ def test_real_diffusers_model_loads_with_the_same_weights(tmp_path, diffusers_di
         assert diff[0] < 1e-4 and diff[1:].min() > 1e-2  # t = 0: sinusoid identical; t = 500, 999: not
         for block in theirs.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0  # DiT's frequencies i / half
-        torch.testing.assert_close(theirs(x, t, class_labels=y).sample, ref, atol=1e-4, rtol=0)  # eps only
+        # eps only: 1e-5 vs 1e-6 moves the outputs by 1.3e-5, rounding of two implementations by ~1e-6 (of 2.7)
+        torch.testing.assert_close(theirs(x, t, class_labels=y).sample, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.numerics
 def test_our_diffusers_folder_loads_in_diffusers(tmp_path, diffusers_dit_cls, src):
     model, (x, t, y) = src
     save_diffusers_dit(model, tmp_path / "d")
@@ -310,7 +316,10 @@ def test_our_diffusers_folder_loads_in_diffusers(tmp_path, diffusers_dit_cls, sr
     with torch.no_grad():
         for block in theirs.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
-        assert torch.equal(theirs(x, t, class_labels=y).sample, model(x, t, y))  # bit-identical
+        # diffusers' DiT and ours are two implementations (separate q/k/v projections vs one fused qkv, their
+        # own timestep and norm modules): bit-identical on the CPUs measured, but only float32 rounding is
+        # guaranteed across BLAS builds and instruction sets
+        assert_paths_agree(theirs(x, t, class_labels=y).sample, model(x, t, y))
 
 
 def test_fresh_diffusers_model_has_untied_embedders(tmp_path, diffusers_dit_cls):

@@ -39,7 +39,7 @@ def test_train_save_load(tmp_path):
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["heldout_accuracy"] == r.heldout_accuracy and summary["train_config"]["epochs"] == 3
     again = train_classifier(cfg, tmp_path / "d.safetensors", progress=False)
-    assert again.heldout_accuracy == r.heldout_accuracy  # seeded
+    assert again.heldout_accuracy == r.heldout_accuracy  # seeded: the same training replayed in one process
 
 
 def test_loading_another_kind_is_refused(tmp_path):

@@ -51,7 +51,8 @@ def test_compare_writes_a_parseable_report(tiny_teacher, tmp_path):
     assert set(cut[0]["history_cut"]) == {"mse_to_teacher", "mse_to_teacher_history_cut", "mse_with_vs_cut", "fd",
                                           "fd_teacher"}
     assert "History use at sampling" in text and "| ARD |" in text
-    # rerunning resumes: nothing is recorded or trained again, the report is the same
+    # rerunning resumes: nothing is recorded or trained again, the report is the same (the evaluation reruns
+    # with the same kernels on the same inputs in one process, so exact equality is valid)
     first = json.loads((out / "metrics.json").read_text())["summary"]["per_seed"]
     compare(cfg, variants)
     again = json.loads((out / "metrics.json").read_text())["summary"]["per_seed"]
@@ -164,7 +165,7 @@ def test_sweep_trains_a_shared_variant_once_and_writes_one_table(tiny_teacher, t
     assert len(rows) == 8 and {r["axis"] for r in rows} == {"mask", "heads"}
     m4 = next(r for r in rows if r["variant"] == "mask M4")
     shared = next(r for r in rows if r["variant"] == "ARD heads=shared")
-    assert m4["fd"] == shared["fd"]
+    assert m4["fd"] == shared["fd"]  # one student, evaluated twice with the same kernels: exact
     assert table.read_text().count("\n| ") == 8 + 1  # header + 8 rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -35,6 +36,7 @@ def test_variants_pair_step_distillation_and_ard_for_every_s():
                  "ARD (N_h=6), S=3": {"history_layers": 6, "num_steps": 3}}
 
 
+@pytest.mark.numerics  # end to end, but the only check of the evaluation's cached vs forced errors (issue 22)
 def test_demo_t2i_end_to_end_tiny(tmp_path):
     cfg = T2IConfig(out=str(tmp_path / "t2i"), teacher=str(_teacher_file(tmp_path / "teacher.safetensors")),
                     train_prompts=12, train_count=16, eval_count=8, real_count=24, num_steps=2, extra_steps=(3,),
@@ -53,9 +55,15 @@ def test_demo_t2i_end_to_end_tiny(tmp_path):
             s = rows[name]["sets"][sname]
             assert 0 <= s["adherence"] <= 1 and s["fd"] >= 0 and s["fd_teacher"] >= 0
             assert len(s["trajectory_errors"]["free_running"]) == rows[name]["steps"]
-    # at step 1 both students read only the noise: free-running equals teacher-forced
+    # at step 1 both students read only the noise: free-running equals teacher-forced, up to float32 rounding.
+    # The two numbers come from two code paths (the KV-cached sampler, the masked teacher-forced pass) whose
+    # outputs agree to ~1e-6 of their scale, and each MSE is a float32 mean over 8 x 128 squared differences
+    # (it differs by one ulp, 1.2e-7, on AVX-512 CPUs). To first order |dMSE| <= 2 sqrt(MSE) max|d output|;
+    # with max|d output| <= 1e-5 x max|state| (tests/tolerances.py) and |state| <= 4 that is below 1e-4 x MSE
+    # (MSE ~ 1.4), while a later block leaking into block 0 would move it by 1e-2 or more.
     te = rows["ARD (N_h=1)"]["sets"]["seen"]["trajectory_errors"]
-    assert abs(te["free_running"][0] - te["teacher_forced"][0]) < 1e-9
+    free, forced = te["free_running"][0], te["teacher_forced"][0]
+    assert abs(free - forced) <= 1e-4 * max(free, forced), (free, forced)
     grid = Image.open(report.parent / "grid.png")
     assert grid.width > 4 * 16 * 6 and grid.height > 5 * 8 * 6  # 4 columns, 5 rows and the caption band
     # a distilled text student samples captions from its file alone (its encoder spec is in the metadata)
@@ -64,6 +72,7 @@ def test_demo_t2i_end_to_end_tiny(tmp_path):
     main(["generate", "--student", str(tmp_path / "t2i" / "students" / "ard-n-h-1-seed0"), "--out", str(png),
           "--prompt", "a 4 and a 1", "--prompt", "seven then two", "--num-samples", "2"])
     assert Image.open(png).width > 2 * 16 * 8
-    # rerunning skips every finished stage and writes the same numbers
+    # rerunning skips every finished stage and writes the same numbers: the evaluation is recomputed with the
+    # same kernels on the same inputs (files read back) in the same process, so exact equality is valid
     again = json.loads((compare_t2i(cfg).parent / "metrics.json").read_text())
     assert [r["sets"]["seen"]["adherence"] for r in again["rows"]] == [r["sets"]["seen"]["adherence"] for r in m["rows"]]

@@ -35,6 +35,7 @@ def test_space_timesteps_ddim_and_sections():
         space_timesteps(30, "16,1")
 
 
+@pytest.mark.numerics
 def test_vp_schedule_is_dits_linear_schedule():
     abar = VPProcess().alphas_cumprod
     betas = np.linspace(1e-4, 0.02, 1000)
@@ -46,6 +47,7 @@ def test_vp_schedule_is_dits_linear_schedule():
     assert VPProcess().model_time(torch.tensor([624.0], dtype=torch.float64)).tolist() == [624]
 
 
+@pytest.mark.numerics  # float64: the tolerances are 1e3-1e4 float64 ulps
 def test_vp_conversions_round_trip():
     p = VPProcess()
     g = torch.Generator().manual_seed(0)
@@ -62,6 +64,7 @@ def test_vp_conversions_round_trip():
     torch.testing.assert_close(p.sigma(t), ((1 - a) / a).sqrt().flatten())
 
 
+@pytest.mark.numerics
 def test_flow_conversions_round_trip():
     p = FlowProcess()
     g = torch.Generator().manual_seed(1)

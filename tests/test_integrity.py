@@ -1,8 +1,9 @@
 """Corrupt or stale data never reaches training or results (issue 13).
 
 Damaged files are made here: flipped bytes of equal size, swapped shards, NaN records with a
-consistent checksum, stale generate rank files, a full disk (a size-limited tmpfs where it can be
-mounted, and a writer whose write raises ENOSPC everywhere), truncated and unsafe checkpoint states.
+consistent checksum, stale generate rank files, a full disk (issue 22: a size-limited tmpfs where it
+can be mounted, under record, distill's torch.save, the log writers and a folder copy; fake writers
+for the rest), truncated and unsafe checkpoint states.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import ardistill.data.record as record_mod
+import ardistill.io.fileio as fileio
 import ardistill.training.loop as loop_mod
 from ardistill.cli import build_parser, main
 from ardistill.data.record import RecordConfig, record
@@ -34,7 +37,7 @@ from ardistill.io.student_io import save_student
 from ardistill.models.dit import DiT, DiTConfig
 from ardistill.training.distill import DistillConfig, build_distill_student, distill, distill_command
 from ardistill.training.finetune_gan import GANConfig, finetune_gan
-from ardistill.training.loop import Checkpointer, CheckpointReadError, NonFiniteLossError
+from ardistill.training.loop import Checkpointer, CheckpointReadError, NonFiniteLossError, RunLogger
 
 # the digits' shape (1 x 8 x 8, 10 classes), so finetune-gan can use the embedded digits as real data
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
@@ -266,17 +269,52 @@ def test_atomic_write_turns_enospc_into_one_line(tmp_path):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A 32 KiB tmpfs (needs mount rights, e.g. root in a container); skipped where it cannot be mounted."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)],
-                                                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a size-limited tmpfs here")
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a size-limited tmpfs mounted in tmp_path, unmounted after the test: a real full disk.
+
+    Mounting needs root (the development and CI machines run the tests as root); skipped, saying why,
+    where that is not so or the mount fails.
+    """
+    mounted = []
+
+    def mount(size: str) -> Path:
+        if getattr(os, "geteuid", lambda: -1)() != 0:
+            pytest.skip("mounting a size-limited tmpfs (a real full disk) needs root")
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command to mount a size-limited tmpfs (a real full disk)")
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a size-limited tmpfs (a real full disk) here: {r.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)  # busy (an open file): detach it
+
+
+@pytest.fixture
+def small_fs(tmpfs):
+    """A 32 KiB tmpfs."""
+    return tmpfs("32k")
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte with a file; delete it to free the space."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:
-        yield mnt
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        os.close(fd)
+    return filler
 
 
 def test_record_on_a_full_file_system_ends_in_one_line(setup, small_fs, capsys):
@@ -321,24 +359,199 @@ def test_record_with_enospc_writer_ends_in_one_line(setup, tmp_path, monkeypatch
 
 def test_distill_checkpoint_on_full_disk_then_resume(setup, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real_save = torch.save
+    real_save, real_exhausted = torch.save, fileio.space_exhausted
 
     def full(obj, f, *a, **kw):
         if Checkpointer(run / "checkpoints").latest() is not None:  # the second checkpoint hits a full disk
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
+            # what torch.save says on a real full disk (no errno); the file system looks full meanwhile
+            monkeypatch.setattr(fileio, "space_exhausted", lambda path: True)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2541824 vs 2541716")
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(loop_mod.torch, "save", full)
-    with pytest.raises(DiskFullError, match=r"no space left .* while writing checkpoint step_00000006; "
+    with pytest.raises(DiskFullError, match=r"no space left .* while writing checkpoint step_00000006 \(state.pt\); "
                                             r"the last complete checkpoint is .*step_00000003: free space"):
         distill(_dcfg(setup, setup["recording"], run))
     assert not list((run / "checkpoints").glob(".*partial"))
     monkeypatch.setattr(loop_mod.torch, "save", real_save)
+    monkeypatch.setattr(fileio, "space_exhausted", real_exhausted)
     distill(_dcfg(setup, setup["recording"], run), resume=True)  # after freeing space
     straight = distill(_dcfg(setup, setup["recording"], tmp_path / "straight"))
     a, b = load_file(str(run / "ema.safetensors")), load_file(str(straight.ema_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_on_a_real_full_disk_ends_in_one_line_then_resumes(setup, tmp_path, tmpfs, capsys):
+    # torch.save on a full tmpfs fails with "[enforce fail at inline_container.cc:672] . unexpected pos N vs M",
+    # a RuntimeError without an errno; the run dir holds checkpoint 3, then has room for checkpoint 6's
+    # weights and half of its state.pt
+    mnt = tmpfs("8m")
+    straight = distill(_dcfg(setup, setup["recording"], tmp_path / "straight", device="cpu"))
+    ck = straight.run_dir / "checkpoints" / "step_00000006"
+    weights = sum((ck / f).stat().st_size for f in ("student.safetensors", "ema.safetensors"))
+    state = (ck / "state.pt").stat().st_size
+    room = 2 * weights + state + state // 2 + (64 << 10)  # + config.json, logs, latest.json
+    filler = mnt / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(mnt).free - room))
+    run = mnt / "run"
+    args = ["distill", "--recording", setup["recording"], "--teacher", setup["teacher"], "--run-dir", str(run),
+            "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--ema-decay", "0.9", "--ckpt-every", "3",
+            "--log-every", "1", "--history-layers", "1", "--no-tensorboard", "--no-progress", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert (f"no space left on the device of {run / 'checkpoints'} while writing checkpoint step_00000006 "
+            f"(state.pt); the last complete checkpoint is {run / 'checkpoints' / 'step_00000003'}: free space") in err
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.json", "step_00000003"]  # no partial folder
+    assert not [p for p in run.rglob("*") if p.suffix in (".tmp", ".partial")]
+    assert Checkpointer(ckpts).resume_point()[0].name == "step_00000003"  # the last good checkpoint is good
+    filler.unlink()  # space freed: the same command with --resume finishes the run
+    assert main(args + ["--resume"]) == 0
+    a, b = load_file(str(run / "ema.safetensors")), load_file(str(straight.ema_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_log_writers_on_a_real_full_disk(tmpfs, capsys):
+    # TensorBoard's writer thread hits the full disk first (its events are the largest), and its error
+    # reaches the training thread at a later add_scalar: one line, no traceback from the thread
+    pytest.importorskip("torch.utils.tensorboard")
+    run = tmpfs("1m") / "run"
+    logger = RunLogger(run, tensorboard=True)
+    scalars = {f"loss/step_{k}": 0.5 for k in range(16)}
+    for step in (1, 2):
+        logger.log(step, scalars)
+    logger._tb.flush()
+    filler = _fill(run.parent)
+    with pytest.raises(DiskFullError) as e:
+        for step in range(3, 200):
+            logger.log(step, scalars)
+            time.sleep(0.05)  # the thread writes (and fails) while log.jsonl still has room in its last page
+    assert "\n" not in str(e.value) and f"no space left on the device of {run / 'tb'}" in str(e.value)
+    with pytest.raises(DiskFullError):
+        logger.close()  # the thread's error again: close outside an error says so too
+    assert "Traceback" not in capsys.readouterr().err
+    filler.unlink()
+    # a resume from step 2 (the last checkpoint) truncates the logs and goes on
+    logger = RunLogger(run, tensorboard=True, resume_step=2)
+    logger.log(3, scalars)
+    logger.close()
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [row.split(",")[0] for row in (run / "log.csv").read_text().splitlines()] == ["step", "1", "2", "3"]
+    # the jsonl append hits the full disk: one line naming log.jsonl; its half line is dropped on resume
+    logger = RunLogger(run, tensorboard=False, resume_step=3)
+    filler = _fill(run.parent)
+    with pytest.raises(DiskFullError, match=r"no space left .* while writing log.jsonl; "):
+        logger.log(4, {f"metric_{k:04d}": 0.25 for k in range(2000)})  # more than a page
+    assert not (run / "log.jsonl").read_text().endswith("\n")  # a half line
+    filler.unlink()
+    RunLogger(run, tensorboard=False, resume_step=3).log(4, scalars)
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_log_writer_names_the_file_and_drops_a_half_csv_header(tmp_path, monkeypatch):
+    import builtins
+    real_open = builtins.open
+
+    def full_csv(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if str(path).endswith("log.csv") and mode in ("w", "a"):
+            f.write("step,lo")  # half the header, then the disk is full
+            f.flush()
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    run = tmp_path / "run"
+    logger = RunLogger(run, tensorboard=False)
+    monkeypatch.setattr(builtins, "open", full_csv)
+    with pytest.raises(DiskFullError, match=r"while writing log.csv; "):
+        logger.log(1, {"loss": 0.5, "lr": 1e-3})
+    monkeypatch.undo()
+    logger = RunLogger(run, tensorboard=False, resume_step=0)  # resumed from a checkpoint before step 1
+    logger.log(1, {"loss": 0.5, "lr": 1e-3})
+    assert (run / "log.csv").read_text().splitlines() == ["step,loss,lr", "1,0.5,0.001"]
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_failed_write_is_a_full_disk_only_when_the_file_system_is_full(tmp_path, monkeypatch):
+    unexpected = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2541824 vs 2541716")
+    short = OSError("600000 requested and 262112 written")  # numpy's tofile, no errno
+    # errno and the messages only a full disk gives are enough
+    assert fileio.is_disk_full(tmp_path / "x", OSError(errno.ENOSPC, "No space left on device"))
+    assert fileio.is_disk_full(tmp_path / "x", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert fileio.is_disk_full(tmp_path / "x", Exception("Error while serializing: I/O error: No space left on device "
+                                                         "(os error 28)"))  # safetensors
+    # a bare write failure, on a file system with room: not a full disk, the error stays as it is
+    for err in (unexpected, short, RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")):
+        assert not fileio.is_disk_full(tmp_path / "x", err)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_write(tmp_path / "state.pt", lambda tmp: (Path(tmp).write_bytes(b"PK"), _raise(unexpected)))
+    assert not list(tmp_path.iterdir())  # the temp file is gone all the same
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        ckpt.save(3, {"student.safetensors": lambda p: Path(p).write_bytes(b"w")}, {"x": _Unpicklable()})
+    assert not list((tmp_path / "checkpoints").iterdir())  # no partial folder, no pointer
+    # the same failures on a full file system are one line
+    monkeypatch.setattr(fileio, "space_exhausted", lambda path: True)
+    assert fileio.is_disk_full(tmp_path / "x", unexpected) and fileio.is_disk_full(tmp_path / "x", short)
+    assert not fileio.is_disk_full(tmp_path / "x", TypeError("cannot pickle 'generator' object"))
+    assert not fileio.is_disk_full(tmp_path / "x", KeyboardInterrupt())
+    with pytest.raises(DiskFullError) as e:
+        atomic_write(tmp_path / "state.pt", lambda tmp: _raise(unexpected))
+    assert "\n" not in str(e.value) and f"device of {tmp_path}" in str(e.value) and "writing state.pt" in str(e.value)
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "state.pt").exists()
+    with pytest.raises(DiskFullError, match=r"checkpoint step_00000003 \(state.pt\); the last complete checkpoint is "
+                                            r"none yet: free space and continue with --resume"):
+        ckpt.save(3, {"student.safetensors": lambda p: Path(p).write_bytes(b"w")}, {"x": _Unpicklable()})
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def _raise(err):
+    raise err
+
+
+class _Unpicklable:
+    def __reduce__(self):  # torch.save fails the way it does on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2541824 vs 2541716")
+
+
+def test_a_folder_copy_on_a_real_full_disk_leaves_nothing(tmp_path, tmpfs):
+    # ardistill export-pipeline --copy-parts copies the text encoder and the VAE folders
+    src = tmp_path / "text_encoder"
+    src.mkdir()
+    for k in range(4):
+        (src / f"part{k}.bin").write_bytes(os.urandom(16 << 10))
+    mnt = tmpfs("48k")
+    with pytest.raises(DiskFullError, match=rf"no space left on the device of {mnt} .* while writing text_encoder; "):
+        fileio.atomic_copy(src, mnt / "text_encoder")
+    assert not list(mnt.iterdir())  # neither a partial copy nor the folder: a rerun copies it again
+    with pytest.raises(DiskFullError, match="while writing student.safetensors; "):
+        fileio.atomic_copy(tmp_path / "text_encoder" / "part0.bin", _fill(mnt).parent / "student.safetensors")
+    assert [p.name for p in mnt.iterdir()] == ["filler"]
+    (mnt / "filler").unlink()
+    fileio.atomic_copy(src / "part0.bin", mnt / "student.safetensors")
+    fileio.atomic_copy(src / "part1.bin", mnt / "vae.bin")
+    assert (mnt / "vae.bin").read_bytes() == (src / "part1.bin").read_bytes()
+
+
+def test_cli_turns_any_full_disk_error_into_one_line(tmp_path, monkeypatch, capsys):
+    import ardistill.sample as sample_mod
+    out = tmp_path / "grid.png"
+
+    def full(*a, **kw):  # a writer that does not go through atomic_write
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(sample_mod, "sample_grid", full)
+    assert main(["sample", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"no space left on the device of {tmp_path}" in err and "grid.png" in err
+    monkeypatch.setattr(sample_mod, "sample_grid", lambda *a, **kw: _raise(OSError(errno.EACCES, "Permission denied",
+                                                                                   str(out))))
+    with pytest.raises(PermissionError):  # not a full disk: raised as it is
+        main(["sample", "--out", str(out)])
 
 
 def test_truncated_state_falls_back_to_the_previous_checkpoint(setup, tmp_path, capsys):

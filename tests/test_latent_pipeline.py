@@ -27,6 +27,7 @@ from ardistill.io.student_io import load_student  # noqa: E402
 from ardistill.training.distill import DistillConfig, distill  # noqa: E402
 from ardistill.data.trajectories import TrajectoryDataset  # noqa: E402
 from ardistill.data.vae import TINY_VAE_CONFIG, LatentCodec  # noqa: E402
+from tolerances import assert_paths_agree  # noqa: E402
 
 
 
@@ -93,7 +94,8 @@ def test_latent_pipeline_end_to_end(tmp_path):
     noise = randn_from_seeds(seeds, (4, 8, 8))
     latents = student.sample(noise, y)
     assert latents.shape == (8, 4, 8, 8)
-    torch.testing.assert_close(student.sample(randn_from_seeds(seeds[:3], (4, 8, 8)), y[:3]), latents[:3])
+    # a batch of 3 vs 8 runs other kernels: float32 rounding of S = 4 sampler steps
+    assert_paths_agree(student.sample(randn_from_seeds(seeds[:3], (4, 8, 8)), y[:3]), latents[:3], gain=4)
     images = codec.decode(latents)
     assert images.shape == (8, 3, 16, 16) and torch.isfinite(images).all()
     teacher_images = codec.decode(traj.batch(range(8))["targets"][:, -1])  # the recorded final samples

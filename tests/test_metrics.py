@@ -20,6 +20,9 @@ from ardistill.evaluation.metrics import (
     precision_recall,
 )
 
+# metric formulas against closed forms and numpy, in float64: the tolerances are far above float64 rounding
+pytestmark = pytest.mark.numerics
+
 
 def _np_stats(x):
     return x.mean(0), np.cov(x, rowvar=False)
@@ -265,6 +268,8 @@ def test_pr_hand_computed_subset_cases(fp16):
     # k = 3, real {0..4}: squared radii (9, 4, 4, 4, 9); fake {-3, 7, 20, 21, 22, 23}:
     # -3 reaches 0 (9 <= 9), 7 reaches 4 (9 <= 9), 20..23 reach nothing -> precision 2/6;
     # fake -3 has squared radius 24^2 (its 3rd neighbour is 21) and covers every real point -> recall 1.
+    # exact even in fp16: every distance and radius here is a small integer (< 2048), so every partial sum
+    # is exact whatever order a kernel adds in
     real = np.arange(5.0)[:, None]
     fake = np.array([-3.0, 7, 20, 21, 22, 23])[:, None]
     np.testing.assert_array_equal(manifold_radii(real, k=3, fp16=fp16).numpy(), [9, 4, 4, 4, 9])
@@ -277,6 +282,8 @@ def test_pr_blocked_equals_brute_force():
     real = rng.normal(size=(53, 6)).astype(np.float32)
     fake = (rng.normal(size=(41, 6)) * 1.3 + 0.4).astype(np.float32)
     expect = _brute_force_pr(real.astype(np.float64), fake.astype(np.float64), k=3)
+    # float32 blocked distances vs float64: exact fractions are still right, since every distance here is at
+    # least 3e-4 of |a|^2 + |b|^2 away from the radius it is compared with, 1000x float32 rounding
     for bs in (5, 17, 10000):
         assert precision_recall(torch.from_numpy(real), fake, k=3, batch_size=bs) == pytest.approx(expect)
     assert 0 < expect[0] < 1 and 0 < expect[1] < 1  # a case that exercises both sides

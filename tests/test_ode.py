@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from ardistill.sampling.diffusion import FlowProcess, VPProcess
-from ardistill.sampling.ode import CLEAN_TIME, grid_times, randn_from_seeds, solve
+from ardistill.sampling.diffusion import FlowProcess, VPProcess, named_process
+from ardistill.sampling.ode import (CLEAN_TIME, default_heun_last_step, grid_times, randn_from_seeds,
+                                    recorded_heun_last_step, resolve_heun_last_step, solve, solve_segment)
 
 VP = VPProcess()
 SHAPE = (2, 4, 4)
@@ -49,6 +50,7 @@ def _err(sample, exact):
     return (sample - exact).abs().max().item()
 
 
+@pytest.mark.numerics
 def test_vp_solvers_converge_to_the_exact_end_point():
     noise, y = _noise(), torch.zeros(16, dtype=torch.long)
     exact = vp_exact_end(noise)
@@ -62,6 +64,7 @@ def test_vp_solvers_converge_to_the_exact_end_point():
     assert err["heun", 100] < 2e-3
 
 
+@pytest.mark.numerics
 def test_flow_solvers_converge_to_the_exact_end_point():
     noise, y = _noise(), torch.zeros(16, dtype=torch.long)
     exact = MU + S * noise  # z = x_1 at t = 1 (mean 0, sd 1)
@@ -72,6 +75,18 @@ def test_flow_solvers_converge_to_the_exact_end_point():
     assert err["heun", 50] / err["heun", 25] < 0.3 and err["heun", 50] < 3e-3
 
 
+@pytest.mark.numerics
+def test_flow_heun_corrected_on_every_interval_converges_at_second_order():
+    # heun_last_step="heun" (SiT's heun2): the last interval is a trapezoid too, ending at t = 0
+    noise, y = _noise(), torch.zeros(16, dtype=torch.long)
+    exact = MU + S * noise
+    err = {(last, n): _err(solve(flow_velocity, FlowProcess(), noise, y, n, "heun", heun_last_step=last).sample, exact)
+           for last in ("euler", "heun") for n in (25, 50)}
+    assert err["heun", 50] / err["heun", 25] < 0.3  # measured 0.27
+    assert err["heun", 25] < err["euler", 25] / 2 and err["heun", 50] < err["euler", 50] / 2  # measured 3.4-3.6x
+
+
+@pytest.mark.numerics
 def test_ddim_equals_euler_for_vp():
     noise, y = _noise(4), torch.zeros(4, dtype=torch.long)
     for steps in (5, 25):
@@ -80,6 +95,7 @@ def test_ddim_equals_euler_for_vp():
         torch.testing.assert_close(ddim.states, euler.states, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.numerics
 def test_ddim_step_matches_the_formula():
     noise, y = _noise(3), torch.zeros(3, dtype=torch.long)
     res = solve(vp_eps, VP, noise, y, 5, "ddim", record_at=[0, 1])
@@ -107,8 +123,13 @@ def test_model_sees_the_process_time():
     res = solve(spy(flow_velocity), FlowProcess(), noise, y, 4, "heun")
     assert [s[0] for s in seen] == pytest.approx([1000, 750, 750, 500, 500, 250, 250])
     assert res.nfe == 7  # Heun: 2 evaluations per step, none for the correction at t = 0
+    seen.clear()
+    res = solve(spy(flow_velocity), FlowProcess(), noise, y, 4, "heun", heun_last_step="heun")
+    assert [s[0] for s in seen] == pytest.approx([1000, 750, 750, 500, 500, 250, 250, 0])  # corrected at t = 0
+    assert res.nfe == 8
 
 
+@pytest.mark.numerics
 def test_record_at_positions_states_and_x0_preds():
     steps = 6
     noise, y = _noise(3), torch.zeros(3, dtype=torch.long)
@@ -142,6 +163,30 @@ def test_solver_errors():
         solve(flow_velocity, FlowProcess(), noise, y, 5, "ddim")
     with pytest.raises(ValueError, match="record_at"):
         solve(vp_eps, VP, noise, y, 5, "ddim", record_at=[0, 6])
+    with pytest.raises(ValueError, match="heun_last_step 'heun' is for flow processes"):
+        solve(vp_eps, VP, noise, y, 5, "heun", heun_last_step="heun")
+    with pytest.raises(ValueError, match="heun_last_step is a choice of solver 'heun', not of 'euler'"):
+        solve(flow_velocity, FlowProcess(), noise, y, 5, "euler", heun_last_step="euler")
+    with pytest.raises(ValueError, match="unknown heun_last_step 'rk'"):
+        solve_segment(flow_velocity, FlowProcess(), noise, y, 5, "heun", 0, 5, heun_last_step="rk")
+
+
+def test_heun_last_step_defaults_per_teacher_family():
+    # what each family's own sampler does: SiT's heun2 corrects every interval; EDM / REPA skip the last one
+    assert default_heun_last_step(named_process("sit")) == "heun"
+    assert default_heun_last_step(FlowProcess(time_direction="data_at_1", velocity_sign="data_minus_noise",
+                                              time_scale=1.0, shift=3.0)) == "heun"  # the convention decides
+    for name in ("repa", "flow", "vp"):
+        assert default_heun_last_step(named_process(name)) == "euler", name
+    assert resolve_heun_last_step("heun", named_process("sit")) == "heun"
+    assert resolve_heun_last_step("heun", named_process("sit"), "euler") == "euler"
+    assert resolve_heun_last_step("heun", VP) == "euler"
+    assert resolve_heun_last_step("euler", named_process("sit")) is None  # no choice for Euler / DDIM
+    assert resolve_heun_last_step("ddim", VP) is None
+    # manifests: a Heun recording without the field was made with the Euler last step
+    assert recorded_heun_last_step({"solver": "heun"}) == "euler"
+    assert recorded_heun_last_step({"solver": "heun", "heun_last_step": "heun"}) == "heun"
+    assert recorded_heun_last_step({"solver": "ddim"}) is None
 
 
 def test_randn_from_seeds_depends_only_on_the_seed():

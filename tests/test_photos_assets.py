@@ -32,5 +32,7 @@ def test_classifier_loads_matches_its_sidecar_and_its_accuracy():
     model = load_photos_classifier()
     assert (model.cfg.in_channels, model.cfg.input_size, model.cfg.num_classes) == (3, 16, 10)
     held = load_photos_split("heldout")
+    # exact although the sidecar was written on another machine: accuracy counts argmax decisions, and the
+    # closest one is 8e-5 of its logits' scale from a tie, 400x the float32 rounding between kernels (2e-7)
     assert abs(accuracy(model, held) - side["heldout_accuracy"]) < 1e-9
     assert side["heldout_accuracy"] > 0.5  # chance is 0.1

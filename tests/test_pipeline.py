@@ -20,6 +20,7 @@ from ardistill.io.pixart import load_pixart_diffusers  # noqa: E402
 from ardistill.io.student_io import save_student  # noqa: E402
 from ardistill.models.text_student import build_text_student  # noqa: E402
 from ardistill.pipeline import ARDPipeline  # noqa: E402
+from tolerances import assert_paths_agree  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def parts(tmp_path_factory):
     return root
 
 
+@pytest.mark.numerics
 def test_pipeline_folder_round_trip_and_seeds(parts, tmp_path):
     pipe = ARDPipeline.from_parts(parts / "student.safetensors", parts / "pixart", parts / "pixart", max_length=10,
                                   device="cpu")
@@ -39,7 +41,9 @@ def test_pipeline_folder_round_trip_and_seeds(parts, tmp_path):
     assert imgs.shape == (4, 3, 16, 16) and imgs.abs().max() <= 1
     # per-image seeds: the batch size does not change the images; another seed does
     again = pipe(["a photo of a cat", "two dogs"], num_images_per_prompt=2, seed=5, output_type="pt", batch_size=1)
-    torch.testing.assert_close(again, imgs, atol=1e-5, rtol=1e-5)
+    # batches of 1 vs 4 run other kernels: float32 rounding of 5 passes in a row (T5, 3 student steps, VAE
+    # decoder; measured 1.4e-6 of the scale)
+    assert_paths_agree(again, imgs, gain=5)
     assert (pipe("a photo of a cat", seed=6, output_type="pt")[0] - imgs[0]).abs().max() > 1e-3
     ref = pipe.save_pretrained(tmp_path / "referenced")
     index = json.loads((ref / "model_index.json").read_text())
@@ -50,6 +54,7 @@ def test_pipeline_folder_round_trip_and_seeds(parts, tmp_path):
         loaded = ARDPipeline.from_pretrained(folder, device="cpu")
         assert loaded.max_length == 10 and loaded.encoder.preprocess == "lower"
         out = loaded(["a photo of a cat", "two dogs"], num_images_per_prompt=2, seed=5, output_type="pt")
+        # the same pipeline and batch on weights read back: the same path (the default tolerance is looser)
         torch.testing.assert_close(out, imgs)
     pil = ARDPipeline.from_pretrained(moved, device="cpu")(["a red car"])
     assert len(pil) == 1 and pil[0].size == (16, 16)

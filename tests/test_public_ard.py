@@ -14,6 +14,7 @@ from ardistill.io.student_io import import_public_ard, load_student, public_ard_
 from ardistill.models.dit import DiT, DiTConfig, dit_config
 from ardistill.models.student import STUDENT_RECIPES, public_ard_student, recipe_student_config
 from reference_impl import Ref, ard_forward, ard_infer
+from tolerances import assert_paths_agree
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 HEADS = ("final_layer", "final_layer2", "final_layer3", "final_layer4")
@@ -43,6 +44,7 @@ def public(tmp_path):
     return tmp_path / "0300000.pt", sd
 
 
+@pytest.mark.numerics
 def test_import_config_and_forward_match_the_public_code(public):
     path, sd = public
     student = import_public_ard(path)
@@ -59,10 +61,11 @@ def test_import_config_and_forward_match_the_public_code(public):
         want = ard_forward(ref, 4, z5, z10, z15, zT, t, 2, y)
         got = student(torch.stack([zT, z15, z10, z5], dim=1), y)
     assert want[3].abs().mean() > 0.05
-    for k in range(4):
-        torch.testing.assert_close(got[:, k], want[k], rtol=1e-5, atol=2e-5)
+    for k in range(4):  # ours vs the public code's forward (re-implemented): two code paths, float32 rounding
+        assert_paths_agree(got[:, k], want[k], msg=f"block {k}")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("stack", [0, 2, 3])
 def test_cached_sampling_matches_public_infer(tmp_path, stack):
     sd = _public_state(seed=stack)
@@ -72,8 +75,8 @@ def test_cached_sampling_matches_public_infer(tmp_path, stack):
     with torch.no_grad():
         want = ard_infer(Ref(sd, 4, 2, 8), 4, zT, torch.full((2,), 999.0), stack, y)
         got = student.sample(zT, y, return_all=True)
-    for k in range(4):
-        torch.testing.assert_close(got[:, k], want[k], rtol=1e-5, atol=2e-5)
+    for k in range(4):  # two samplers of 4 steps: each output carries the rounding of up to 4 passes
+        assert_paths_agree(got[:, k], want[k], gain=4, msg=f"step {k + 1}")
 
 
 def test_load_student_reads_public_pt_and_round_trips(tmp_path, public):
@@ -85,7 +88,7 @@ def test_load_student_reads_public_pt_and_round_trips(tmp_path, public):
     ours = load_student(tmp_path / "ours.safetensors")
     x, y = torch.randn(1, 4, 4, 8, 8), torch.tensor([2])
     with torch.no_grad():
-        assert torch.equal(ours(x, y), student(x, y))
+        assert torch.equal(ours(x, y), student(x, y))  # the same class, weights read back from a file: bit-equal
     # the layout writer is the importer's inverse (learned-sigma rows are not used and come back as zeros)
     layout = public_ard_layout(student)
     assert set(layout) == set(torch.load(path, weights_only=False)["ema"])

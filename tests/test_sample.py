@@ -12,6 +12,7 @@ from ardistill.io.checkpoints import load_teacher, save_checkpoint_safetensors
 from ardistill.sampling.diffusion import VPProcess
 from ardistill.io.images import make_grid, save_image_grid
 from ardistill.sample import parse_int_list, resolve_labels, sample_teacher
+from tolerances import assert_paths_agree
 
 DIGITS_TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
                    learn_sigma=False)
@@ -35,13 +36,18 @@ def test_parse_seeds_and_labels():
         resolve_labels("10", 2, 10)
 
 
+@pytest.mark.numerics
 def test_samples_depend_only_on_their_seed(tiny_teacher):
     y = torch.tensor([0, 1, 2, 3])
     a = sample_teacher(tiny_teacher, VPProcess(), y, [5, 6, 7, 8], steps=4, cfg_scale=1.5, batch_size=4)
     b = sample_teacher(tiny_teacher, VPProcess(), y, [5, 6, 7, 8], steps=4, cfg_scale=1.5, batch_size=1)
-    assert a.shape == (4, 1, 8, 8) and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    # other batch sizes run other kernels. The random teacher's samples reach 460, where the former elementwise
+    # atol 1e-4 is about 2 ulps; relative to the scale instead: 4 guided steps, each 2w - 1 = 2 times one
+    # pass's rounding (measured 4e-7 of the scale)
+    assert a.shape == (4, 1, 8, 8)
+    assert_paths_agree(b, a, gain=8)
     c = sample_teacher(tiny_teacher, VPProcess(), y[1:], [6, 7, 8], steps=4, cfg_scale=1.5)
-    assert torch.allclose(a[1:], c, rtol=1e-4, atol=1e-4)
+    assert_paths_agree(c, a[1:], gain=8)
     guided_less = sample_teacher(tiny_teacher, VPProcess(), y, [5, 6, 7, 8], steps=4, cfg_scale=1.0)
     assert not torch.allclose(a, guided_less)
     with pytest.raises(ValueError, match="seeds"):

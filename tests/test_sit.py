@@ -1,5 +1,6 @@
 """SiT and REPA flow teachers: the process conventions, the .pt loaders, and parity of our fixed-grid
-Euler/Heun with a straightforward re-implementation of SiT's and REPA's samplers (tests/reference_impl.py)."""
+Euler/Heun with transcriptions of SiT's samplers (torchdiffeq's fixed-grid euler / heun2 on SiT's grid) and
+REPA's euler_sampler (tests/reference_impl.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import itertools
 import pytest
 import torch
 
+from tolerances import assert_paths_agree
 from ardistill.io.checkpoints import (CheckpointError, load_any_teacher, load_sit_pt, load_teacher,
                                       save_checkpoint_safetensors)
 from ardistill.models.dit import DiTConfig
 from ardistill.models.student import ode_step_coeffs
 from ardistill.sampling.diffusion import (FLOW_CONVENTIONS, FlowProcess, VPProcess, named_process, process_for)
 from ardistill.sampling.guidance import make_model_fn
-from ardistill.sampling.ode import grid_times, randn_from_seeds, solve
-from reference_impl import Ref, repa_euler, sit_ode
+from ardistill.sampling.ode import grid_times, randn_from_seeds, resolve_heun_last_step, solve
+from reference_impl import Ref, repa_euler, sit_heun_euler_last, sit_ode
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -50,6 +52,7 @@ def _repa_args(**kw):
 
 @pytest.mark.parametrize("direction,sign", list(itertools.product(("noise_at_1", "data_at_1"),
                                                                   ("noise_minus_data", "data_minus_noise"))))
+@pytest.mark.numerics
 def test_flow_conventions_round_trip(direction, sign):
     p = FlowProcess(time_direction=direction, velocity_sign=sign, time_scale=1.0)
     g = torch.Generator().manual_seed(0)
@@ -89,6 +92,7 @@ def test_named_conventions_and_errors():
     assert ode_step_coeffs(repa, [1.0, 0.5, -1.0]) == ((1.0, -0.5), (1.0, -0.5))
 
 
+@pytest.mark.numerics
 def test_training_target_matches_the_ode():
     # A network that outputs the training target of the exact straight path lands on x0 in one Euler step.
     g = torch.Generator().manual_seed(1)
@@ -111,6 +115,7 @@ def sit_pt(tmp_path):
     return tmp_path / "SiT-tiny.pt", sd
 
 
+@pytest.mark.numerics
 def test_bare_sit_pt_loads_with_sit_convention(sit_pt):
     path, sd = sit_pt
     model = load_sit_pt(path)
@@ -118,7 +123,7 @@ def test_bare_sit_pt_loads_with_sit_convention(sit_pt):
     ref = Ref(sd, 4, 2, 8)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0, 9, 10])
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), ref.forward(x, t, y), rtol=1e-5, atol=1e-5)
+        assert_paths_agree(model(x, t, y), ref.forward(x, t, y))  # our DiT vs SiT's model code: two paths
     # a bare SiT file has DiT's keys and shapes: only the caller can say it is SiT
     assert load_any_teacher(path).cfg.process is None
     assert load_any_teacher(path, process="sit").cfg == model.cfg
@@ -139,6 +144,7 @@ def test_sit_training_checkpoint_is_detected(tmp_path):
         load_any_teacher(tmp_path / "noise.pt")
 
 
+@pytest.mark.numerics
 def test_repa_checkpoint_drops_projectors_with_a_message(tmp_path):
     sd = _random_state(learn_sigma=False, projectors=True)
     torch.save({"model": sd, "ema": sd, "opt": {}, "args": _repa_args(), "steps": 4000000}, tmp_path / "repa.pt")
@@ -148,7 +154,7 @@ def test_repa_checkpoint_drops_projectors_with_a_message(tmp_path):
     ref = Ref(sd, 4, 2, 4)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9]), torch.tensor([1, 10])
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), ref.forward(x, t, y), rtol=1e-5, atol=1e-5)
+        assert_paths_agree(model(x, t, y), ref.forward(x, t, y))  # our DiT vs SiT's model code: two paths
     with pytest.raises(CheckpointError, match=r"asked to load it as 'sit' but the file is a 'repa' checkpoint"):
         load_sit_pt(tmp_path / "repa.pt", process="sit")
     # REPA's --legacy layout: blocks after encoder_depth named decoder_blocks.<i>
@@ -190,22 +196,79 @@ def test_sit_teacher_round_trips_through_our_format(tmp_path, sit_pt):
 # Sampling parity with the reference samplers
 
 
-@pytest.mark.parametrize("solver,steps", [("euler", 6), ("heun", 5)])
-def test_sit_ode_matches_reference(sit_pt, solver, steps):
-    path, sd = sit_pt
-    model = load_sit_pt(path)
+# Tolerance of ours against SiT's sampler (torchdiffeq on SiT's grid): the two are different code paths in
+# float32, not bit-equal. SiT's grid is float32 linspace(0, 1) and its Heun stage time is t0 + dt in float32,
+# ours is 1 - t in float64 rounded once to float32 (the network's time can differ by one float32 ulp, 6e-8);
+# its step is y0 + dt * (k1 / 2 + k2 / 2) with dt a float32 tensor, ours x + (t_next - t_cur) / 2 * (v + v2)
+# with a float64 step rounded to float32. Each step thus adds rounding of a few 1e-8 (states of size ~1-10),
+# and the random network carries it from evaluation to evaluation. Measured max |diff| over cfg 1 and 4,
+# 5, 6 and 10 steps, Euler and Heun: 1.2e-6, i.e. 2-3 float32 ulps of states that reach 4.5. atol 1e-5
+# (plus rtol 1e-5 of the value) leaves a margin of 8x or more, and is still 500x below what the choice of
+# the last interval changes (5.4e-3 at 10 steps, 2.2e-2 at 5; test_sit_heun_last_step_is_the_whole_difference).
+SIT_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _sit_ours(sit_pt, steps, solver, cfg_scale, **kw):
+    model = load_sit_pt(sit_pt[0])
     noise, y = randn_from_seeds([0, 1, 2], (4, 8, 8)), torch.tensor([3, 7, 9])
-    ours = solve(make_model_fn(model, 1.5, guidance_channels=3), process_for(model.cfg), noise, y, steps, solver)
+    return solve(make_model_fn(model, cfg_scale, guidance_channels=3), process_for(model.cfg), noise, y, steps, solver,
+                 **kw), noise, y
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+@pytest.mark.parametrize("method,steps", [("euler", 6), ("heun2", 5), ("heun2", 10)])
+def test_sit_ode_matches_sits_torchdiffeq_sampler(sit_pt, method, steps, cfg_scale):
+    """SiT's sample.py --sampling-method {euler, heun2} --num-sampling-steps steps + 1 (time points) against our
+    solver with its defaults for a SiT teacher: Heun corrects on every interval (heun_last_step "heun")."""
+    path, sd = sit_pt
+    ours, noise, y = _sit_ours(sit_pt, steps, "euler" if method == "euler" else "heun", cfg_scale)
     with torch.no_grad():
-        ref = sit_ode(Ref(sd, 4, 2, 8), 4, noise, y, 10, 1.5, steps, solver)
-    assert ours.nfe == (steps if solver == "euler" else 2 * steps - 1)
+        ref = sit_ode(Ref(sd, 4, 2, 8), 4, noise, y, 10, cfg_scale, steps, method)
+    assert ours.nfe == (steps if method == "euler" else 2 * steps)  # heun2: two evaluations on every interval
     assert (ref - noise).abs().mean() > 0.1  # the sampler moved the state
-    torch.testing.assert_close(ours.sample, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.sample, ref, **SIT_TOL)
     # all-channel guidance is another function: the option is what makes the two agree
-    other = solve(make_model_fn(model, 1.5), process_for(model.cfg), noise, y, steps, solver).sample
-    assert (other - ref)[:, 3].abs().max() > 1e-3
+    if cfg_scale != 1.0:
+        model = load_sit_pt(path)
+        other = solve(make_model_fn(model, cfg_scale), process_for(model.cfg), noise, y, steps,
+                      "euler" if method == "euler" else "heun").sample
+        assert (other - ref)[:, 3].abs().max() > 1e-3
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_sit_heun_last_step_is_the_whole_difference(sit_pt, cfg_scale):
+    """heun_last_step="euler" (EDM's and REPA's Heun) is REPA's euler_sampler(heun=True) loop on SiT's network;
+    it agrees with SiT's heun2 bit for bit up to the last interval and differs from it there only."""
+    steps, sd = 10, sit_pt[1]
+    full, noise, y = _sit_ours(sit_pt, steps, "heun", cfg_scale, record_at=list(range(steps + 1)))
+    skip, _, _ = _sit_ours(sit_pt, steps, "heun", cfg_scale, record_at=list(range(steps + 1)), heun_last_step="euler")
+    with torch.no_grad():
+        ref = sit_heun_euler_last(Ref(sd, 4, 2, 8), 4, noise, y, 10, cfg_scale, steps)
+    assert skip.nfe == 2 * steps - 1 and full.nfe == 2 * steps
+    torch.testing.assert_close(skip.sample, ref, **SIT_TOL)
+    assert torch.equal(skip.states[:, :-1], full.states[:, :-1])  # the same states up to the last interval
+    assert (skip.sample - full.sample).abs().max() > 1e-3  # the last interval's correction (5e-3), >> SIT_TOL
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("method", ["euler", "heun2"])
+def test_sit_reference_is_torchdiffeq(sit_pt, method):
+    """The transcription of torchdiffeq's fixed-grid solvers is the package, bit for bit (same operations in the
+    same order); our solver matches the package within SIT_TOL. Skipped where torchdiffeq is not installed
+    (pip install torchdiffeq; it is a test extra, not a dependency)."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    steps, sd = 5, sit_pt[1]
+    ours, noise, y = _sit_ours(sit_pt, steps, "euler" if method == "euler" else "heun", 4.0)
+    with torch.no_grad():
+        package = sit_ode(Ref(sd, 4, 2, 8), 4, noise, y, 10, 4.0, steps, method, odeint=torchdiffeq.odeint)
+        written = sit_ode(Ref(sd, 4, 2, 8), 4, noise, y, 10, 4.0, steps, method)
+    assert torch.equal(package, written)
+    torch.testing.assert_close(ours.sample, package, **SIT_TOL)
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("heun", [False, True])
 def test_repa_euler_matches_reference(tmp_path, heun):
     sd = _random_state(learn_sigma=False, seed=4, projectors=True)
@@ -216,7 +279,8 @@ def test_repa_euler_matches_reference(tmp_path, heun):
     ours = solve(make_model_fn(model, 1.8), process_for(model.cfg), noise, y, 8, "heun" if heun else "euler").sample
     with torch.no_grad():
         ref = repa_euler(Ref(sd, 4, 2, 4), noise, y, 10, 1.8, 8, heun=heun)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    # 8 steps (16 evaluations with Heun) of a guided output (2w - 1 = 2.6): gain 8 * 2.6 ~ 21
+    assert_paths_agree(ours, ref, gain=21)
 
 
 def test_record_and_student_from_a_sit_teacher(tmp_path, sit_pt):
@@ -229,6 +293,7 @@ def test_record_and_student_from_a_sit_teacher(tmp_path, sit_pt):
     record(teacher, tmp_path / "rec", rec, progress=False)
     manifest = load_manifest(tmp_path / "rec")
     assert manifest["sampler"]["process"]["time_direction"] == "data_at_1"
+    assert manifest["sampler"]["heun_last_step"] == "heun"  # SiT's own heun2 corrects every interval
     assert manifest["grid"]["times"] == grid_times(process_for(teacher.cfg), 4)[::2]  # positions 0, 2, 4
     for labels, want in (("true", (0.0, 0.5)), ("uniform", (0.0, 0.5))):
         cfg = DistillConfig(recording=str(tmp_path / "rec"), teacher="-", run_dir="-", time_labels=labels)
@@ -246,6 +311,11 @@ def test_sit_and_repa_presets():
     assert sit.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
     assert (repa.record_config().solver, repa.record_config().teacher_steps, repa.record_config().guidance_channels) \
         == ("euler", 50, None)
+    # Heun's last interval: SiT's preset says heun2's (100 evaluations for 50 intervals), which is also the SiT
+    # family's default; a REPA recording switched to --solver heun takes REPA's euler_sampler(heun=True) rule
+    assert sit.record_config().heun_last_step == "heun" and repa.record_config().heun_last_step is None
+    assert resolve_heun_last_step("heun", process_for(sit.teacher_config())) == "heun"
+    assert resolve_heun_last_step("heun", process_for(repa.teacher_config())) == "euler"
     assert sit.student_config().block_times == (0.0, 0.25, 0.5, 0.75)  # k/S labels in SiT's time (0 = noise)
     assert repa.student_config().block_times == (1.0, 0.75, 0.5, 0.25)
     assert repa.derived["grid"]["positions"] == [0, 19, 29, 39, 50]
@@ -259,3 +329,27 @@ def test_cli_import_teacher(tmp_path, sit_pt, capsys):
     assert load_any_teacher(out).cfg == load_sit_pt(sit_pt[0]).cfg  # every later command reads the convention
     assert main(["import-teacher", "--pt", str(tmp_path / "absent.pt"), "--out", str(out)]) == 2
     assert "absent.pt" in capsys.readouterr().err
+
+
+def test_cli_heun_last_step(tmp_path, capsys):
+    """--heun-last-step on `record` (presets: SiT's says "heun"; another solver drops it) and `sample`."""
+    import json
+    from ardistill.cli import main
+
+    def dry(*args):
+        assert main(["record", "--preset", "imagenet256-sit-ard", "--dry-run", "--count", "1000", *args]) == 0
+        return json.loads(capsys.readouterr().out)["record"]
+
+    assert dry()["heun_last_step"] == "heun"
+    assert dry("--heun-last-step", "euler")["heun_last_step"] == "euler"
+    assert dry("--solver", "euler")["heun_last_step"] is None  # the preset's Heun choice went with its solver
+    assert main(["record", "--preset", "imagenet256-ard", "--dry-run", "--solver", "heun", "--heun-last-step",
+                 "heun"]) == 2  # a DiT (VP) teacher
+    assert "record.heun_last_step: heun_last_step 'heun' is for flow processes" in capsys.readouterr().err
+    out = str(tmp_path / "grid.png")  # the shipped digits teacher is a VP (DiT) teacher
+    assert main(["sample", "--solver", "heun", "--heun-last-step", "heun", "--seeds", "0", "--steps", "2",
+                 "--out", out]) == 2
+    assert "is for flow processes" in capsys.readouterr().err
+    assert main(["sample", "--solver", "euler", "--heun-last-step", "euler", "--seeds", "0", "--steps", "2",
+                 "--out", out]) == 2
+    assert "heun_last_step is a choice of solver 'heun', not of 'euler'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import grid_times, solve
 from ardistill.models.student import (ARDStudent, StudentConfig, block_times_for, build_student,
                                ode_step_coeffs)
+from tolerances import assert_paths_agree
 
 
 def _teacher(patch=2, depth=4, learn_sigma=True, prediction="eps", seed=0):
@@ -38,6 +39,7 @@ CASES = [  # (S, history_layers, mask, patch, heads)
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("S,Nh,mask,patch,heads", CASES)
 def test_cached_sampler_equals_teacher_forced(S, Nh, mask, patch, heads):
     teacher = _teacher(patch=patch)
@@ -50,11 +52,12 @@ def test_cached_sampler_equals_teacher_forced(S, Nh, mask, patch, heads):
     y = torch.tensor([0, 5, 9])
     outs = student.sample(noise, y, return_all=True)  # (B, S, C, H, W)
     assert outs.shape == (3, S, 4, 8, 8)
-    assert torch.equal(outs[:, -1], student.sample(noise, y))
+    assert torch.equal(outs[:, -1], student.sample(noise, y))  # the same sampler run twice: bit-equal
     inputs = torch.cat([noise[:, None], outs[:, :-1]], dim=1)
     with torch.no_grad():
         tf = student(inputs, y)
-    assert (tf - outs).abs().max().item() <= 1e-5
+    # two code paths (one block at a time with cached K/V, all blocks under a mask): float32 rounding only
+    assert_paths_agree(tf, outs)
 
 
 @pytest.mark.parametrize("mask", ["M1", "M2", "M3", "M4"])
@@ -70,6 +73,8 @@ def test_causality_later_blocks_do_not_change_earlier_outputs(mask):
             x2 = x.clone()
             x2[:, k:] = torch.randn_like(x2[:, k:])
             out = student(x2, y)
+            # same kernels, same shapes: the changed blocks reach earlier ones only through exact zeros
+            # (masked attention weights), so bit-equality is valid
             assert torch.equal(out[:, :k], base[:, :k]), f"blocks < {k} changed with mask {mask}"
 
 
@@ -99,7 +104,7 @@ def test_history_cut_sampling_is_the_same_weights_under_mask_m1():
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 5, 9])
     cut = st.sample(noise, y, return_all=True, history=False)
-    assert torch.equal(cut, m1.sample(noise, y, return_all=True))
+    assert torch.equal(cut, m1.sample(noise, y, return_all=True))  # the same weights and kernels: bit-equal
     full = st.sample(noise, y, return_all=True)
     assert torch.equal(cut[:, 0], full[:, 0]) and not torch.allclose(cut[:, 1:], full[:, 1:])
 
@@ -120,6 +125,7 @@ def test_weights_initialised_from_teacher_and_heads_drop_sigma():
         assert torch.equal(h.adaLN_modulation[1].weight, tsd["final_layer.adaLN_modulation.1.weight"])
 
 
+@pytest.mark.numerics
 def test_single_block_student_without_history_is_the_teacher_eps_head():
     """With S = 1 and the teacher's time, the student's first output is the teacher's eps (no guidance)."""
     teacher = _teacher(learn_sigma=True)
@@ -128,9 +134,10 @@ def test_single_block_student_without_history_is_the_teacher_eps_head():
     y = torch.tensor([3, 4])
     with torch.no_grad():
         eps = teacher(x, torch.full((2,), 999), y)[:, :4]
-        assert (st.sample(x, y) - eps).abs().max() < 1e-5
+        assert_paths_agree(st.sample(x, y), eps)  # the student's and the teacher's forward: two code paths
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("process,solver", [(VPProcess(), "ddim"), (FlowProcess(), "euler")])
 def test_ode_step_output_at_init_reproduces_teacher_solver(process, solver):
     """output='ode_step' with S = T and true times is exactly the teacher's unguided solver at init."""
@@ -148,7 +155,9 @@ def test_ode_step_output_at_init_reproduces_teacher_solver(process, solver):
     y = torch.tensor([1, 2])
     ref = solve(make_model_fn(teacher, 1.0), process, noise, y, T, solver).sample
     got = st.sample(noise, y)
-    assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    # the student's sampler and the teacher's solver are two code paths; the final state carries the rounding
+    # of T = 6 steps, each relative to the state's scale (measured 2.3e-7 of it in all)
+    assert_paths_agree(got, ref, gain=T)
 
 
 def test_block_times_true_and_uniform():
@@ -205,6 +214,8 @@ def test_gradients_flow_and_checkpointing_matches():
     la, lb = a(x, y).square().mean(), b(x, y).square().mean()
     la.backward()
     lb.backward()
+    # checkpointing recomputes the same forward with the same kernels, so these agree bit for bit in practice;
+    # the tolerances are loose and harmless
     assert torch.allclose(la, lb)
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         if pa.requires_grad:

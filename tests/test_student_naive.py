@@ -3,9 +3,13 @@
 import pytest
 import torch
 
+from tolerances import assert_paths_agree
+
 from ardistill.models.dit import build_dit
 from ardistill.models.naive_student import NaiveARDStudent, additive_mask
 from ardistill.models.student import build_student
+
+pytestmark = pytest.mark.numerics  # two implementations of one function: agreement to float32 rounding
 
 
 def _teacher(patch=2, depth=3):
@@ -44,9 +48,10 @@ def test_naive_equals_ard_student(S, Nh, mask, patch, heads, output):
     with torch.no_grad():
         ref, out = student(x, y), naive(x, y)
         assert ref.abs().mean() > 0.1  # a non-trivial function
-        assert (ref - out).abs().max().item() <= 1e-5
+        # full-mask per-token attention vs the block layout: two code paths, float32 rounding only
+        assert_paths_agree(out, ref)
         # fewer blocks than steps (a prefix of the trajectory) agree too
-        assert (student(x[:, :2], y) - naive(x[:, :2], y)).abs().max().item() <= 1e-5
+        assert_paths_agree(naive(x[:, :2], y), student(x[:, :2], y))
 
 
 def test_naive_gradients_match():
@@ -63,6 +68,8 @@ def test_naive_gradients_match():
         if p.grad is None:
             assert gn[name].grad is None, name
             continue
+        # two code paths: rtol 1e-4 is 840 ulps, atol 1e-6 covers elements near zero (measured: at most 2% of
+        # this bound used, 4e-7 of each gradient's scale)
         torch.testing.assert_close(gn[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 

@@ -98,6 +98,7 @@ def test_the_documented_recipe_runs_end_to_end(parts, tmp_path, monkeypatch, cap
     assert json.loads(meta["prompt_encoding"]) == {"max_length": 300, "preprocess": "lower", "embedding_dtype": "float16"}
 
 
+@pytest.mark.numerics
 def test_clip_score_streams_and_matches_a_direct_computation(parts):
     scorer = CLIPScorer(parts / "clip")
     g = torch.Generator().manual_seed(0)
@@ -106,7 +107,9 @@ def test_clip_score_streams_and_matches_a_direct_computation(parts):
     whole = scorer.scores(images, prompts)
     assert whole.shape == (5,) and (whole >= 0).all() and (whole <= 100).all()
     streamed = clip_score(scorer, images, prompts, batch_size=2)
-    assert streamed.count == 5 and abs(streamed.mean - float(whole.mean())) < 1e-4
+    # batches of 2 vs 5 through CLIP run other kernels: float32 rounding of scores of ~30 (measured 7e-6, 2.3e-7
+    # of the largest score); the bound is 1e-5 of it (tests/tolerances.py)
+    assert streamed.count == 5 and abs(streamed.mean - float(whole.mean())) <= 1e-5 * float(whole.abs().max())
     # the definition: 100 * max(cos, 0) of CLIP's projected embeddings, computed by hand
     m = scorer.model
     pix = scorer.processor(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt")["pixel_values"]

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from t2i_tiny import T5_WIDTH, write_tiny_pixart_pipeline, write_tiny_t5  # noqa: E402
+from tolerances import assert_paths_agree  # noqa: E402
 
 from ardistill.cli import main  # noqa: E402
 from ardistill.data.prompts import PromptStore  # noqa: E402
@@ -25,6 +26,7 @@ def t5(tmp_path_factory):
     return write_tiny_t5(tmp_path_factory.mktemp("t5"))
 
 
+@pytest.mark.numerics
 def test_encoder_masks_padding_and_batches_independently(t5):
     enc = T5PromptEncoder(t5, max_length=12)
     tokens, mask = enc.encode(PROMPTS)
@@ -33,7 +35,7 @@ def test_encoder_masks_padding_and_batches_independently(t5):
     alone, alone_mask = enc.encode([PROMPTS[3]])  # the same prompt in another batch
     assert torch.equal(alone_mask, mask[3:4])
     n = int(mask[3].sum())
-    torch.testing.assert_close(alone[0, :n], tokens[3, :n], atol=1e-5, rtol=1e-5)
+    assert_paths_agree(alone[0, :n], tokens[3, :n])  # a batch of 1 vs 5, other kernels: float32 rounding
     empty, empty_mask = enc.encode([""])
     assert int(empty_mask.sum()) == 1  # the empty prompt is one </s>: guidance's null text
     assert enc.identity()["width"] == T5_WIDTH and len(enc.identity()["sha256"]) == 64

@@ -68,7 +68,7 @@ def test_text_distillation_learns_saves_and_resumes_exactly(rec, tmp_path):
     distill(replace(part, steps=3))
     distill(part, resume=True)
     straight = distill(_cfg(rec, tmp_path / "straight", **kw))
-    for name in ("student", "ema"):
+    for name in ("student", "ema"):  # resume replays the same steps with the same kernels: exact by construction
         a, b = load_file(str(tmp_path / "part" / f"{name}.safetensors")), load_file(str(straight.run_dir / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -81,7 +81,7 @@ def test_on_policy_inputs_roll_out_with_the_caption(rec):
     x = on_policy_inputs(student, b["inputs"], b["text"], b["text_mask"])
     assert torch.equal(x[:, 0], b["inputs"][:, 0])
     outs = student.sample(b["inputs"][:, 0], b["text"], b["text_mask"], return_all=True)
-    assert torch.equal(x[:, 1:], outs[:, :-1])
+    assert torch.equal(x[:, 1:], outs[:, :-1])  # on_policy_inputs calls this same sampler: bit-equal
 
 
 def load_student_from_teacher(rec) -> TextARDStudent:
@@ -98,3 +98,21 @@ def test_a_moved_or_changed_prompt_store_is_named(rec, tmp_path):
     write_prompt_store(other, [Prompt("0", "x")], encoder, {"name": "toy", "sha256": "0" * 64, "width": C, "max_length": 5})
     with pytest.raises(ValueError, match="not the one recording"):
         TextTrajectoryDataset(rec["recording"], prompt_store=other)
+
+
+def test_a_damaged_prompt_shard_is_named_at_open(rec, tmp_path):
+    """Training draws captions from the whole store within its first batches: its shards are hashed when the
+    text recording is opened, so a damaged one is named before any step (not when a batch reaches it)."""
+    import shutil
+
+    from ardistill.data.prompts import CorruptPromptStoreError
+    from ardistill.data.trajectories import shard_name
+    store = tmp_path / "prompts"
+    shutil.copytree(rec["root"] / "prompts", store)
+    p = store / shard_name(0)
+    raw = bytearray(p.read_bytes())
+    raw[-3] ^= 0xFF  # same size: only the checksum sees it
+    p.write_bytes(bytes(raw))
+    with pytest.raises(CorruptPromptStoreError, match=r"shard-000000.npy: checksum mismatch"):
+        TextTrajectoryDataset(rec["recording"], prompt_store=store)
+    TextTrajectoryDataset(rec["recording"], prompt_store=store, verify_shards=False)  # the opt-out skips it

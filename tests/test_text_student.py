@@ -9,6 +9,7 @@ import torch
 
 from ardistill.models.text_dit import TextDiT, pad_text, text_dit_config
 from ardistill.models.text_student import TextARDStudent, TextStudentConfig, build_text_student
+from tolerances import assert_paths_agree
 
 
 def _teacher(depth=3, learn_sigma=False, seed=0) -> TextDiT:
@@ -47,6 +48,7 @@ CASES = [  # (S, history_layers, mask, heads)
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("S,Nh,mask,heads", CASES)
 def test_cached_sampler_equals_teacher_forced_with_padded_text(S, Nh, mask, heads):
     student = build_text_student(_teacher(), num_steps=S, history_layers=Nh, mask=mask, heads=heads,
@@ -58,13 +60,15 @@ def test_cached_sampler_equals_teacher_forced_with_padded_text(S, Nh, mask, head
     noise = _noise()
     outs = student.sample(noise, text, tmask, return_all=True)  # (B, S, C, H, W)
     assert outs.shape == (3, S, 1, 8, 16)
-    assert torch.equal(outs[:, -1], student.sample(noise, text, tmask))
+    assert torch.equal(outs[:, -1], student.sample(noise, text, tmask))  # the same sampler run twice: bit-equal
     inputs = torch.cat([noise[:, None], outs[:, :-1]], dim=1)
     with torch.no_grad():
         tf = student(inputs, text, tmask)
-    assert (tf - outs).abs().max().item() <= 1e-5
+    # two code paths (one block at a time with cached K/V, all blocks under a mask): float32 rounding only
+    assert_paths_agree(tf, outs)
 
 
+@pytest.mark.numerics
 def test_padding_invariance():
     student = build_text_student(_teacher(), num_steps=3, history_layers=2, block_times=_times(3)).eval()
     text, tmask = _captions()
@@ -73,13 +77,16 @@ def test_padding_invariance():
     noise = _noise()
     a = student.sample(noise, text, tmask, return_all=True)
     b = student.sample(noise, long_text, long_mask, return_all=True)
-    assert (a - b).abs().max().item() <= 1e-6
+    # 7 or 12 text keys, and a batch of 3 or 1, are other shapes, hence other kernels: float32 rounding
+    # (measured up to 8.3e-7 here, 4e-7 of the scale; the former bound 1e-6 was barely above it)
+    assert_paths_agree(b, a)
     # a batch mixing the caption alone and padded gives the same rows
     x = torch.randn(3, 3, 1, 8, 16)
     with torch.no_grad():
-        assert (student(x, text, tmask) - student(x, long_text, long_mask)).abs().max().item() <= 1e-6
+        base = student(x, text, tmask)
+        assert_paths_agree(student(x, long_text, long_mask), base)
         one = student(x[:1], text[:1, :2], tmask[:1, :2])  # the first caption cut to its 2 real tokens
-    assert (one - student(x, text, tmask)[:1]).abs().max().item() <= 1e-6
+    assert_paths_agree(one, base[:1])
 
 
 def test_text_changes_the_output_and_history_does_not_leak_across_samples():
@@ -90,6 +97,7 @@ def test_text_changes_the_output_and_history_does_not_leak_across_samples():
     text2 = text.clone()
     text2[1] += 1.0
     b = student.sample(noise, text2, tmask)
+    # the same shapes and kernels, and row 1's values never enter rows 0 and 2: bit-equality is valid
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and not torch.allclose(a[1], b[1])
 
 
@@ -109,6 +117,7 @@ def test_text_keys_values_are_computed_once_per_sample():
     assert calls == {"proj": 2, "kv": 6}  # the teacher-forced pass: once for all S blocks
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_one_block_of_the_initialised_student_is_the_teacher(learn_sigma):
     teacher = _teacher(learn_sigma=learn_sigma)
@@ -122,7 +131,7 @@ def test_one_block_of_the_initialised_student_is_the_teacher(learn_sigma):
     with torch.no_grad():
         want = teacher(x, torch.full((3,), 624.0), text, tmask)[:, :1]
         got = student(x[:, None], text, tmask)[:, 0]
-    assert (got - want).abs().max().item() <= 1e-5
+    assert_paths_agree(got, want)  # the student's and the teacher's forward: two code paths
 
 
 @pytest.mark.parametrize("mask", ["M1", "M2", "M3", "M4"])
@@ -136,6 +145,8 @@ def test_causality(mask):
         for k in range(1, S):
             x2 = x.clone()
             x2[:, k:] = torch.randn_like(x2[:, k:])
+            # same kernels, same shapes: later blocks reach earlier ones only through exact zeros (masked
+            # attention weights), so bit-equality is valid
             assert torch.equal(student(x2, text, tmask)[:, :k], base[:, :k])
 
 

@@ -23,6 +23,7 @@ from ardistill.data.record import RecordConfig, record
 from ardistill.io.student_io import load_student, read_student_file
 from ardistill.training.distill import DistillConfig, distill, distill_loss, on_policy_inputs
 from ardistill.training.loop import Checkpointer, EpochBatches, NonFiniteLossError, RunLogger, lr_at
+from tolerances import assert_paths_agree
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -58,6 +59,8 @@ def _weights(path) -> dict[str, torch.Tensor]:
 
 
 def _assert_same(a: dict, b: dict):
+    """Bit-equal tensors: for runs that replay the same steps with the same kernels in the same process layout
+    (a resumed run, a rerun), where exact equality holds by construction."""
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -91,7 +94,7 @@ def test_exact_resume_in_process(rec, tmp_path):
     full_log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     part_log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in part_log] == list(range(1, 7))
-    assert [r["loss"] for r in part_log] == [r["loss"] for r in full_log]
+    assert [r["loss"] for r in part_log] == [r["loss"] for r in full_log]  # the same steps replayed: exact
     assert [r["lr"] for r in full_log][:3] == [5e-4, 1e-3, 1e-3]  # warm-up
     assert (tmp_path / "part" / "log.csv").read_text().count("\n") == 7  # header + 6 rows
 
@@ -160,9 +163,10 @@ def test_on_policy_schedule_and_inputs(rec, tmp_path):
     xin = on_policy_inputs(student, x, y)
     assert student.training  # restored after the rollout
     assert torch.equal(xin[:, 0], x[:, 0])  # the noise is kept
+    # on_policy_inputs calls this same sampler on the same inputs: bit-equal
     assert torch.equal(xin[:, 1:], student.sample(x[:, 0], y, return_all=True)[:, :-1])
     with torch.no_grad():  # the rollout is the student's own trajectory: teacher forcing on it reproduces it
-        assert (student(xin, y)[:, :-1] - xin[:, 1:]).abs().max() < 1e-5
+        assert_paths_agree(student(xin, y)[:, :-1], xin[:, 1:])  # masked forced pass vs cached sampler
 
 
 def test_cli_distill_and_resume(rec, tmp_path):
@@ -293,6 +297,7 @@ def _cli(rec, run_dir, *extra) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics  # the only check of one process vs two (DDP) training
 def test_two_process_gloo_trains_checkpoints_resumes_and_matches_one_process(rec, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "ardistill", "distill"]
@@ -310,16 +315,23 @@ def test_two_process_gloo_trains_checkpoints_resumes_and_matches_one_process(rec
                          env=_env(), capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = _weights(run / "student.safetensors"), _weights(single / "student.safetensors")
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     # Not bit-identical: the gradient is an all-reduce average of two half-batch means instead of one
     # mean over four, so fp32 rounding differs (~1e-7 relative). An AdamW step moves a weight by about
-    # lr = 1e-3; the bound 1e-5 (1% of one step) is loose enough for rounding (measured: 3.7e-7) and
-    # far below what a wrong batch split or a missing all-reduce gives (a whole step, ~1e-3).
-    assert diff < 1e-5, diff
+    # lr = 1e-3, and a wrong batch split or a missing all-reduce changes the direction of most steps. The
+    # largest difference is no good measure: AdamW divides each gradient by its own running RMS, so a weight
+    # whose gradient nearly cancels turns that rounding into up to a step (max measured 6e-6 on an AVX-512
+    # CPU, 1.6e-6 there with ATEN_CPU_CAPABILITY=default, 3.7e-7 where the former bound 1e-5 on the max was
+    # set; 3 of 182160 weights beyond 1e-6). Bound the bulk instead: the RMS difference below 1e-6 (measured
+    # 1.6e-8) and fewer than 0.1% of the weights more than 1e-6 apart.
+    rms, far = d.square().mean().sqrt().item(), (d > 1e-6).double().mean().item()
+    assert rms < 1e-6 and far < 1e-3, (rms, far, d.max().item())
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert {r["on_policy_frac"] for r in log} == {0.0, 1.0}  # both kinds of batches happened under DDP
     la = [r["loss"] for r in log]
     lb = [json.loads(x)["loss"] for x in (single / "log.jsonl").read_text().splitlines()]
+    # each loss is a float32 mean over the global batch (two half-batch means averaged vs one mean): 1e-5
+    # relative is 84 ulps (measured: equal)
     assert len(la) == 4 and max(abs(x - y) / y for x, y in zip(la, lb)) < 1e-5
 
 
@@ -344,5 +356,5 @@ def test_killed_run_resumes_to_the_same_weights(rec, tmp_path):
     out = subprocess.run(base + ["--resume", "--run-dir", str(killed), "--no-progress"], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("student", "ema"):
+    for name in ("student", "ema"):  # two single-process runs of the same steps on one machine: exact
         _assert_same(_weights(full / f"{name}.safetensors"), _weights(killed / f"{name}.safetensors"))

@@ -51,7 +51,8 @@ def test_round_trip_matches_the_teacher_ode(recorded):
     positions = m["grid"]["positions"]
     assert positions == cfg.grid_positions() and positions[0] == 0 and positions[-1] == T
 
-    # recompute trajectories 8..11 (exactly one micro-batch of shard 1) with the ODE directly
+    # recompute trajectories 8..11 (exactly one micro-batch of shard 1) with the ODE directly: the same kernels
+    # on the same inputs as the recording, so the checks below may be bit-equal
     idx = list(range(8, 12))
     y = torch.tensor(idx) % teacher.cfg.num_classes
     noise = randn_from_seeds(idx, (4, 8, 8))  # base seed 0: seed = index

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from ardistill.data.vae import SD_VAE_SCALE, TINY_VAE_CONFIG, IdentityCodec, LatentCodec, load_codec  # noqa: E402
+from tolerances import assert_paths_agree  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +36,23 @@ def test_decode_undoes_the_scale(codec):
     torch.testing.assert_close(img, codec.vae.decode(z / SD_VAE_SCALE).sample)
 
 
+@pytest.mark.numerics
 def test_micro_batching_does_not_change_results(codec):
+    # batches of 2 vs 5 run other conv and attention kernels: float32 rounding (measured 7e-7 of the scale)
     x = torch.rand(5, 3, 16, 16) * 2 - 1
     small = LatentCodec(codec.vae, batch_size=2)
-    torch.testing.assert_close(small.encode(x), codec.encode(x))
+    assert_paths_agree(small.encode(x), codec.encode(x))
     z = torch.randn(5, 4, 8, 8)
-    torch.testing.assert_close(small.decode(z), codec.decode(z))
+    assert_paths_agree(small.decode(z), codec.decode(z))
 
 
+@pytest.mark.numerics
 def test_posterior_sample_depends_only_on_each_images_seed(codec):
     sampler = LatentCodec(codec.vae, posterior="sample", batch_size=2)
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     a = sampler.encode(x, seeds=[7, 8, 9])
     b = sampler.encode(x[1:], seeds=[8, 9])
-    torch.testing.assert_close(a[1:], b)
+    assert_paths_agree(a[1:], b)  # micro-batches [0, 1], [2] vs [1, 2]: other batch compositions, other kernels
     assert not torch.allclose(a, codec.encode(x))  # noise was added
     with pytest.raises(ValueError, match="one seed per image"):
         sampler.encode(x)

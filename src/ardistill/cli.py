@@ -7,6 +7,7 @@ work in the library modules: a handler only parses, calls, and prints.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -55,6 +56,9 @@ def _add_record(sub):
     p.add_argument("--grid", choices=("ard", "uniform"), default="ard", help="student grid on the teacher grid")
     p.add_argument("--positions", type=_int_list, default=None, help="explicit grid positions, e.g. 0,9,14,19,25")
     p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
+    p.add_argument("--heun-last-step", choices=("euler", "heun"), default=None,
+                   help="--solver heun: the last interval as an Euler step (EDM's, REPA's Heun) or corrected (SiT's "
+                        "heun2, one more evaluation); default the teacher family's own: heun for SiT, else euler")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = DiT's legacy forward_with_cfg); default all")
@@ -79,7 +83,7 @@ def _add_record(sub):
 
     def fields(a):
         return dict(count=a.count, num_steps=a.num_steps, teacher_steps=a.teacher_steps, grid=a.grid,
-                    positions=a.positions, solver=a.solver, cfg_scale=a.cfg_scale,
+                    positions=a.positions, solver=a.solver, heun_last_step=a.heun_last_step, cfg_scale=a.cfg_scale,
                     guidance_channels=a.guidance_channels, base_seed=a.seed, classes=a.classes,
                     dtype=a.dtype, shard_size=a.shard_size, batch_size=a.batch_size, x0_preds=not a.no_x0_preds)
 
@@ -188,6 +192,10 @@ def _run_group(p, seed_help: str):
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="several processes (torchrun): ddp = replicated weights, fsdp = FSDP2, weights, gradients, "
+                        "optimizer and EMA sharded per transformer block, sharded checkpoints (export-checkpoint "
+                        "writes single files); may change on --resume (default ddp)")
     g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 500)")
     g.add_argument("--keep-every", type=int, help="keep checkpoints at multiples of N (default: latest only)")
     g.add_argument("--log-every", type=int, help="log every N steps (default 10)")
@@ -346,6 +354,10 @@ def _add_train_teacher(sub):
     p.add_argument("--data-seed", type=int, help="seed of the train / held-out split [0]")
     p.add_argument("--log-every", type=int, help="[100]")
     p.add_argument("--checkpoint-every", type=int, help="[500]")
+    p.add_argument("--device", help="cpu or cuda (one GPU per process under torchrun) [cpu]")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="several processes (torchrun): ddp = replicated weights, fsdp = FSDP2 sharded per DiT "
+                        "block, with sharded checkpoints in OUT/checkpoints; may change on resume [ddp]")
     p.add_argument("--no-resume", action="store_true", default=False,
                    help="start over even if --out holds a training state")
     _threads_flag(p)
@@ -368,7 +380,9 @@ def _add_train_teacher(sub):
         _threads(args.threads)
         cfg = TeacherTrainConfig(**{k: v for k, v in vars(args).items()
                                     if k in TeacherTrainConfig.__dataclass_fields__})
-        print(train_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress))
+        path = train_teacher(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line
+            print(path)
     p.set_defaults(func=run)
 
 
@@ -429,6 +443,9 @@ def _add_sample(sub):
                    help="text-to-image: a caption, e.g. \"a 4 and a 1\" (repeat for more; one grid row each)")
     p.add_argument("--out", default="grid.png", help="output PNG")
     p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
+    p.add_argument("--heun-last-step", choices=("euler", "heun"), default=None,
+                   help="--solver heun: the last interval as an Euler step (EDM's, REPA's Heun) or corrected (SiT's "
+                        "heun2, one more evaluation); default the teacher family's own: heun for SiT, else euler")
     p.add_argument("--steps", type=int, default=25, help="solver steps")
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance scale (1 = none) [1.5; with --prompt 3.0]")
@@ -447,12 +464,14 @@ def _add_sample(sub):
             if args.labels is not None or args.guidance_channels is not None:
                 raise ValueError("--labels and --guidance-channels are for class-conditional teachers, not --prompt")
             print(sample_prompt_grid(args.teacher, args.out, args.prompt, seeds=args.seeds or "0-7", steps=args.steps,
-                                     solver=args.solver, cfg_scale=3.0 if args.cfg_scale is None else args.cfg_scale,
+                                     solver=args.solver, heun_last_step=args.heun_last_step,
+                                     cfg_scale=3.0 if args.cfg_scale is None else args.cfg_scale,
                                      nrow=args.nrow, scale=args.scale, device=args.device))
             return
         from ardistill.sample import sample_grid
         print(sample_grid(args.teacher, args.out, seeds=args.seeds or "0-99", labels=args.labels, steps=args.steps,
-                          solver=args.solver, cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale,
+                          solver=args.solver, heun_last_step=args.heun_last_step,
+                          cfg_scale=1.5 if args.cfg_scale is None else args.cfg_scale,
                           guidance_channels=args.guidance_channels, nrow=args.nrow, scale=args.scale,
                           device=args.device))
     p.set_defaults(func=run)
@@ -537,6 +556,7 @@ def _compare_args(p, default_out: str):
     p.add_argument("--on-policy-targets", choices=("recorded", "teacher"),
                    help="on-policy targets for every variant: recorded (default) or relabelled by the teacher")
     p.add_argument("--device", default=None)
+    _verify_shards_flag(p)
     _threads_flag(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -566,6 +586,9 @@ def _compare_config(args, preset: dict, default_out: str):
     for k in ("target", "output", "on_policy_prob", "on_policy_start", "on_policy_targets"):
         if getattr(args, k, None) is not None:
             student[k] = getattr(args, k)
+    if not getattr(args, "verify_shards", True):  # --no-verify-shards: every stage that reads shards
+        student["verify_shards"] = False
+        kw["gan"] = {**kw.get("gan", {}), "verify_shards": False}
     kw["student"] = student
     return CompareConfig(**kw)
 
@@ -596,6 +619,8 @@ def _add_demo(sub):
             opts = {k: getattr(args, k) for k in ("out", "teacher", "train_count", "eval_count", "num_steps", "steps",
                                                   "batch_size", "lr", "seeds", "device", "history_layers")}
             student = {k: getattr(args, k) for k in ("target", "output", "on_policy_prob", "on_policy_start", "on_policy_targets")}
+            if not args.verify_shards:
+                student["verify_shards"] = False
             print(compare_t2i(t2i_config(args.preset, opts, student, progress=not args.no_progress)))
             return
         from ardistill.compare import BENCHMARK_PRESETS, compare, demo_variants, get_benchmark
@@ -703,6 +728,24 @@ def _add_export_pipeline(sub):
     p.set_defaults(func=run)
 
 
+def _add_export_checkpoint(sub):
+    p = sub.add_parser("export-checkpoint",
+                       help="write a checkpoint's weights as the single files load_student reads (for sharded/FSDP runs)",
+                       description="Reads a checkpoint of a distill, finetune-gan or train-teacher run (sharded DCP "
+                                   "or single files) in one process and writes student.safetensors and "
+                                   "ema.safetensors (plus disc_heads.safetensors for a GAN run; teacher.safetensors "
+                                   "and teacher_raw.safetensors for a teacher run) into the checkpoint folder or --out.")
+    p.add_argument("--run-dir", required=True, help="the run folder (its checkpoints/ folder)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint folder itself)")
+
+    def run(args):
+        from ardistill.training.export import export_checkpoint
+        for path in export_checkpoint(args.run_dir, step=args.step, out=args.out):
+            print(path)
+    p.set_defaults(func=run)
+
+
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="FID / IS / precision-recall of an ADM sample .npz against a reference batch; "
                                         "--prompts: CLIP score (and FD) of text-to-image samples",
@@ -791,7 +834,7 @@ def _add_import_student(sub):
 # Subcommand registrations, in the order they appear in --help.
 _REGISTRATIONS = [_add_version, _add_embed_prompts, _add_record, _add_verify_trajectories, _add_distill, _add_presets, _add_encode_latents,
                   _add_train_teacher, _add_train_classifier, _add_sample, _add_finetune_gan, _add_demo, _add_sweep,
-                  _add_generate, _add_export_pipeline, _add_evaluate, _add_import_teacher, _add_import_student]
+                  _add_generate, _add_export_pipeline, _add_export_checkpoint, _add_evaluate, _add_import_teacher, _add_import_student]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -809,10 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         print(f"ardistill {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        from ardistill.io.fileio import DiskFullError
-        if not isinstance(e, DiskFullError):
+    except OSError as e:  # a full disk: one line (DiskFullError from the writers; a bare ENOSPC as a fallback)
+        import errno
+
+        from ardistill.io.fileio import DiskFullError, full_disk_error
+        full = e if isinstance(e, DiskFullError) else None
+        if full is None and e.errno in (errno.ENOSPC, errno.EDQUOT) and isinstance(e.filename, str):
+            full = full_disk_error(e.filename)
+        if full is None:
             raise
-        print(f"ardistill {args.command}: error: {e}", file=sys.stderr)
+        print(f"ardistill {args.command}: error: {full}", file=sys.stderr)
         return 2
     return int(out) if isinstance(out, int) else 0

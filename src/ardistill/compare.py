@@ -296,19 +296,20 @@ def training_key(opts: dict) -> str:
     import hashlib
     from ardistill.training.distill import DistillConfig
 
-    ignore = {"run_dir", "progress", "device", "tensorboard", "seed", "log_every", "ckpt_every", "keep_every"}
+    ignore = {"run_dir", "progress", "device", "tensorboard", "seed", "log_every", "ckpt_every", "keep_every",
+              "verify_shards", "compile"}  # runtime settings: the same student either way
     full = {k: v for k, v in asdict(DistillConfig(run_dir="-", **{k: v for k, v in opts.items() if k != "run_dir"})).items()
             if k not in ignore}
     full["recording"] = str(Path(full["recording"]).resolve())
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def load_eval_set(path: Path, count: int | None = None):
+def load_eval_set(path: Path, count: int | None = None, verify_shards: bool = True):
     """The evaluation recording (or its first ``count`` records) as EvalTrajectories (S + 1 points)."""
     from ardistill.evaluation.evaluate import EvalTrajectories
     from ardistill.data.trajectories import TrajectoryDataset
 
-    ds = TrajectoryDataset(path)
+    ds = TrajectoryDataset(path, verify_shards=verify_shards)
     n = len(ds) if count is None else min(int(count), len(ds))
     rec = ds.records(np.arange(n))
     states = torch.from_numpy(np.ascontiguousarray(rec["states"])).float()
@@ -427,7 +428,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     t_train = time.perf_counter() - t_start - t_record
 
     # ---- evaluation: same noise and labels for every model
-    ev, manifest = load_eval_set(eval_rec)
+    ev, manifest = load_eval_set(eval_rec, verify_shards=cfg.student.get("verify_shards", True))
     teacher = load_any_teacher(teacher_path).to(device).eval()
     net = bench.feature_network(device=device)
     real = net.features(bench.real_images("heldout").to(device)).float().cpu()

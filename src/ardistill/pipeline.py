@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ardistill.data.prompts import read_prompts, trim_text
-from ardistill.io.fileio import atomic_write_bytes, atomic_write_json, read_json
+from ardistill.io.fileio import atomic_copy, atomic_write, atomic_write_bytes, atomic_write_json, read_json
 from ardistill.sampling.ode import randn_from_seeds
 
 INDEX = "model_index.json"
@@ -130,7 +129,7 @@ class ARDPipeline:
         by absolute path, or copied in (``copy_parts``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.parts["student"], folder / STUDENT_FILE)
+        atomic_copy(self.parts["student"], folder / STUDENT_FILE)
         index = {"_class_name": "ARDPipeline", "student": STUDENT_FILE, "max_length": self.max_length,
                  "embedding_dtype": self.embedding_dtype, "preprocess": self.encoder.preprocess,
                  "num_steps": self.student.cfg.num_steps}
@@ -139,8 +138,8 @@ class ARDPipeline:
             if src is None:
                 index[key] = None
             elif copy_parts:
-                if not (folder / key).exists():
-                    shutil.copytree(src, folder / key)
+                if not (folder / key).exists():  # a copy is complete or absent (atomic_copy)
+                    atomic_copy(src, folder / key)
                 index[key] = key
             else:
                 index[key] = str(Path(src).resolve())
@@ -214,7 +213,8 @@ def generate_from_prompts(pipe: ARDPipeline, prompts_file: str | os.PathLike, ou
     if png:
         (out / "images").mkdir(exist_ok=True)
         for r, x in zip(rows, images):
-            to_pil(x).save(out / "images" / f"{r['index']:06d}.png")
+            atomic_write(out / "images" / f"{r['index']:06d}.png", lambda tmp, x=x: to_pil(x).save(tmp, format="PNG"),
+                         fsync=False)  # complete or absent (a full disk: one line), one fsync less per image
     atomic_write_bytes(out / SAMPLES_INDEX, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return out
 

@@ -286,6 +286,13 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
         raise PresetError(f"{where}: record.cfg_scale = {rcfg.cfg_scale} needs a teacher trained with label dropout")
     if rcfg.classes is not None and not all(0 <= c < tcfg.num_classes for c in rcfg.classes):
         raise PresetError(f"{where}: record.classes must lie in [0, {tcfg.num_classes})")
+    if rcfg.heun_last_step is not None:  # "heun" needs a flow teacher (the VP ODE ends where eps is undefined)
+        from ardistill.sampling.diffusion import process_for
+        from ardistill.sampling.ode import resolve_heun_last_step
+        try:
+            resolve_heun_last_step(rcfg.solver, process_for(tcfg), rcfg.heun_last_step)
+        except ValueError as e:
+            raise PresetError(f"{where}: record.heun_last_step: {e}") from None
     positions = rcfg.grid_positions()
     if rcfg.positions is not None and rec.get("grid") is not None:
         from ardistill.sampling.diffusion import student_grid
@@ -423,6 +430,8 @@ def record_from_cli(preset: str | None, given: dict, defaults: dict) -> tuple[di
         over["record.positions"] = None  # the preset's explicit grid belonged to its own S and T
     if "positions" in changed and "grid" not in changed:
         over["record.grid"] = None  # explicit positions replace the preset's grid rule
+    if "solver" in changed and "heun_last_step" not in changed:
+        over["record.heun_last_step"] = None  # the preset's Heun choice belonged to its solver
     if "num_steps" in changed:
         over["student.num_steps"] = changed["num_steps"]
     p = load_preset(preset, overrides=over)

@@ -20,7 +20,8 @@ from ardistill.sampling.ode import randn_from_seeds, solve
 @torch.no_grad()
 def sample_teacher(teacher: nn.Module, process: Process, labels: torch.Tensor | list[int], seeds: list[int],
                    steps: int = 25, solver: str = "ddim", cfg_scale: float = 1.5,
-                   guidance_channels: int | None = None, batch_size: int = 500, device=None) -> torch.Tensor:
+                   guidance_channels: int | None = None, batch_size: int = 500, device=None,
+                   heun_last_step: str | None = None) -> torch.Tensor:
     """Final ODE samples (N, C, H, W) for labels[i] from noise seeds[i].
 
     Args:
@@ -34,6 +35,7 @@ def sample_teacher(teacher: nn.Module, process: Process, labels: torch.Tensor | 
         guidance_channels: None guides all channels; 3 is DiT's legacy 3-of-4-channel quirk.
         batch_size: samples per solver call (does not change the images).
         device: where to run; default the teacher's device.
+        heun_last_step: Heun's last interval, "euler" or "heun" (ode.solve); None = the teacher family's own.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.shape != (len(seeds),):
@@ -46,7 +48,7 @@ def sample_teacher(teacher: nn.Module, process: Process, labels: torch.Tensor | 
     for i in range(0, len(seeds), batch_size):
         noise = randn_from_seeds(seeds[i:i + batch_size], (cfg.in_channels, cfg.input_size, cfg.input_size), device)
         y = labels[i:i + batch_size].to(device)
-        out.append(solve(model_fn, process, noise, y, steps, solver).sample.float().cpu())
+        out.append(solve(model_fn, process, noise, y, steps, solver, heun_last_step=heun_last_step).sample.float().cpu())
     return torch.cat(out) if out else torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
 
 
@@ -81,7 +83,7 @@ def resolve_labels(spec: str | None, n: int, num_classes: int) -> torch.Tensor:
 
 def sample_grid(teacher_path: str | Path | None, out: str | Path, seeds: str = "0-99", labels: str | None = None,
                 steps: int = 25, solver: str = "ddim", cfg_scale: float = 1.5, guidance_channels: int | None = None,
-                nrow: int | None = None, scale: int = 8, device: str = "cpu") -> Path:
+                nrow: int | None = None, scale: int = 8, device: str = "cpu", heun_last_step: str | None = None) -> Path:
     """Sample a teacher (None = the shipped digits teacher) and write a PNG grid; what ``ardistill sample`` runs."""
     from ardistill.assets import DIGITS_TEACHER, shipped
     from ardistill.io.checkpoints import load_any_teacher
@@ -92,7 +94,7 @@ def sample_grid(teacher_path: str | Path | None, out: str | Path, seeds: str = "
     seed_list = parse_int_list(seeds, "seeds")
     y = resolve_labels(labels, len(seed_list), teacher.cfg.num_classes)
     images = sample_teacher(teacher, process_for(teacher.cfg), y, seed_list, steps, solver, cfg_scale,
-                            guidance_channels, device=device)
+                            guidance_channels, device=device, heun_last_step=heun_last_step)
     if images.shape[1] not in (1, 3):
         raise ValueError(f"{path}: the teacher makes {images.shape[1]}-channel images (latents?); "
                          "a PNG grid needs 1 or 3 channels")
@@ -139,7 +141,7 @@ def teacher_metrics(teacher: nn.Module, benchmark: str = "digits", num_samples: 
 @torch.no_grad()
 def sample_text_teacher(teacher: nn.Module, encoder, prompts: list[str], seeds: list[int], steps: int = 25,
                         solver: str = "ddim", cfg_scale: float = 3.0, batch_size: int = 500,
-                        device=None) -> torch.Tensor:
+                        device=None, heun_last_step: str | None = None) -> torch.Tensor:
     """Final ODE samples (N, C, H, W) of a text teacher for prompts[i] from noise seeds[i].
 
     Args:
@@ -147,7 +149,7 @@ def sample_text_teacher(teacher: nn.Module, encoder, prompts: list[str], seeds: 
         encoder: its text encoder (``encode`` and ``null``), e.g. data/text_encoder.py's WordEncoder.
         prompts: caption of each sample (N,).
         seeds: noise seed of each sample (N,).
-        steps, solver: the ODE solver (DDIM-25 by default).
+        steps, solver: the ODE solver (DDIM-25 by default); heun_last_step: Heun's last interval (ode.solve).
         cfg_scale: classifier-free guidance scale against the empty prompt (1 = none).
         batch_size: samples per solver call (does not change the images).
         device: where to run; default the teacher's device.
@@ -167,7 +169,8 @@ def sample_text_teacher(teacher: nn.Module, encoder, prompts: list[str], seeds: 
     for i in range(0, len(seeds), batch_size):
         text, mask = encoder.encode(list(prompts[i:i + batch_size]))
         noise = randn_from_seeds(seeds[i:i + batch_size], shape, device)
-        out.append(solve(model_fn, process, noise, (text.to(device), mask.to(device)), steps, solver).sample.float().cpu())
+        out.append(solve(model_fn, process, noise, (text.to(device), mask.to(device)), steps, solver,
+                         heun_last_step=heun_last_step).sample.float().cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
@@ -192,7 +195,7 @@ def text_teacher_adherence(teacher: nn.Module, encoder, pairs: str = "seen", num
 
 def sample_prompt_grid(teacher_path: str | Path | None, out: str | Path, prompts: list[str], seeds: str = "0-7",
                        steps: int = 25, solver: str = "ddim", cfg_scale: float = 3.0, nrow: int | None = None,
-                       scale: int = 8, device: str = "cpu") -> Path:
+                       scale: int = 8, device: str = "cpu", heun_last_step: str | None = None) -> Path:
     """Sample a text teacher (None = the shipped two-digit one) for prompts into a PNG grid, one row per prompt.
 
     What ``ardistill sample --prompt ...`` runs; every prompt gets the same seeds.
@@ -208,7 +211,7 @@ def sample_prompt_grid(teacher_path: str | Path | None, out: str | Path, prompts
     seed_list = parse_int_list(seeds, "seeds")
     all_prompts = [p for p in prompts for _ in seed_list]
     images = sample_text_teacher(teacher.to(device), encoder, all_prompts, seed_list * len(prompts), steps, solver,
-                                 cfg_scale, device=device)
+                                 cfg_scale, device=device, heun_last_step=heun_last_step)
     if images.shape[1] not in (1, 3):
         raise ValueError(f"{path}: the teacher makes {images.shape[1]}-channel images (latents?); "
                          "a PNG grid needs 1 or 3 channels")

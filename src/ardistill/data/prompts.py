@@ -308,8 +308,11 @@ class PromptStore(ShardedRecords):
 
     kind = "prompt"
 
-    def __init__(self, root: str | os.PathLike, verify_checksums: bool = False):
+    def __init__(self, root: str | os.PathLike, verify_checksums: bool = False, verify_shards: bool = True):
+        """``verify_checksums``: hash every shard now (and not again); else, with ``verify_shards``, each
+        shard is hashed when a read first reaches it."""
         self.root = Path(root)
+        self.verify_shards = verify_shards
         self.manifest = (verify_prompt_store if verify_checksums else load_prompt_manifest)(self.root)
         self.layout = PromptLayout.from_dict(self.manifest["layout"])
         self.shards = self.manifest["shards"]
@@ -320,6 +323,8 @@ class PromptStore(ShardedRecords):
         self.prompts: list[str] = list(self.manifest["prompts"])
         self._row_of = {i: r for r, i in enumerate(self.ids)}
         self._open_shards()
+        if verify_checksums:
+            self._verified.update(range(len(self.shards)))  # verify_prompt_store just hashed them all
 
     @property
     def encoder(self) -> dict:
@@ -369,7 +374,9 @@ class TextTrajectoryDataset(TrajectoryDataset):
 
     def __init__(self, root: str | os.PathLike, expect: StudentDataSpec | None = None,
                  prompt_store: str | os.PathLike | None = None, verify_checksums: bool = False,
-                 verify_shards: bool = True):
+                 verify_shards: bool = True, split_verify: bool = False):
+        """``split_verify``: leave the prompt store's check to ``trajectories.verify_split`` (torchrun,
+        where the ranks share the hashing) instead of hashing it whole at open."""
         super().__init__(root, expect, verify_checksums, verify_shards=verify_shards)
         ref = self.manifest.get("prompts")
         if ref is None or self.layout.condition != "prompt":
@@ -380,7 +387,10 @@ class TextTrajectoryDataset(TrajectoryDataset):
         if store_id(path) != ref["store_sha256"]:
             raise ValueError(f"prompt store {path} is not the one recording {self.root} was made with "
                              f"(manifest sha256 differs)")
-        self.store = PromptStore(path, verify_checksums=verify_checksums)
+        # training draws captions from every shard of the store within its first batches, so its shards
+        # are hashed here, at open (a damaged one is named before any step), not when a batch reaches them
+        at_open = verify_checksums or (verify_shards and not split_verify)
+        self.store = PromptStore(path, verify_checksums=at_open, verify_shards=verify_shards)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Student batch plus ``text`` (B, T, C) float32 and ``text_mask`` (B, T) bool, trimmed to the batch's longest caption."""

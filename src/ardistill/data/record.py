@@ -31,9 +31,11 @@ from ardistill.io import distributed as dist
 from ardistill.io.fileio import DiskFullError
 from ardistill.sampling.diffusion import process_for, student_grid
 from ardistill.sampling.guidance import make_model_fn
-from ardistill.sampling.ode import SOLVERS, grid_times, randn_from_seeds, solve
+from ardistill.sampling.ode import (HEUN_LAST_STEPS, SOLVERS, grid_times, randn_from_seeds, recorded_heun_last_step,
+                                    resolve_heun_last_step, solve)
 from ardistill.data.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, check_listed, finalize,
-                                         labels_for, num_shards, prepare_output, seeds_for, shard_range, verify)
+                                         labels_for, num_shards, prepare_output, read_progress, reopen_damaged,
+                                         seeds_for, shard_range, verify)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class RecordConfig:
     shard_size: int = 1024
     batch_size: int = 64
     x0_preds: bool = True  # store the teacher's x0-predictions (needed for target "x0")
+    heun_last_step: str | None = None  # solver "heun" only: "euler" / "heun" last interval; None = the family's own
 
     def __post_init__(self):
         for name in ("count", "num_steps", "teacher_steps", "shard_size", "batch_size"):
@@ -61,6 +64,9 @@ class RecordConfig:
                 raise ValueError(f"RecordConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.solver not in SOLVERS:
             raise ValueError(f"RecordConfig: solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.heun_last_step is not None and (self.solver != "heun" or self.heun_last_step not in HEUN_LAST_STEPS):
+            raise ValueError(f"RecordConfig: heun_last_step must be one of {HEUN_LAST_STEPS} with solver 'heun', "
+                             f"got {self.heun_last_step!r} with solver {self.solver!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"RecordConfig: dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.base_seed < 0:
@@ -94,7 +100,7 @@ class RecordSummary:
     total_bytes: int
     bytes_per_trajectory: float
     seconds: float
-    status: str  # "fresh", "resume" or "complete" (nothing left to do)
+    status: str  # "fresh", "resume", "repair" (damaged shards of a finished recording rewritten) or "complete"
 
     @property
     def trajectories_per_second(self) -> float:
@@ -103,7 +109,8 @@ class RecordSummary:
     def __str__(self) -> str:
         return (f"{self.out}: {self.count} trajectories in {self.shards} shard(s), {self.total_bytes / 2**20:.1f} MiB "
                 f"({self.bytes_per_trajectory:.0f} bytes/trajectory); this run recorded {self.recorded} "
-                f"in {self.seconds:.1f} s ({self.trajectories_per_second:.1f} trajectories/s)")
+                f"in {self.seconds:.1f} s ({self.trajectories_per_second:.1f} trajectories/s)"
+                + ("; every shard's checksum verified" if self.status in ("complete", "repair") else ""))
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -137,7 +144,8 @@ def build_plan(teacher: nn.Module, cfg: RecordConfig, device: torch.device) -> d
         "grid": {"kind": "explicit" if cfg.positions is not None else cfg.grid, "teacher_steps": cfg.teacher_steps,
                  "num_steps": cfg.num_steps, "positions": positions, "times": [times[p] for p in positions]},
         "teacher": {"config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
-        "sampler": {"process": asdict(process), "solver": cfg.solver, "teacher_steps": cfg.teacher_steps,
+        "sampler": {"process": asdict(process), "solver": cfg.solver, **_heun_field(cfg, process),
+                    "teacher_steps": cfg.teacher_steps,
                     "cfg_scale": cfg.cfg_scale, "guidance_channels": cfg.guidance_channels},
         "seeds": {"base_seed": cfg.base_seed, "rule": "seed = base_seed + index"},
         "labels": {"classes": classes, "rule": "label = classes[index % len(classes)]"},
@@ -145,6 +153,13 @@ def build_plan(teacher: nn.Module, cfg: RecordConfig, device: torch.device) -> d
         "numerics": {"batch_size": cfg.batch_size, "device": device.type, "torch": torch.__version__},
     }
     return json.loads(json.dumps(plan))  # JSON types (lists, not tuples), so it compares equal to the file
+
+
+def _heun_field(cfg: RecordConfig, process) -> dict:
+    """A Heun recording's manifest names its last interval ("euler" / "heun", resolved per teacher family);
+    a manifest without the field (older recordings, other solvers) means the Euler last step."""
+    last = resolve_heun_last_step(cfg.solver, process, cfg.heun_last_step)
+    return {} if last is None else {"heun_last_step": last}
 
 
 @torch.inference_mode()
@@ -182,9 +197,21 @@ def _record_loop(teacher: nn.Module, out: Path, cfg: RecordConfig, plan: dict, m
     status = _on_main(lambda: prepare_output(out, plan))  # rank 0 checks/creates the folder
     todo: list[int] = []
     recorded = 0
+    if status == "complete":
+        # a rerun is how a user makes sure a recording is complete: rank 0 hashes every shard of the
+        # manifest, and damaged ones are recorded again (the recording is deterministic)
+        damaged = _on_main(lambda: reopen_damaged(out, plan))
+        if damaged:
+            status = "repair"
+            if dist.is_main():
+                print(f"record: {len(damaged)} shard(s) of the finished recording {out} failed their check and "
+                      f"are recorded again: {'; '.join(damaged[:10])}", file=sys.stderr)
     if status != "complete":
         # rank 0 hashes the shards listed before; damaged ones are unlisted, deleted and recorded again
-        done, problems = _on_main(lambda: check_listed(out)) if status == "resume" else ({}, [])
+        if status == "resume":
+            done, problems = _on_main(lambda: check_listed(out))
+        else:  # fresh, or a repair whose intact shards were just hashed
+            done, problems = (_on_main(lambda: read_progress(out)) if status == "repair" else {}), []
         if problems and dist.is_main():
             print(f"record: {len(problems)} shard(s) listed by the interrupted run failed their check and are "
                   f"recorded again: {'; '.join(problems[:10])}", file=sys.stderr)
@@ -205,7 +232,8 @@ def _record_loop(teacher: nn.Module, out: Path, cfg: RecordConfig, plan: dict, m
             for i in range(0, len(idx), cfg.batch_size):  # micro-batches aligned to the shard start
                 s, y = seeds[i:i + cfg.batch_size], condition(labels[i:i + cfg.batch_size])
                 noise = randn_from_seeds(s.tolist(), layout.shape, device=device)
-                res = solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver, record_at=positions)
+                res = solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver, record_at=positions,
+                            heun_last_step=recorded_heun_last_step(plan["sampler"]))
                 states.append(res.states.to(_TORCH_DTYPE[cfg.dtype]).cpu())
                 if cfg.x0_preds:
                     x0s.append(res.x0_preds[:, :-1].to(_TORCH_DTYPE[cfg.dtype]).cpu())  # end point = the sample
@@ -333,7 +361,8 @@ def build_text_plan(teacher: nn.Module, store, cfg: TextRecordConfig, device: to
         "grid": {"kind": "explicit" if cfg.positions is not None else cfg.grid, "teacher_steps": cfg.teacher_steps,
                  "num_steps": cfg.num_steps, "positions": positions, "times": [times[p] for p in positions]},
         "teacher": {"kind": "text", "config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
-        "sampler": {"process": asdict(process), "solver": cfg.solver, "teacher_steps": cfg.teacher_steps,
+        "sampler": {"process": asdict(process), "solver": cfg.solver, **_heun_field(cfg, process),
+                    "teacher_steps": cfg.teacher_steps,
                     "cfg_scale": cfg.cfg_scale, "guidance_channels": None,
                     "null_text": "the prompt store's empty prompt (row 0)"},
         "seeds": {"base_seed": cfg.base_seed, "rule": "seed = base_seed + index"},

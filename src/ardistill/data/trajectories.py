@@ -319,6 +319,9 @@ def prepare_output(root: str | os.PathLike, plan: dict) -> str:
         if path.exists():
             old = read_json(path, what)
             old = {k: v for k, v in old.items() if k in plan}
+            if isinstance(old.get("sampler"), dict) and old["sampler"].get("solver") == "heun":
+                # written before Heun recordings named their last interval: it was an Euler step
+                old["sampler"] = {"heun_last_step": "euler", **old["sampler"]}
             diff = plan_differences(old, plan)
             if diff:
                 raise ValueError(f"{root} holds a{'n' if what[0] == 'u' else ''} {what} with other settings "
@@ -334,6 +337,32 @@ def prepare_output(root: str | os.PathLike, plan: dict) -> str:
     _remove_temp_files(root)
     atomic_write_json(root / PLAN, plan)
     return "fresh"
+
+
+def reopen_damaged(root: str | os.PathLike, plan: dict) -> list[str]:
+    """Hash every shard of a finished recording; if any is damaged, reopen the recording so that a rerun
+    records exactly those shards again. Returns the problems found ([] = the recording is intact).
+
+    Reopening writes the plan and a progress file listing the intact shards, deletes the damaged
+    shard files, and removes the manifest last: a run killed half-way finds the manifest (or the
+    plan) and repeats the check. Costs one read of the recording (about 1 GB/s, see benchmarks.md);
+    run on one process.
+    """
+    root = Path(root)
+    m = load_manifest(root)
+    layout = Layout.from_dict(m["layout"])
+    bad = {s["index"]: (problem, s["file"]) for s in m["shards"]
+           if (problem := check_shard_file(root, s, layout, checksum=True)) is not None}
+    if not bad:
+        return []
+    good = {s["index"]: ShardInfo(**s) for s in m["shards"] if s["index"] not in bad}
+    atomic_write_json(root / PLAN, plan)
+    atomic_write_json(root / PROGRESS_DIR / f"rank-{0:05d}.json",  # the file rank 0's ShardWriter extends
+                      {"shards": {str(k): asdict(v) for k, v in sorted(good.items())}})
+    for _, name in bad.values():
+        (root / name).unlink(missing_ok=True)  # nothing vouches for it any more
+    (root / MANIFEST).unlink()
+    return [bad[k][0] for k in sorted(bad)]
 
 
 def _remove_temp_files(root: Path) -> None:
@@ -536,6 +565,22 @@ class StudentDataSpec:
                              f"but the recording stored states only (recorded without x0-predictions)")
 
 
+def verify_split(stores: list, rank: int, world: int, gather) -> None:
+    """Hash every shard of ``stores`` once across ``world`` processes and agree on the result.
+
+    Rank r hashes shards k with k % world == r of each store; ``gather`` (all_gather_object) hands
+    every rank all the problems found, so every rank raises the same CorruptRecordingError naming
+    every bad shard, or marks all shards verified. Under torchrun this replaces each rank's lazy
+    check (which would hash the whole recording once per rank) by one read of it in all.
+    """
+    problems = [p for st in stores for p in st.verify_share(rank, world)]
+    problems = sorted({p for ps in gather(problems) for p in ps})
+    if problems:
+        raise CorruptRecordingError(f"{len(problems)} bad shard(s), restore or record them again: " + "; ".join(problems))
+    for st in stores:
+        st.mark_verified()
+
+
 class ShardedRecords:
     """Random access to fixed-size records in memory-mapped ``.npy`` shards (recordings, latent stores).
 
@@ -574,6 +619,23 @@ class ShardedRecords:
                 self._verified.add(k)
             self._maps[k] = np.load(path, mmap_mode="r")
         return self._maps[k]
+
+    def verify_share(self, rank: int = 0, world: int = 1) -> list[str]:
+        """Hash the shards k with k % world == rank now; returns their problems ('file: reason')."""
+        problems = []
+        for k in range(rank, len(self.shards), world):
+            s = self.shards[k]
+            path = self.root / s["file"]
+            got = sha256_file(path) if path.exists() else None
+            if got != s["sha256"]:
+                problems.append(f"{self.kind} store {self.root}: {s['file']}: "
+                                + ("missing" if got is None else
+                                   f"checksum mismatch (sha256 {got[:16]}..., manifest {s['sha256'][:16]}...)"))
+        return problems
+
+    def mark_verified(self) -> None:
+        """Every shard was hashed (by this process or, split, by the ranks together): no lazy check left."""
+        self._verified.update(range(len(self.shards)))
 
     def shard_of(self, indices) -> np.ndarray:
         """Shard number of each global record index."""

@@ -542,15 +542,18 @@ def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_model(module: nn.Module, config: dict, path: str | os.PathLike, kind: str,
-               extra_metadata: dict | None = None) -> Path:
-    """Any module + its config dict -> one safetensors file (config JSON in the metadata), atomically."""
+               extra_metadata: dict | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Any module + its config dict -> one safetensors file (config JSON in the metadata), atomically.
+
+    ``state_dict``: the tensors to write instead of ``module.state_dict()`` (e.g. gathered from FSDP shards).
+    """
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
                 "config": json.dumps(config, sort_keys=True)}
     for key, value in (extra_metadata or {}).items():
         if key in _RESERVED_METADATA:
             raise ValueError(f"extra_metadata key {key!r} is reserved ({_RESERVED_METADATA})")
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    tensors = _plain_tensors(module.state_dict())
+    tensors = _plain_tensors(module.state_dict() if state_dict is None else state_dict)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

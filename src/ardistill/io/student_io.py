@@ -33,11 +33,16 @@ TEXT_STUDENT_KIND = "ard-text-student"
 _KINDS = {STUDENT_KIND: (StudentConfig, ARDStudent), TEXT_STUDENT_KIND: (TextStudentConfig, TextARDStudent)}
 
 
-def save_student(path: str | Path, student: ARDStudent, extra_metadata: dict | None = None) -> Path:
-    """Write the student's weights with its config atomically; ``extra_metadata`` e.g. {"step": 100}."""
+def save_student(path: str | Path, student: ARDStudent, extra_metadata: dict | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the student's weights with its config atomically; ``extra_metadata`` e.g. {"step": 100}.
+
+    ``state_dict``: whole tensors to write instead of the module's own (an FSDP-sharded student's, gathered).
+    """
     student = getattr(student, "module", student)  # DDP-wrapped models carry the student in .module
     kind = TEXT_STUDENT_KIND if isinstance(student, TextARDStudent) else STUDENT_KIND
-    return save_model(student, student.cfg.to_dict(), path, kind=kind, extra_metadata=extra_metadata)
+    return save_model(student, student.cfg.to_dict(), path, kind=kind, extra_metadata=extra_metadata,
+                      state_dict=state_dict)
 
 
 def read_student_file(path: str | Path) -> tuple[StudentConfig, dict[str, torch.Tensor], dict[str, str]]:
@@ -67,6 +72,10 @@ def resolve_student_path(path: str | Path, prefer: str = "ema") -> Path:
     pointer = path / "checkpoints" / "latest.json"
     if pointer.is_file():  # a run that has not finished: its latest checkpoint
         return resolve_student_path(path / "checkpoints" / read_json(pointer, "checkpoint pointer")["dir"], prefer)
+    if (path / "dcp").is_dir():  # a sharded (FSDP) checkpoint holds no single-file weights until exported
+        step = (path.name[5:].lstrip("0") or "0") if path.name[5:].isdigit() else "N"
+        raise FileNotFoundError(f"{path} is a sharded (FSDP) checkpoint: export its weights first with "
+                                f"`ardistill export-checkpoint --run-dir {path.parent.parent} --step {step}`")
     raise FileNotFoundError(f"no student weights in {path} (looked for {names} and checkpoints/latest.json)")
 
 

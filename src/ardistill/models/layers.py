@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ardistill.models.attention import attend
+
 
 class LayerKVCache(Protocol):
     """What an attention layer needs from a cache: store the new keys/values, get what to attend."""
@@ -115,7 +117,8 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention on F.scaled_dot_product_attention.
 
-    ``attn_mask``: optional boolean (L, L) mask, True = may attend. ``kv_cache``: optional per-layer
+    ``attn_mask``: optional boolean (L, L) mask, True = may attend, or a FlexAttention BlockMask
+    (models/attention.py: the block-sparse history kernel). ``kv_cache``: optional per-layer
     cache; the layer hands it this call's keys/values and attends to what it returns (earlier
     visible blocks + this call's tokens), which is how the KV-cached sampler runs one block at a time.
     """
@@ -135,7 +138,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, H, L, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = attend(q, k, v, attn_mask)  # F.scaled_dot_product_attention, or flex_attention for a BlockMask
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 

@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ardistill.models.attention import HistoryAttention, default_backend, needs_grad
 from ardistill.models.dit import DiT, DiTConfig
 from ardistill.models.kv_cache import KVCache
 from ardistill.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                               get_2d_sincos_pos_embed, unpatchify)
-from ardistill.models.masks import MASKS, token_mask
+from ardistill.models.masks import MASKS
 
 TARGETS = ("state", "x0")  # ODE states (paper figure) or the teacher's x0-predictions (public code)
 TIME_LABELS = ("true", "uniform")  # true grid times, or the public code's k/S labels
@@ -135,8 +136,12 @@ def ode_step_coeffs(process, grid_times: list[float]) -> tuple[tuple[float, floa
     return tuple(out)
 
 
-class ARDStudent(nn.Module):
-    """Few-step student that reads its own trajectory history (ARD); names follow DiT's."""
+class ARDStudent(HistoryAttention, nn.Module):
+    """Few-step student that reads its own trajectory history (ARD); names follow DiT's.
+
+    ``attention`` ("sdpa" | "flex" | "auto", models/attention.py) picks the kernel of the history
+    layers in the teacher-forced pass; a runtime setting, not part of the config or the checkpoint.
+    """
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
@@ -158,7 +163,8 @@ class ARDStudent(nn.Module):
         self.register_buffer("step_coeffs", torch.tensor(coeffs, dtype=torch.float32), persistent=False)
         grid = int(tc.num_patches ** 0.5)
         self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0))
-        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._mask_cache: dict[tuple, object] = {}  # (kernel, K, N, device) -> dense mask or BlockMask
+        self.attention = default_backend()
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -188,12 +194,6 @@ class ARDStudent(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (M, C, H, W) -> tokens (M, N, D)."""
         return self.x_embedder(x) + self.pos_embed
-
-    def _history_mask(self, K: int, N: int, device) -> torch.Tensor:
-        key = (K, N, str(device))
-        if key not in self._mask_cache:  # built once per shape
-            self._mask_cache[key] = token_mask(self.cfg.mask, K, N, device=device)
-        return self._mask_cache[key]
 
     def _head(self, h: torch.Tensor, c: torch.Tensor, first_block: int, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, K*N, D) -> predictions (B, K, C, H, W) through the shared or per-step heads.
@@ -235,9 +235,10 @@ class ARDStudent(nn.Module):
         c = self._condition(y, slice(0, K))  # (B, K, D)
         c_flat = c.reshape(B * K, 1, D)
         history = self.cfg.uses_history and K > 1
+        if history:  # dense bool mask (SDPA) or BlockMask (FlexAttention), see models/attention.py
+            mask = self._history_mask(K, N, h, self.cfg.teacher.num_heads, needs_grad(h, self.blocks[0]))
         for i, block in enumerate(self.blocks):
             if history and i < self.cfg.history_layers:
-                mask = self._history_mask(K, N, h.device)
                 h = self._run_block(block, h.reshape(B, K * N, D), c, attn_mask=mask).view(B * K, N, D)
             else:  # own block only: attention per block, no mask
                 h = self._run_block(block, h, c_flat)

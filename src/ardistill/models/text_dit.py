@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ardistill.models.attention import attend
 from ardistill.models.layers import LayerKVCache, TimestepEmbedder, as_blocks, gate, modulate
 
 PREDICTIONS = ("eps", "velocity")
@@ -293,11 +294,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 kv_cache: LayerKVCache | None = None) -> torch.Tensor:
-        """Self-attention; ``attn_mask`` (L, L) bool (True = may attend), ``kv_cache`` as in layers.Attention."""
+        """Self-attention; ``attn_mask`` (L, L) bool (True = may attend) or a FlexAttention BlockMask.
+
+        ``kv_cache`` as in layers.Attention.
+        """
         q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(x)), self._heads(self.to_v(x))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+        return self._out(attend(q, k, v, attn_mask))
 
     def kv(self, context: torch.Tensor, mask: torch.Tensor) -> TextKV:
         """Project the context (B, T, D) once: keys/values per head and its padding mask (B, T) bool."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ardistill.models.attention import HistoryAttention, default_backend, needs_grad
 from ardistill.models.kv_cache import KVCache
 from ardistill.models.student import StudentConfig
 from ardistill.models.text_dit import (CaptionProjection, PatchEmbed, TextDiT, TextDiTBlock,
@@ -58,8 +59,11 @@ class TextHead(nn.Module):
         self.proj_out = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
 
-class TextARDStudent(nn.Module):
-    """Few-step text-to-image student that reads its own trajectory history; names follow diffusers' PixArt."""
+class TextARDStudent(HistoryAttention, nn.Module):
+    """Few-step text-to-image student that reads its own trajectory history; names follow diffusers' PixArt.
+
+    ``attention`` ("sdpa" | "flex" | "auto") picks the history layers' kernel, as in ARDStudent.
+    """
 
     def __init__(self, cfg: TextStudentConfig):
         super().__init__()
@@ -77,7 +81,8 @@ class TextARDStudent(nn.Module):
         self.register_buffer("block_times", torch.tensor(cfg.block_times, dtype=torch.float32), persistent=False)
         coeffs = cfg.step_coeffs or ((1.0, 1.0),) * cfg.num_steps
         self.register_buffer("step_coeffs", torch.tensor(coeffs, dtype=torch.float32), persistent=False)
-        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._mask_cache: dict[tuple, object] = {}  # (kernel, K, N, device) -> dense mask or BlockMask
+        self.attention = default_backend()
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -111,13 +116,6 @@ class TextARDStudent(nn.Module):
         """Per-block adaLN-single inputs (B, K, 6D) and t_emb (B, K, D): computed once per block, not per token."""
         t_mod, t_emb = self.adaln_single(self.block_times[blocks])  # (K, 6D), (K, D)
         return t_mod.unsqueeze(0).expand(B, -1, -1), t_emb.unsqueeze(0).expand(B, -1, -1)
-
-    def _history_mask(self, K: int, N: int, device) -> torch.Tensor:
-        from ardistill.models.masks import token_mask
-        key = (K, N, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = token_mask(self.cfg.mask, K, N, device=device)
-        return self._mask_cache[key]
 
     def _head(self, h: torch.Tensor, t_emb: torch.Tensor, first_block: int, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, K*N, D) -> predictions (B, K, C, H, W); ``x`` (B, K, C, H, W) feeds the "ode_step" output."""
@@ -155,9 +153,10 @@ class TextARDStudent(nn.Module):
         t_mod, t_emb = self._condition(B, slice(0, K))  # (B, K, 6D), (B, K, D)
         t_mod_flat = t_mod.reshape(B * K, -1)
         history = self.cfg.uses_history and K > 1
+        if history:  # dense bool mask (SDPA) or BlockMask (FlexAttention), see models/attention.py
+            mask = self._history_mask(K, N, h, self.cfg.teacher.num_heads, needs_grad(h, self.transformer_blocks[0]))
         for i, (block, kv) in enumerate(zip(self.transformer_blocks, kvs)):
             if history and i < self.cfg.history_layers:
-                mask = self._history_mask(K, N, h.device)
                 h = self._run_block(block, h.reshape(B, K * N, D), t_mod, kv, attn_mask=mask).view(B * K, N, D)
             else:  # own block only: self-attention per block; cross-attention reads the sample's text
                 h = self._run_block(block, h, t_mod_flat, kv)

@@ -45,16 +45,21 @@ from ardistill.models.text_student import TextARDStudent, TextStudentConfig
 from ardistill.data.record import weights_sha256
 from ardistill.io.student_io import read_student_file, save_student
 from ardistill.training.loop import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
-                                   check_finite, lr_at, progress, restore_rng, sync_gradients, wrap_ddp)
-from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
+                                   check_finite, lr_at, progress, restore_rng, sync_gradients)
+from ardistill.training.parallel import (DCP_DIR, DCP_FORMAT, check_parallel, full, full_state_dict, load_full_state_dict,
+                                         load_indexed_optimizer, load_sharded, local, save_sharded, sharded_world,
+                                         wrap_parallel)
+from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest, verify_split
 
 ROLLOUT_MODELS = ("student", "ema")
 # Fields that may change when a run is resumed. Most decide where and how long or loudly it runs, not
 # what a step computes (the LR schedule is warm-up + constant, so extending ``steps`` is exact); the
 # recording is identified by content, the teacher by its sha256. ``lr`` may be lowered to recover from
 # a divergence (the run then differs from an uninterrupted one, by choice).
+# ``parallel`` too: a DDP checkpoint resumes under FSDP2 and the other way round (training/parallel.py); the
+# gradient average is then rounded in another order, so the run is not bit-identical to an uninterrupted one.
 RUNTIME_FIELDS = ("recording", "teacher", "run_dir", "steps", "lr", "ckpt_every", "keep_every", "log_every",
-                  "tensorboard", "progress", "verify_shards", "compile")
+                  "tensorboard", "progress", "verify_shards", "compile", "parallel")
 PATH_FIELDS = ("recording", "teacher", "run_dir")  # stored resolved, so a run resumes from any directory
 
 
@@ -102,6 +107,9 @@ class DistillConfig:
     device: str | None = None  # "cpu", "cuda" or None (cuda when available)
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU is deterministic without it)
+    # "ddp": replicated weights, gradients all-reduced; "fsdp": FSDP2, weights, gradients, AdamW moments
+    # and EMA sharded over the processes, sharded (DCP) checkpoints (training/parallel.py)
+    parallel: str = "ddp"
     ckpt_every: int = 500
     keep_every: int = 0  # keep checkpoints whose step is a multiple of this (0: only the latest)
     log_every: int = 10
@@ -110,6 +118,7 @@ class DistillConfig:
     verify_shards: bool = True  # check each shard's sha256 before its first use (False skips it)
 
     def __post_init__(self):
+        check_parallel("DistillConfig.parallel", self.parallel)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
         for name, choices in (("target", TARGETS), ("time_labels", TIME_LABELS), ("heads", HEADS),
@@ -244,15 +253,22 @@ def build_distill_student(cfg: DistillConfig, teacher, manifest: dict) -> ARDStu
 def _open_data(cfg: DistillConfig, teacher, manifest: dict):
     tc = teacher.cfg
     S = int(manifest["layout"]["num_steps"])
+    split = cfg.verify_shards and dist.world_size() > 1
     if is_text_recording(manifest):
         from ardistill.data.prompts import TextTrajectoryDataset
         spec = StudentDataSpec(num_steps=S, target=cfg.target, shape=(tc.in_channels, *tc.input_size),
                                teacher_sha256=weights_sha256(teacher))
-        return TextTrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards)
-    spec = StudentDataSpec(num_steps=S, target=cfg.target,
-                           shape=(tc.in_channels, tc.input_size, tc.input_size), num_classes=tc.num_classes,
-                           teacher_sha256=weights_sha256(teacher))
-    return TrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards)
+        data = TextTrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards, split_verify=split)
+        stores = [data, data.store]
+    else:
+        spec = StudentDataSpec(num_steps=S, target=cfg.target,
+                               shape=(tc.in_channels, tc.input_size, tc.input_size), num_classes=tc.num_classes,
+                               teacher_sha256=weights_sha256(teacher))
+        data = TrajectoryDataset(cfg.recording, expect=spec, verify_shards=cfg.verify_shards)
+        stores = [data]
+    if split:  # under torchrun the ranks hash the shards once between them, up front, and agree
+        verify_split(stores, dist.rank(), dist.world_size(), dist.all_gather_object)
+    return data
 
 
 def batch_condition(b: dict, device) -> tuple[torch.Tensor, ...]:
@@ -358,7 +374,9 @@ class _Distiller:
 
         self.student = student.to(device).train()
         self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
-        self.model = wrap_ddp(self.student, device)
+        # fsdp: the student and its EMA copy sharded per transformer block (``sample`` runs the rollouts)
+        self.model = wrap_parallel(self.student, device, cfg.parallel, None, ("sample",), (self.ema.module,))
+        self.sharded = sharded_world(cfg.parallel)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         # foreach: the same arithmetic as the per-tensor loop (bit-identical weights, measured in
         # bench/bench_photos_step.py), in fewer, larger kernels; torch picks it by default on CUDA only
@@ -382,29 +400,40 @@ class _Distiller:
             raise ValueError(f"{folder} was trained on another recording than {self.cfg.recording} (content differs)")
         if type(self.scfg).from_dict(state["student_config"]) != self.scfg:
             raise ValueError(f"{folder}: the student config saved there differs from the one this run builds")
-        for module, name in ((self.student, "student"), (self.ema.module, "ema")):
-            _, weights, _ = read_student_file(folder / f"{name}.safetensors")
-            module.load_state_dict(weights, strict=True)
+        if state.get("checkpoint_format") == DCP_FORMAT:  # sharded (fsdp) checkpoint: any process count, any mode
+            load_sharded(folder / DCP_DIR, {"student": self.student, "ema": self.ema.module},
+                         {"optimizer": (self.student, self.opt)})
+        else:  # whole weights and the optimizer numbered by parameter: sharded on load under fsdp
+            for module, name in ((self.student, "student"), (self.ema.module, "ema")):
+                _, weights, _ = read_student_file(folder / f"{name}.safetensors")
+                load_full_state_dict(module, weights)
+            load_indexed_optimizer(self.student, self.opt, state["optimizer"])
         self.ema.num_updates = int(state["ema_updates"])
-        self.opt.load_state_dict(state["optimizer"])
         self.order.load_state_dict(state["data"])
         restore_rng(state["rng"], {"on_policy": self.gen})
         self.step = int(state["step"])
 
     def _save(self) -> None:
         """Checkpoint the state after ``self.step`` optimizer steps (all ranks call; rank 0 writes)."""
-        norms = torch.stack(torch._foreach_norm(self.params))
-        if not bool(torch.isfinite(norms).all()):  # never overwrite a good checkpoint with broken weights
+        norms = torch.stack(torch._foreach_norm([local(p) for p in self.params]))
+        # never overwrite a good checkpoint with broken weights; sharded, each rank sees only its shards: all check
+        if self.sharded or not bool(torch.isfinite(norms).all()):
             check_finite(norms.sum().reshape(1), self.step - 1, "parameter norm", self.last_ckpt)
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "ema_updates": self.ema.num_updates,
+        state = {"step": self.step, "ema_updates": self.ema.num_updates,
                  "data": self.order.state_dict(), "rng": capture_rng({"on_policy": self.gen}),
                  "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
-                 "recording_id": self.recording_id, "world_size": dist.world_size()}
-        meta = {"step": self.step}
-        meta.update(self.file_meta)
-        files = {"student.safetensors": lambda p: save_student(p, self.student, meta),
-                 "ema.safetensors": lambda p: save_student(p, self.ema.module, meta)}
-        self.last_ckpt = self.ckpt.save(self.step, files, state)
+                 "recording_id": self.recording_id, "world_size": dist.world_size(),
+                 "file_meta": self.file_meta}  # what export-checkpoint puts in the weight files' metadata
+        if self.cfg.parallel == "fsdp":  # every rank writes its shards of weights, EMA and AdamW moments
+            state["checkpoint_format"] = DCP_FORMAT
+            files, sharded = {}, {DCP_DIR: lambda p: save_sharded(p, {"student": self.student, "ema": self.ema.module},
+                                                                  {"optimizer": (self.student, self.opt)})}
+        else:
+            state["optimizer"] = self.opt.state_dict()
+            meta = {"step": self.step, **self.file_meta}
+            files, sharded = {"student.safetensors": lambda p: save_student(p, self.student, meta),
+                              "ema.safetensors": lambda p: save_student(p, self.ema.module, meta)}, None
+        self.last_ckpt = self.ckpt.save(self.step, files, state, sharded)
 
     # ---- one optimizer step ---------------------------------------------------------------------
     def _on_policy(self) -> bool:
@@ -447,7 +476,7 @@ class _Distiller:
         stats = dist.all_reduce_sum(per_step_sum / (len(micro) * dist.world_size()))
         check_finite(stats, self.step, "loss per step", self.last_ckpt, batch)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
         check_finite(grad_norm.reshape(1), self.step, "gradient norm", self.last_ckpt, batch)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -488,9 +517,11 @@ class _Distiller:
             bar.close()
             self.logger.close()
         final = {"step": self.step, **self.file_meta}
-        if dist.is_main():  # the finished run's weights beside the checkpoints, for load_student(run_dir)
-            save_student(self.run_dir / "student.safetensors", self.student, final)
-            save_student(self.run_dir / "ema.safetensors", self.ema.module, final)
+        # the finished run's weights beside the checkpoints, for load_student(run_dir); gathered to rank 0 under fsdp
+        weights = {name: full_state_dict(m) for name, m in (("student", self.student), ("ema", self.ema.module))}
+        if dist.is_main():
+            save_student(self.run_dir / "student.safetensors", self.student, final, state_dict=weights["student"])
+            save_student(self.run_dir / "ema.safetensors", self.ema.module, final, state_dict=weights["ema"])
         dist.barrier()
         return DistillResult(run_dir=self.run_dir, step=self.step, loss=last_loss,
                              ema_path=self.run_dir / "ema.safetensors", student_path=self.run_dir / "student.safetensors")

@@ -48,14 +48,18 @@ from ardistill.models.student import ARDStudent, StudentConfig, block_times_for
 from ardistill.io.student_io import read_student_file, resolve_student_path, save_student
 from ardistill.training.distill import distill_loss, recording_id
 from ardistill.training.loop import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
-                                   check_finite, progress, restore_rng, sync_gradients, wrap_ddp)
+                                   check_finite, progress, restore_rng, sync_gradients)
+from ardistill.training.parallel import (DCP_DIR, DCP_FORMAT, check_parallel, full, full_state_dict, load_full_state_dict,
+                                         load_indexed_optimizer, load_sharded, local, save_sharded, sharded_world,
+                                         wrap_parallel)
 
 FAKES = ("forced", "free")
 GAN_STEPS = ("last", "all")
 START_WEIGHTS = ("ema", "student")
 # Fields that may change on resume: paths (checked by content), run length, learning rates, logging.
+# ``parallel``: DDP and FSDP2 checkpoints resume under either (not bit-identically: other rounding of the average).
 RUNTIME_FIELDS = ("student", "recording", "teacher", "real", "run_dir", "steps", "lr", "d_lr", "ckpt_every",
-                  "keep_every", "log_every", "tensorboard", "progress", "stop_on_collapse", "verify_shards")
+                  "keep_every", "log_every", "tensorboard", "progress", "stop_on_collapse", "verify_shards", "parallel")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class GANConfig:
     device: str | None = None
     precision: str = "auto"
     deterministic: bool = False
+    parallel: str = "ddp"  # "ddp" or "fsdp": FSDP2 on the student's blocks and the discriminator heads
     ckpt_every: int = 500
     keep_every: int = 0
     log_every: int = 10
@@ -115,6 +120,7 @@ class GANConfig:
     verify_shards: bool = True  # check each recording / latent shard's sha256 before its first use
 
     def __post_init__(self):
+        check_parallel("GANConfig.parallel", self.parallel)
         for name in ("betas", "d_betas", "feature_noise", "loss_weights"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         object.__setattr__(self, "disc_blocks", tuple(int(b) for b in self.disc_blocks))
@@ -380,6 +386,10 @@ class _GANTrainer:
                              "targets of intermediate steps are not samples of the data distribution")
         self.recording_id = recording_id(manifest)
         self.real = open_real(cfg.real, cfg.verify_shards, image_size=spec.shape[-1])
+        if cfg.verify_shards and dist.world_size() > 1:  # torchrun: the ranks hash the shards once between them
+            from ardistill.data.trajectories import verify_split
+            stores = [self.data] + ([self.real.store] if isinstance(self.real, LatentReal) else [])
+            verify_split(stores, dist.rank(), dist.world_size(), dist.all_gather_object)
         if self.real.shape != spec.shape or self.real.num_classes != tc.num_classes:
             raise ValueError(f"real data {cfg.real}: images {self.real.shape} with {self.real.num_classes} classes, "
                              f"the teacher's are {spec.shape} with {tc.num_classes}")
@@ -402,8 +412,11 @@ class _GANTrainer:
             self.student.load_state_dict(start_weights, strict=True)
         self.student = self.student.to(device).train()
         self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
-        self.g_model = wrap_ddp(self.student, device)
-        self.d_model = wrap_ddp(self.heads, device)
+        # fsdp: the student (and its EMA copy) per transformer block, the discriminator per head; the frozen
+        # feature network stays replicated (no gradients or moments to shard)
+        self.g_model = wrap_parallel(self.student, device, cfg.parallel, None, ("sample",), (self.ema.module,))
+        self.d_model = wrap_parallel(self.heads, device, cfg.parallel, ("heads",))
+        self.sharded = sharded_world(cfg.parallel)
         self.g_params = [p for p in self.student.parameters() if p.requires_grad]
         self.d_params = list(self.heads.parameters())
         self.opt_g = torch.optim.AdamW(self.g_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -437,14 +450,17 @@ class _GANTrainer:
                              f"({self.real.identity()})")
         if DiscriminatorConfig.from_dict(state["disc_config"]) != self.dcfg:
             raise ValueError(f"{folder}: the discriminator config saved there differs from the one this run builds")
-        for module, name in ((self.student, "student"), (self.ema.module, "ema")):
-            _, weights, _ = read_student_file(folder / f"{name}.safetensors")
-            module.load_state_dict(weights, strict=True)
-        heads, _, _ = load_state_and_config(folder / "disc_heads.safetensors")
-        self.heads.load_state_dict(heads, strict=True)
+        if state.get("checkpoint_format") == DCP_FORMAT:  # sharded (fsdp) checkpoint: any process count, any mode
+            load_sharded(folder / DCP_DIR, self._modules(), self._optimizers())
+        else:  # whole weights and optimizers numbered by parameter: sharded on load under fsdp
+            for module, name in ((self.student, "student"), (self.ema.module, "ema")):
+                _, weights, _ = read_student_file(folder / f"{name}.safetensors")
+                load_full_state_dict(module, weights)
+            heads, _, _ = load_state_and_config(folder / "disc_heads.safetensors")
+            load_full_state_dict(self.heads, heads)
+            load_indexed_optimizer(self.student, self.opt_g, state["opt_g"])
+            load_indexed_optimizer(self.heads, self.opt_d, state["opt_d"])
         self.ema.num_updates = int(state["ema_updates"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
         for opt, lr in ((self.opt_g, self.cfg.lr), (self.opt_d, self.cfg.d_lr)):  # may be changed on resume
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -456,24 +472,39 @@ class _GANTrainer:
         self.window = {"sum": w["sum"].clone(), "n": int(w["n"]), "busy": float(w["busy"]),
                        "grad_norm": float(w["grad_norm"]), "d_grad_norm": float(w["d_grad_norm"])}
 
+    def _modules(self) -> dict:
+        return {"student": self.student, "ema": self.ema.module, "disc_heads": self.heads}
+
+    def _optimizers(self) -> dict:
+        return {"opt_g": (self.student, self.opt_g), "opt_d": (self.heads, self.opt_d)}
+
     def _save(self) -> None:
-        """Checkpoint the state after ``self.step`` steps (all ranks call; rank 0 writes)."""
-        norms = torch.stack(torch._foreach_norm(self.g_params + self.d_params))
-        if not bool(torch.isfinite(norms).all()):  # never overwrite a good checkpoint with broken weights
+        """Checkpoint the state after ``self.step`` steps (all ranks call; rank 0 writes, every rank its shards)."""
+        norms = torch.stack(torch._foreach_norm([local(p) for p in self.g_params + self.d_params]))
+        # never overwrite a good checkpoint with broken weights; sharded, each rank sees only its shards: all check
+        if self.sharded or not bool(torch.isfinite(norms).all()):
             check_finite(norms.sum().reshape(1), self.step - 1, "parameter norm", self.last_ckpt)
-        state = {"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+        state = {"step": self.step,
                  "ema_updates": self.ema.num_updates, "data": self.order.state_dict(),
                  "real_data": self.real_order.state_dict(), "rng": capture_rng({"gan": self.gen}),
                  "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
                  "disc_config": self.dcfg.to_dict(), "recording_id": self.recording_id, "real": self.real.identity(),
                  "collapse_count": self.collapse_count, "world_size": dist.world_size(), "window": self.window}
-        self.last_ckpt = self.ckpt.save(self.step, self._weight_files({"step": self.step}), state)
+        if self.cfg.parallel == "fsdp":
+            state["checkpoint_format"] = DCP_FORMAT
+            files, sharded = {}, {DCP_DIR: lambda p: save_sharded(p, self._modules(), self._optimizers())}
+        else:
+            state.update(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict())
+            files, sharded = self._weight_files({"step": self.step}), None
+        self.last_ckpt = self.ckpt.save(self.step, files, state, sharded)
 
     def _weight_files(self, meta: dict) -> dict:
-        return {"student.safetensors": lambda p: save_student(p, self.student, meta),
-                "ema.safetensors": lambda p: save_student(p, self.ema.module, meta),
-                "disc_heads.safetensors": lambda p: save_model(self.heads, self.dcfg.to_dict(), p,
-                                                               kind=DISC_HEADS_KIND, extra_metadata=meta)}
+        """Single-file weights (name -> writer); gathered from the shards under fsdp (a collective: all ranks call)."""
+        sd = {name: full_state_dict(m) for name, m in self._modules().items()}
+        return {"student.safetensors": lambda p: save_student(p, self.student, meta, state_dict=sd["student"]),
+                "ema.safetensors": lambda p: save_student(p, self.ema.module, meta, state_dict=sd["ema"]),
+                "disc_heads.safetensors": lambda p: save_model(self.heads, self.dcfg.to_dict(), p, kind=DISC_HEADS_KIND,
+                                                               extra_metadata=meta, state_dict=sd["disc_heads"])}
 
     # ---- pieces of a step -----------------------------------------------------------------------
     def _noise_levels(self, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -534,7 +565,11 @@ class _GANTrainer:
                 # weight, so the adaptive weight and the backward below do not repeat that pass.
                 g_fake, = torch.autograd.grad(loss_g, fake)
                 surrogate = (fake.float() * g_fake.float()).sum()
-                lam = adaptive_weight(loss_reg, surrogate, last_head_weight(self.student), cfg.gan_factor,
+                last = last_head_weight(self.student)
+                if local(last) is not last:  # FSDP2 keeps the root's weights whole from forward to backward
+                    raise RuntimeError("the student's last head weight is sharded between its forward and backward; "
+                                       "the adaptive GAN weight needs it whole (use --parallel ddp)")
+                lam = adaptive_weight(loss_reg, surrogate, last, cfg.gan_factor,
                                       cfg.gan_weight_max, reduce=_mean_over_ranks)
                 total = loss_reg + lam * surrogate
             else:
@@ -581,7 +616,7 @@ class _GANTrainer:
         check_finite(stats, self.step, "losses", self.last_ckpt, batch)  # before any weight changes
         norms = []
         for params, clip in ((self.g_params, cfg.grad_clip), (self.d_params, cfg.d_grad_clip)):
-            norms.append(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+            norms.append(full(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)))
         check_finite(torch.stack(norms), self.step, "gradient norms (generator, discriminator)", self.last_ckpt, batch)
         for opt in (self.opt_g, self.opt_d):
             opt.step()
@@ -639,8 +674,9 @@ class _GANTrainer:
         finally:
             bar.close()
             self.logger.close()
+        files = self._weight_files({"step": self.step})  # all ranks: gathered from the shards under fsdp
         if dist.is_main():  # the finished run's weights beside the checkpoints, for load_student(run_dir)
-            for name, write in self._weight_files({"step": self.step}).items():
+            for name, write in files.items():
                 write(self.run_dir / name)
         dist.barrier()
         return GANResult(run_dir=self.run_dir, step=self.step, loss=last.get("loss", float("nan")),

@@ -20,8 +20,11 @@ import errno
 import io
 import json
 import math
+import os
 import random
 import shutil
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +35,9 @@ import torch.nn as nn
 
 from ardistill.io import distributed as dist
 from ardistill.io.checkpoints import torch_load_reason
+from ardistill.training.parallel import DCP_DIR, DCP_FORMAT, dcp_failure
 from ardistill.io.fileio import (DiskFullError, atomic_write, atomic_write_bytes, atomic_write_json, disk_full_error,
-                                 read_json)
+                                 is_disk_full, read_json)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,10 +158,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def sync_gradients(model: nn.Module, sync: bool):
-    """Context for one micro-batch's backward: DDP all-reduces only when ``sync`` (the last one)."""
+    """Context for one micro-batch's backward: DDP all-reduces (FSDP2 reduce-scatters) only when ``sync``
+    (the last micro-batch); the others accumulate local gradients, as DDP's ``no_sync``."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module (training/parallel.py)
+        return _fsdp_sync(model, sync)
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model: nn.Module, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # the default, for a backward outside this context
 
 
 def lr_at(step: int, lr: float, warmup_steps: int = 0) -> float:
@@ -281,33 +297,68 @@ class Checkpointer:
         raise CheckpointReadError(f"no readable checkpoint in {self.root}: {'; '.join(errors)}; restore a checkpoint "
                                   f"folder from a copy, or start a new run in another --run-dir")
 
-    def save(self, step: int, files: dict[str, Callable[[str], None]], state: dict) -> Path:
-        """Write ``files`` (name -> writer(tmp_path)) and ``state`` (torch.save'd) as checkpoint ``step``."""
+    def save(self, step: int, files: dict[str, Callable[[str], None]], state: dict,
+             sharded: dict[str, Callable[[Path], None]] | None = None) -> Path:
+        """Write ``files`` (name -> writer(tmp_path)) and ``state`` (torch.save'd) as checkpoint ``step``.
+
+        ``sharded`` (name -> writer(path)) are written first by every rank into the partial folder (a
+        collective: a DCP checkpoint of which each rank writes its own shards, training/parallel.py);
+        when any rank fails, every rank raises and the partial folder is removed. Rank 0 then writes
+        ``files`` and ``state`` and completes the folder as for any checkpoint.
+        """
         final = self.folder(step)
+        tmp = self.root / f".{final.name}.partial"
+        writing, error, full = tmp, None, False
         if dist.is_main():
-            tmp = self.root / f".{final.name}.partial"
             try:
                 if tmp.exists():
                     shutil.rmtree(tmp)  # left by a run killed mid-save
                 tmp.mkdir(parents=True)
+            except Exception as e:
+                error = e
+        if sharded:
+            error, full = _agree(error, writing)  # every rank learns whether rank 0 made the folder
+            if error is None:
+                try:
+                    for name, write in sharded.items():
+                        writing = tmp / name
+                        write(writing)
+                except _WRITE_ERRORS as e:
+                    error = e
+                error, full = _agree(error, writing)
+        if dist.is_main():
+            try:
+                if error is not None:
+                    raise error
                 for name, write in files.items():
-                    atomic_write(tmp / name, write)
-                atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)  # frees the space of the half-written checkpoint
-                if not isinstance(e, DiskFullError) and disk_full_error(tmp / STATE_FILE, e) is None:
+                    writing = tmp / name
+                    atomic_write(writing, write)
+                writing = tmp / STATE_FILE
+                atomic_write(writing, lambda p: torch.save(state, p))
+            except _WRITE_ERRORS as e:
+                full = full or _disk_full(writing, e)  # before the partial folder frees its space
+                shutil.rmtree(tmp, ignore_errors=True)  # never trusted (not in latest.json), and it holds space
+                if not full:
                     raise
-                previous = self.latest()
-                raise DiskFullError(errno.ENOSPC, f"no space left on the device of {self.root} while writing checkpoint "
-                                    f"{final.name}; the last complete checkpoint is {previous or 'none yet'}: "
-                                    f"free space and continue with --resume") from e
+                raise self._full_error(final, tmp, writing) from e
             if final.exists():
                 shutil.rmtree(final)  # an orphan never pointed to (killed between rename and pointer)
             tmp.rename(final)
             atomic_write_json(self.root / "latest.json", {"dir": final.name, "step": step})
             self._prune(step)
+        elif error is not None:  # a failed sharded write: rank 0 raises the same and removes the folder
+            if full:
+                raise self._full_error(final, tmp, writing) from error
+            raise error
         dist.barrier()
         return final
+
+    def _full_error(self, final: Path, tmp: Path, writing: Path) -> DiskFullError:
+        previous = self.latest()
+        what = "" if writing == tmp else f" ({writing.name})"
+        return DiskFullError(errno.ENOSPC, f"no space left on the device of {self.root} while writing checkpoint "
+                             f"{final.name}{what}; the last complete checkpoint is {previous or 'none yet'}: "
+                             f"free space and continue with --resume")
 
     def _prune(self, step: int) -> None:
         folders = [f for f in self.folders() if int(f.name[5:]) <= step]
@@ -327,10 +378,39 @@ class Checkpointer:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint state not found: {path}")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, flipped bytes, a pickle that is not ours
             raise CheckpointReadError(f"checkpoint state {path} is unreadable ({torch_load_reason(e)}); delete the folder "
                                       f"{Path(folder).name} and resume from the previous checkpoint") from e
+        if isinstance(state, dict) and state.get("checkpoint_format") == DCP_FORMAT:
+            meta = Path(folder) / DCP_DIR / ".metadata"
+            if not meta.is_file():  # each rank's shard files are listed there; DCP writes it last
+                raise CheckpointReadError(f"sharded checkpoint {Path(folder).name} has no {meta} (damaged or incomplete); "
+                                          f"delete the folder and resume from the previous checkpoint")
+        return state
+
+
+try:  # DCP's error when a rank's shards could not be written: a BaseException, caught with the others
+    from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
+    _WRITE_ERRORS: tuple = (Exception, _CheckpointException)
+except ImportError:  # torch built without distributed
+    _WRITE_ERRORS = (Exception,)
+
+
+def _disk_full(path: Path, err: BaseException) -> bool:
+    return disk_full_error(path, dcp_failure(err)) is not None
+
+
+def _agree(error: BaseException | None, writing: Path) -> tuple[BaseException | None, bool]:
+    """Collective: (an error when any rank failed (its own, or one naming the failing rank), any full disk)."""
+    own = None if error is None else (f"{type(error).__name__}: {dcp_failure(error)}", _disk_full(writing, error))
+    reports = dist.all_gather_object(own)
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if not failed:
+        return None, False
+    if error is None:
+        error = RuntimeError(f"writing the checkpoint failed on rank {failed[0][0]}: {failed[0][1][0]}")
+    return error, any(r[1] for _, r in failed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,8 +471,15 @@ class RunLogger:
             except ImportError:
                 warnings.warn("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard)")
             else:
-                # purge_step hides events a killed run wrote after its last checkpoint
-                self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+                _quiet_tensorboard_thread()
+                try:  # purge_step hides events a killed run wrote after its last checkpoint
+                    self._tb = SummaryWriter(str(self.dir / "tb"),
+                                             purge_step=None if resume_step is None else resume_step + 1)
+                except Exception as e:
+                    full = disk_full_error(self.dir / "tb" / "events.out.tfevents", e)
+                    if full is None:
+                        raise
+                    raise full from e
 
     def _truncate(self, step: int) -> None:
         # a killed run may also have left a half-written last line: dropped like the records after ``step``
@@ -400,9 +487,13 @@ class RunLogger:
             rows = [line for line in self.jsonl.read_text().splitlines() if _json_step(line) <= step]
             atomic_write_bytes(self.jsonl, "".join(r + "\n" for r in rows).encode())
         if self.csv.is_file():
-            with open(self.csv, newline="") as f:
-                rows = list(csv.reader(f))
-            if rows:
+            lines = self.csv.read_text().splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # a half-written row, or a half header (a full disk at the first record)
+            rows = list(csv.reader(lines))
+            if not rows:
+                self.csv.unlink()  # the next record writes the header
+            else:
                 self._fields = rows[0]
                 keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= step]
                 buf = io.StringIO()
@@ -410,13 +501,19 @@ class RunLogger:
                 atomic_write_bytes(self.csv, buf.getvalue().encode())
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        """One record: ``step`` (1-based optimizer steps done) and named scalars."""
+        """One record: ``step`` (1-based optimizer steps done) and named scalars.
+
+        A full disk raises DiskFullError naming the log file. A half line it leaves is harmless: a resume
+        truncates the logs to the checkpoint (dropping the line), a fresh run deletes them.
+        """
         if not self.enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        target = self.jsonl
         try:
-            with open(self.jsonl, "a") as f:
+            with open(target, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            target = self.csv
             if self._fields is None:  # the first record fixes the CSV columns
                 self._fields = list(record)
                 new = not self.csv.is_file() or self.csv.stat().st_size == 0
@@ -425,18 +522,66 @@ class RunLogger:
                         csv.writer(f).writerow(self._fields)
             with open(self.csv, "a", newline="") as f:
                 csv.writer(f).writerow([_fmt(record.get(k)) for k in self._fields])
-        except OSError as e:  # a resume truncates the logs to the checkpoint, so a half line does no harm
-            full = disk_full_error(self.jsonl, e)
+        except OSError as e:
+            full = disk_full_error(target, e)
             if full is None:
                 raise
             raise full from e
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, float(v), step)
+            self._tensorboard(lambda tb: [tb.add_scalar(k, float(v), step) for k, v in scalars.items()])
+
+    def _tensorboard(self, call: Callable) -> None:
+        # TensorBoard writes in a background thread: a full disk surfaces at a later call (or at close)
+        try:
+            call(self._tb)
+        except Exception as e:
+            full = disk_full_error(self.dir / "tb" / "events.out.tfevents", e)
+            if full is None:
+                raise
+            raise full from e
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        """Flush and close TensorBoard's writer; a full disk raises DiskFullError, except when close is
+        called (from a ``finally``) while another error is on its way up: that one is reported."""
+        if self._tb is None:
+            return
+        tb, self._tb = self._tb, None
+        in_flight = sys.exc_info()[1] is not None
+        errors = []
+        for call in (tb.flush, tb.close):  # flush raises the error that stopped the writer thread, if any
+            try:
+                call()
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            full = disk_full_error(self.dir / "tb" / "events.out.tfevents", errors[0])
+            if full is None:
+                raise errors[0]
+            if not in_flight:
+                raise full from errors[0]
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Drop the traceback that TensorBoard's writer thread prints when a full disk stops it.
+
+    The thread keeps its error and TensorBoard raises it again in the training thread at the next
+    add_scalar / flush, where RunLogger turns it into one line; other errors still print.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "ardistill_quiet_tensorboard", False):
+        return
+
+    def hook(args):
+        exc = args.exc_value
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(exc, Exception):
+            writer = getattr(getattr(args.thread, "_record_writer", None), "_writer", None)
+            target = getattr(writer, "filename", None) or getattr(exc, "filename", None)
+            if isinstance(target, (str, bytes)) and is_disk_full(os.fsdecode(target), exc):
+                return
+        previous(args)
+
+    hook.ardistill_quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def _json_step(line: str) -> float:

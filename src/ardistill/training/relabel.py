@@ -5,9 +5,10 @@ x^_1..x^_{S-1} as the inputs of blocks 1..S-1. With ``on_policy_targets = "recor
 and what the ARD paper's on-policy discussion implies) the targets stay the teacher's recorded states
 x_2..x_S: the student learns to jump from *its* state back onto the *teacher's* trajectory. With
 ``"teacher"`` each target is relabelled: the teacher's ODE is run from the student's own state x^_k
-at student time t_k to t_{k+1}, on the recording's grid with its solver and guidance, as DAgger asks
-the expert what to do in the states the learner visits. Block 0 (input: the recorded noise) keeps its
-recorded target, which the relabelling would reproduce exactly.
+at student time t_k to t_{k+1}, on the recording's grid with its solver (and Heun's last interval, the
+manifest's ``heun_last_step``) and guidance, as DAgger asks the expert what to do in the states the
+learner visits. Block 0 (input: the recorded noise) keeps its recorded target, which the relabelling
+would reproduce exactly.
 
 Cost: one on-policy batch runs ``teacher_steps * (S - 1) / S`` extra teacher evaluations (twice the
 batch under guidance), in fp32 and without gradient.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ardistill.sampling.diffusion import make_process
-from ardistill.sampling.ode import solve_segment
+from ardistill.sampling.ode import recorded_heun_last_step, solve_segment
 
 RELABEL_TARGETS = ("recorded", "teacher")
 
@@ -41,6 +42,7 @@ class TeacherRelabeler:
         proc = dict(sampler["process"])
         self.process = make_process(proc.pop("kind"), **proc)
         self.solver = sampler["solver"]
+        self.heun_last_step = recorded_heun_last_step(sampler)  # older Heun manifests: the Euler last step
         self.teacher_steps = int(manifest["grid"]["teacher_steps"])
         self.positions = [int(p) for p in manifest["grid"]["positions"]]
         self.text = null_text is not None
@@ -63,6 +65,6 @@ class TeacherRelabeler:
         with torch.autocast(inputs.device.type, enabled=False):  # the recording's numerics (fp32)
             for k in range(1, S):
                 x = solve_segment(self.model_fn, self.process, inputs[:, k].float(), y, self.teacher_steps,
-                                  self.solver, self.positions[k], self.positions[k + 1])
+                                  self.solver, self.positions[k], self.positions[k + 1], self.heun_last_step)
                 out[:, k] = x.to(out.dtype)
         return out

@@ -9,9 +9,13 @@ The data (``data``: 'digits', 'photos', or a path) sets the DiT's input size, ch
 
 Every random draw (batch indices, shifts, label dropout, t, eps) comes from one seeded
 ``torch.Generator`` whose state is checkpointed, so a resumed run is bit-identical to an
-uninterrupted one. Files in ``out_dir``:
+uninterrupted one. Under torchrun every process draws the same global batch from that generator
+and trains on its slice (rank r: rows r*B/W .. (r+1)*B/W), with DDP or FSDP2 (``parallel``,
+training/parallel.py) averaging the gradients: the run is the one-process run up to the rounding of
+that average, and a run resumes on any number of processes. Files in ``out_dir``:
   teacher.safetensors   EMA weights, DiT config in the metadata (what ``load_teacher`` reads)
-  train_state.pt        raw + EMA weights, optimiser, generator, step, losses (for resume)
+  train_state.pt        raw + EMA weights, optimiser, generator, step, losses (for resume; ddp)
+  checkpoints/          parallel "fsdp": numbered sharded (DCP) checkpoints of the same state instead
   config.json           resolved training config, model config and data counts
   losses.json           mean training loss per ``log_every`` steps
 """
@@ -27,17 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from ardistill.data.sources import TrainingData, open_training_data
+from ardistill.io import distributed as dist
 from ardistill.sampling.diffusion import process_for
 from ardistill.models.dit import DiT, DiT_models, dit_config
 from ardistill.training.ema import EMA
 from ardistill.io.checkpoints import torch_load_reason
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
-from ardistill.training.loop import CheckpointReadError
+from ardistill.training.loop import Checkpointer, CheckpointReadError, wrap_ddp
+from ardistill.training.parallel import (DCP_DIR, DCP_FORMAT, check_parallel, full_state_dict, load_full_state_dict,
+                                         load_indexed_optimizer, load_sharded, save_sharded, wrap_parallel)
 
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
 LOSSES_FILE = "losses.json"
+CHECKPOINTS = "checkpoints"  # sharded (fsdp) training states, numbered (loop.Checkpointer)
 LR_SCHEDULES = ("constant", "cosine")
 PREDICTIONS = ("eps", "velocity")  # eps on DiT's VP process, velocity on rectified flow
 
@@ -67,8 +75,15 @@ class TeacherTrainConfig:
     heldout_fraction: float = 0.2
     log_every: int = 100
     checkpoint_every: int = 500
+    # where and how it runs (may change on resume): "cpu" or "cuda" (one GPU per process under torchrun);
+    # several processes (torchrun) average gradients with "ddp" or shard the model with "fsdp" (FSDP2)
+    device: str = "cpu"
+    parallel: str = "ddp"
 
     def __post_init__(self):
+        check_parallel("TeacherTrainConfig.parallel", self.parallel)
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"TeacherTrainConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.model not in DiT_models:
             raise ValueError(f"TeacherTrainConfig.model: unknown DiT size {self.model!r}; "
                              f"choose from {sorted(DiT_models)}")
@@ -144,85 +159,140 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
     Args:
         cfg: the run's configuration.
         out_dir: folder for the checkpoint, training state, config and losses.
-        resume: continue from ``out_dir/train_state.pt`` when it exists (its config must match).
+        resume: continue from the newest training state in ``out_dir`` when there is one (its config must match).
         progress: show a tqdm progress bar.
+    Works in one process or under torchrun (the process group is started here if needed).
     """
+    owns_group = not dist.is_distributed()
+    device = dist.init(cfg.device)
+    try:
+        return _train_teacher(cfg, Path(out_dir), resume, progress, device)
+    finally:
+        if owns_group:
+            dist.cleanup()
+
+
+def _train_teacher(cfg: TeacherTrainConfig, out_dir: Path, resume: bool, progress: bool, device: torch.device) -> Path:
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
+    world, rank = dist.world_size(), dist.rank()
+    if cfg.batch_size % world:
+        raise ValueError(f"TeacherTrainConfig.batch_size {cfg.batch_size} is not divisible by the {world} processes")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = open_data(cfg)
     mcfg = teacher_model_config(cfg, data)
     process = process_for(cfg.prediction)
 
-    model, ema, opt, gen, start, losses, elapsed = start_teacher_run(lambda: DiT(mcfg), cfg, out_dir, resume)
-    atomic_write_json(out_dir / CONFIG_FILE, {
-        "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
-        "data": data.describe(),
-    })
+    model, ema, opt, gen, start, losses, elapsed = start_teacher_run(lambda: DiT(mcfg), cfg, out_dir, resume,
+                                                                     device=device, parallel=cfg.parallel)
+    forward = wrap_ddp(model, device) if cfg.parallel == "ddp" else model  # fsdp: the sharded module itself
+    ckpt = Checkpointer(out_dir / CHECKPOINTS) if cfg.parallel == "fsdp" else None
+    if dist.is_main():
+        atomic_write_json(out_dir / CONFIG_FILE, {
+            "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
+            "data": data.describe(),
+        })
 
     # Label dropout is drawn here from the run's generator (so resume is exact); the model itself runs
     # in eval mode, which only switches off its own dropout draw (DiT has no other train-time layers).
     model.eval()
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's share
     t0, window = time.time() - elapsed, []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-teacher")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and dist.is_main()),
+               desc="train-teacher")
     for step in bar:
-        x0, labels = data.sample(cfg.batch_size, gen)
+        x0, labels = data.sample(cfg.batch_size, gen)  # the global batch: the same draws on every rank
         y = model.y_embedder.token_drop(labels, generator=gen)
         t = process.sample_train_t(cfg.batch_size, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         x_t = process.q_sample(x0, t, eps).float()
-        loss = F.mse_loss(model(x_t, process.model_time(t), y), process.training_target(x0, eps, t).float())
+        target = process.training_target(x0, eps, t).float()
+        inputs = (x_t, process.model_time(t), y)
+        if world > 1:
+            inputs, target = tuple(v[rows] for v in inputs), target[rows]
+        inputs = tuple(v.to(device) for v in inputs)
+        loss = F.mse_loss(forward(*inputs), target.to(device))
 
         optimizer_step(cfg, step, loss, model, opt, ema)
 
-        window.append(loss.item())
+        window.append(_mean_over_ranks(loss))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             losses.append({"step": done, "loss": sum(window) / len(window), "lr": learning_rate(cfg, step)})
             bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
             window = []
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _save(out_dir, cfg, mcfg, model, ema, opt, gen, done, losses, time.time() - t0)
+            _save(out_dir, cfg, mcfg, model, ema, opt, gen, done, losses, time.time() - t0, ckpt)
     return out_dir / TEACHER_FILE
 
 
+def _mean_over_ranks(loss: torch.Tensor) -> float:
+    """The global batch's loss (each rank's share has the same size): the one-process value in one process."""
+    if not dist.is_distributed():
+        return loss.item()
+    return dist.all_reduce_sum(loss.detach().clone()).item() / dist.world_size()
 
-def start_teacher_run(make_model, cfg, out_dir: Path, resume: bool):
-    """Seeded model, EMA, AdamW and the run's generator; restored from ``train_state.pt`` when resuming.
 
-    Shared by the class-conditional and the text teacher trainers. Returns (model, ema, opt, gen,
-    start step, losses, elapsed seconds).
+def start_teacher_run(make_model, cfg, out_dir: Path, resume: bool, device: torch.device | None = None,
+                      parallel: str = "ddp"):
+    """Seeded model, EMA, AdamW and the run's generator; restored from the newest training state when resuming.
+
+    Shared by the class-conditional and the text teacher trainers. ``parallel`` "fsdp" shards the model and
+    its EMA per DiT block before the optimizer is built (on more than one process) and restores from
+    ``train_state.pt`` or a sharded checkpoint, whichever is newer. Returns (model, ema, opt, gen, start
+    step, losses, elapsed seconds); the model is not DDP-wrapped (the caller wraps it).
     """
     with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = make_model()
+    if device is not None:
+        model = model.to(device)
     # EMA warm-up (decay min(d, (1 + n) / (10 + n))) keeps a short run from averaging in the random init.
     ema = EMA(model, cfg.ema_decay, warmup=True)
+    if parallel == "fsdp":  # shards on several processes; the plain module on one
+        wrap_parallel(model, device or torch.device("cpu"), "fsdp", None, (), (ema.module,))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, losses, elapsed = 0, [], 0.0
 
+    point = _resume_point(out_dir) if resume else None
+    if point is not None:
+        where, state = point
+        saved = type(cfg).from_dict(state["train_config"])
+        if _resume_key(saved) != _resume_key(cfg):
+            raise ValueError(f"{where}: saved with a different training config; use a new --out or resume=False")
+        if state.get("checkpoint_format") == DCP_FORMAT:  # any number of processes, sharded or not
+            load_sharded(where / DCP_DIR, {"model": model, "ema": ema.module}, {"optimizer": (model, opt)})
+            ema.num_updates = int(state["ema_updates"])
+        else:  # whole tensors: cut into this rank's shards under fsdp
+            load_full_state_dict(model, state["model"])
+            load_full_state_dict(ema.module, state["ema"]["module"])
+            ema.num_updates = int(state["ema"]["num_updates"])
+            load_indexed_optimizer(model, opt, state["optimizer"])
+        gen.set_state(state["generator"])
+        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
+        if start > cfg.steps:
+            raise ValueError(f"{where}: the run is already at step {start}, past --steps {cfg.steps}")
+    return model, ema, opt, gen, start, losses, elapsed
+
+
+def _resume_point(out_dir: Path) -> tuple[Path, dict] | None:
+    """(where, state) of the newest training state: ``train_state.pt`` or a sharded checkpoint (a run may
+    have switched between ddp and fsdp); None for a fresh start."""
+    found = []
     state_path = out_dir / STATE_FILE
-    if resume and state_path.exists():
+    if state_path.exists():
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, flipped bytes, a pickle that is not ours
             raise CheckpointReadError(
                 f"teacher training state {state_path} is unreadable ({torch_load_reason(e)}); delete it to start "
                 f"the run again from step 0 (the {TEACHER_FILE} beside it is the last completed save)") from e
-        saved = type(cfg).from_dict(state["train_config"])
-        if _resume_key(saved) != _resume_key(cfg):
-            raise ValueError(f"{state_path}: saved with a different training config; use a new --out or resume=False")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start, losses, elapsed = int(state["step"]), list(state["losses"]), float(state["elapsed_s"])
-        if start > cfg.steps:
-            raise ValueError(f"{state_path}: the run is already at step {start}, past --steps {cfg.steps}")
-    return model, ema, opt, gen, start, losses, elapsed
+        found.append((state_path, state))
+    if (out_dir / CHECKPOINTS / "latest.json").is_file():
+        found.append(Checkpointer(out_dir / CHECKPOINTS).resume_point())
+    return max(found, key=lambda f: int(f[1]["step"])) if found else None
 
 
 def optimizer_step(cfg, step: int, loss: torch.Tensor, model, opt, ema) -> None:
@@ -243,22 +313,37 @@ def _resume_key(cfg: TeacherTrainConfig) -> dict:
     (the learning rate rises again), so extend constant-schedule runs, or plan the length up front.
     """
     d = cfg.to_dict()
-    for k in ("log_every", "checkpoint_every", "steps"):
-        d.pop(k)
+    for k in ("log_every", "checkpoint_every", "steps", "device", "parallel"):
+        d.pop(k, None)
     return d
 
 
-def _save(out_dir: Path, cfg, mcfg, model, ema, opt, gen, step: int, losses: list, elapsed: float) -> None:
-    """Write the EMA checkpoint, then the resume state (each atomically)."""
+def _save(out_dir: Path, cfg, mcfg, model, ema, opt, gen, step: int, losses: list, elapsed: float,
+          ckpt: Checkpointer | None = None) -> None:
+    """Write the EMA checkpoint, then the resume state (each atomically); every rank calls it.
+
+    ``ckpt`` (parallel "fsdp"): the resume state is a numbered sharded checkpoint there (each rank writes
+    its shards) instead of ``train_state.pt``; the EMA file is gathered to rank 0 either way.
+    """
     from ardistill.io.checkpoints import save_model
 
-    save_model(ema.module, mcfg.to_dict(), out_dir / TEACHER_FILE, kind="teacher",
-               extra_metadata={"train_config": cfg.to_dict(), "step": step, "weights": "ema"})
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "generator": gen.get_state(), "step": step, "losses": losses, "elapsed_s": elapsed,
-             "train_config": cfg.to_dict()}
-    atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
-    atomic_write_json(out_dir / LOSSES_FILE, {"losses": losses, "step": step, "elapsed_s": round(elapsed, 1)})
+    ema_sd = full_state_dict(ema.module)  # a collective under fsdp
+    if dist.is_main():
+        save_model(ema.module, mcfg.to_dict(), out_dir / TEACHER_FILE, kind="teacher",
+                   extra_metadata={"train_config": cfg.to_dict(), "step": step, "weights": "ema"}, state_dict=ema_sd)
+    common = {"generator": gen.get_state(), "step": step, "losses": losses, "elapsed_s": elapsed,
+              "train_config": cfg.to_dict()}
+    if ckpt is not None:
+        state = {**common, "ema_updates": ema.num_updates, "model_config": mcfg.to_dict(),
+                 "checkpoint_format": DCP_FORMAT, "world_size": dist.world_size()}
+        ckpt.save(step, {}, state, {DCP_DIR: lambda p: save_sharded(p, {"model": model, "ema": ema.module},
+                                                                    {"optimizer": (model, opt)})})
+    elif dist.is_main():
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), **common}
+        atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    if dist.is_main():
+        atomic_write_json(out_dir / LOSSES_FILE, {"losses": losses, "step": step, "elapsed_s": round(elapsed, 1)})
+    dist.barrier()
 
 
 def read_train_config(path: str | Path) -> TeacherTrainConfig:
