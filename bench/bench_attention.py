@@ -41,6 +41,9 @@ CONFIGS = {  # name: (DiT size overrides, S, history_layers, batch)
                         num_classes=10, learn_sigma=False), 4, 4, 64),
     "dit-s2": (dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, input_size=32, in_channels=4,
                     num_classes=1000), 4, 3, 8),
+    # a smoke test of the script itself (bench/gpu_run.sh --tiny): seconds on a CPU
+    "tiny": (dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=3,
+                  num_classes=10, learn_sigma=False), 2, 1, 4),
 }
 
 

@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compile happens here)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 with TF32 matmuls on CUDA)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -124,13 +125,17 @@ def main(argv=None) -> dict:
     if bad:
         raise SystemExit(f"unknown variants {sorted(bad)}; choose from {VARIANTS}")
     S = args.num_steps
-    base = make_student(args.model, args.history_layers, S)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    base = make_student(args.model, args.history_layers, S).to(device)
     tc = base.cfg.teacher
     g = torch.Generator().manual_seed(1)
     shape = (args.batch, S, tc.in_channels, tc.input_size, tc.input_size)
-    x, target = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    y = torch.randint(0, tc.num_classes, (args.batch,), generator=g)
-    weights = torch.ones(S)
+    x, target = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
+    y = torch.randint(0, tc.num_classes, (args.batch,), generator=g).to(device)
+    weights = torch.ones(S, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     trainers = {v: Trainer(v, base) for v in variants}
     t_compile = {}
@@ -143,8 +148,10 @@ def main(argv=None) -> dict:
     for r in range(args.reps):
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
+            sync()
             t0 = time.perf_counter()
             trainers[v].step(x, y, target, weights)
+            sync()
             times[v].append(time.perf_counter() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
     ref = trainers[variants[0]].student.state_dict()
@@ -153,7 +160,7 @@ def main(argv=None) -> dict:
         sd = tr.student.state_dict()
         diff[v] = max(((sd[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)).item() for k in ref)
     flops = step_flops(base, args.batch)
-    rate = matmul_gflops(args.threads)
+    rate = matmul_gflops(args.threads) if device.type == "cpu" else float("nan")
     print(f"photos student step: {args.model} (depth {tc.depth}, width {tc.hidden_size}), S = {S} x "
           f"{tc.num_patches} tokens, N_h = {base.cfg.history_layers}, batch {args.batch}, {args.threads} thread(s)")
     print(f"analytic {flops['step'] / 1e9:.1f} GFLOP per step; measured float32 GEMM (512^3) {rate:.1f} GFLOP/s "
@@ -164,8 +171,8 @@ def main(argv=None) -> dict:
         ach = flops["step"] / med[v] / 1e9
         print(f"| {v} | {med[v]:.3f} | {med[variants[0]] / med[v]:.2f}x | {ach:.1f} | {100 * ach / rate:.0f}% | "
               f"{t_compile[v]:.1f} | {diff[v]:.1e} |")
-    result = {"config": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
-                                                "torch": torch.__version__},
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    result = {"config": vars(args), "machine": {"device": card, "torch": torch.__version__},
               "flops": flops, "gemm_gflops": rate, "median_s": med, "times": times, "warmup_s": t_compile,
               "weight_rel_diff": diff}
     if args.json:

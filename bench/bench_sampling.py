@@ -52,6 +52,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=21, help="timed calls per student")
     p.add_argument("--teacher-reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ARD's sampler through torch.compile (row ard_compiled), interleaved with eager")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -74,15 +76,22 @@ def main(argv=None) -> dict:
     model_fn = make_model_fn(teacher, args.cfg_scale)
     process = VPProcess()
 
+    samplers = {"ard": ard.sample, "step_distillation": sd.sample}
+    compile_s = None
+    if args.compile:
+        samplers["ard_compiled"] = torch.compile(ard.sample)
     with torch.inference_mode():
-        for m in (ard, sd):  # warm-up
-            m.sample(noise, y)
+        for name, f in samplers.items():  # warm-up (compilation happens here)
+            t0 = time.perf_counter()
+            f(noise, y)
+            if name == "ard_compiled":
+                compile_s = time.perf_counter() - t0
         solve(model_fn, process, noise, y, args.teacher_steps, "ddim")
-        lat = {"ard": [], "step_distillation": []}
+        lat = {name: [] for name in samplers}
+        names = list(samplers)
         for r in range(args.reps):
-            order = (("ard", ard), ("step_distillation", sd)) if r % 2 == 0 else (("step_distillation", sd), ("ard", ard))
-            for name, m in order:
-                lat[name].append(_timed(lambda: m.sample(noise, y)) / args.batch)
+            for name in (names if r % 2 == 0 else names[::-1]):
+                lat[name].append(_timed(lambda: samplers[name](noise, y)) / args.batch)
         lat["teacher"] = [_timed(lambda: solve(model_fn, process, noise, y, args.teacher_steps, "ddim")) / args.batch
                           for _ in range(args.teacher_reps)]
     med = {k: statistics.median(v) for k, v in lat.items()}
@@ -101,6 +110,9 @@ def main(argv=None) -> dict:
         "gmacs_per_image": {k: gmacs(v) for k, v in fl.as_dict().items() if k != "ard_overhead"},
         "flops_ard_overhead": fl.ard_overhead,
     }
+    if "ard_compiled" in med:
+        result["ard_compiled_speedup"] = med["ard"] / med["ard_compiled"]
+        result["compile_seconds"] = compile_s
     print(f"depth {args.depth}, width {args.width}, {(args.input_size // 2) ** 2} tokens, S = {S}, ARD history_layers "
           f"{nh}; teacher DDIM-{args.teacher_steps} cfg {args.cfg_scale}; batch {args.batch}, "
           f"{torch.get_num_threads()} threads")
@@ -111,6 +123,9 @@ def main(argv=None) -> dict:
           f"quartiles {q[0]:.3f}..{q[2]:.3f}; fastest calls {result['ard_over_step_distillation_min']:.3f}) "
           f"(FLOPs: {1 + fl.ard_overhead:.4f}); teacher / ARD: {result['teacher_over_ard']:.1f}x "
           f"(FLOPs: {fl.teacher / fl.ard:.1f}x)")
+    if "ard_compiled" in med:
+        print(f"ARD compiled: median {med['ard_compiled'] * 1e3:.1f} ms/image, {result['ard_compiled_speedup']:.2f}x eager "
+              f"(first call, with compilation: {compile_s:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -55,8 +55,8 @@ def parse_ladder(spec: str, out: Path, **common):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder of the ladders (recordings, runs), outside the repository")
-    p.add_argument("--ladder", action="append", required=True, help="NAME[=TEACHER]:RUNG,RUNG,... (repeatable)")
+    p.add_argument("--out", help="folder of the ladders (recordings, runs), outside the repository (required)")
+    p.add_argument("--ladder", action="append", help="NAME[=TEACHER]:RUNG,RUNG,... (repeatable; required)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--csv", default=None, help="write the table here after every job")
     p.add_argument("--figure", default=None, help="write the figure here after every job")
@@ -72,18 +72,24 @@ def main(argv=None):
     p.add_argument("--seeds", default=None,
                    help="STUDENT=SEEDS;... to override the default students (e.g. 'step distillation=0,1;ARD (N_h = 1)=0,1')")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where recording, training and sampling run (cuda: several jobs share the GPU)")
     p.add_argument("--max-rung", type=int, default=None, help="only rungs up to this many steps in this invocation")
     p.add_argument("--report", action="store_true", help="print the ratio table of --csv and exit")
     args = p.parse_args(argv)
     from ardistill.ladder import ladder_rows, ladder_runs, plot_ladder, ratio_table, read_csv, write_csv
 
     if args.report:
+        if not args.csv:
+            p.error("--report needs --csv")
         print(ratio_table(read_csv(args.csv)))
         return
+    if not args.out or not args.ladder:
+        p.error("--out and --ladder are required (except with --report)")
     common = dict(train_count=args.train_count, eval_count=args.eval_count, train_eval_count=args.train_eval_count,
                   num_steps=args.num_steps, teacher_steps=args.teacher_steps, batch_size=args.batch_size,
                   lr=args.lr, warmup_steps=args.warmup_steps, ckpt_every=args.ckpt_every,
-                  compile=args.compile)
+                  compile=args.compile, device=args.device)
     if args.seeds:
         common["students"] = {k.strip(): [int(s) for s in v.split(",")]
                               for k, _, v in (item.rpartition("=") for item in args.seeds.split(";"))}

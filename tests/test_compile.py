@@ -55,3 +55,25 @@ def test_compiled_training_matches_eager(rec, tmp_path):
     for k in a:
         scale = a[k].abs().max().clamp_min(1e-3)
         assert (a[k] - b[k]).abs().max() <= 1e-4 * scale, k
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_compiled_sampler_matches_eager(tmp_path):
+    """`generate --compile`: the KV-cached sampler through torch.compile gives the eager samples within float32
+    rounding (fused kernels reorder sums: 4 steps of a depth-2 network, gain 4 in tests/tolerances.py's terms)."""
+    from ardistill.generate import sample_student
+    from ardistill.models.student import build_student
+    from tolerances import assert_paths_agree
+    torch.manual_seed(0)
+    teacher = DiT(DiTConfig(**TINY))
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name != "pos_embed":
+                p.normal_(std=0.1)
+    student = build_student(teacher, num_steps=4, history_layers=1, block_times=[999, 749, 499, 249]).eval()
+    labels = torch.tensor([0, 3, 5, 9, 1, 2])
+    eager = sample_student(student, list(range(6)), labels, batch_size=6)
+    compiled = sample_student(student, list(range(6)), labels, batch_size=6, compile=True)
+    assert_paths_agree(compiled, eager, gain=4)
+    assert (eager - torch.zeros_like(eager)).abs().max() > 1e-2  # the samples are not trivially equal

@@ -69,7 +69,8 @@ def _env():
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ardistill"]
-ONE = [sys.executable, "-m", "ardistill"]
+TORCHRUN_ONE = TORCHRUN[:5] + ["1"] + TORCHRUN[6:]  # FSDP2 sharded over a world of 1
+ONE = [sys.executable, "-m", "ardistill"]  # no process group: fsdp trains the plain module
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -81,6 +82,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def _distill_args(rec, run_dir, *extra) -> list[str]:
     return ["distill", "--recording", rec["recording"], "--teacher", rec["teacher"], "--run-dir", str(run_dir),
             "--batch-size", "4", "--lr", "1e-3", "--ema-decay", "0.9", "--log-every", "1", "--ckpt-every", "2",
+            # accumulation (2 processes x 2 micro-batches of 1) and on-policy rollouts of the (sharded) EMA
+            "--grad-accum", "2", "--on-policy-prob", "0.5", "--on-policy-model", "ema",
             "--no-progress", "--no-tensorboard", "--device", "cpu", *extra]
 
 
@@ -131,14 +134,17 @@ def _assert_close_losses(la: list[float], lb: list[float]):
 @pytest.fixture(scope="module")
 def runs(rec, tmp_path_factory) -> dict:
     """2-process fsdp: ``straight`` (4 steps), ``part`` (2 steps, then resumed to 4 by 2 processes), and
-    ``reshard`` (a copy of ``part`` at step 2, resumed to 4 by one process)."""
+    copies of ``part`` at step 2 resumed to 4 by one process: ``reshard`` (plain module, no torchrun) and
+    ``reshard_torchrun`` (torchrun with one process: FSDP2 over a world of 1)."""
     root = tmp_path_factory.mktemp("fsdp-runs")
-    r = {k: root / k for k in ("straight", "part", "reshard")}
+    r = {k: root / k for k in ("straight", "part", "reshard", "reshard_torchrun")}
     _run(TORCHRUN + _distill_args(rec, r["straight"], "--steps", "4", "--parallel", "fsdp"))
     _run(TORCHRUN + _distill_args(rec, r["part"], "--steps", "2", "--parallel", "fsdp"))
     shutil.copytree(r["part"], r["reshard"])
+    shutil.copytree(r["part"], r["reshard_torchrun"])
     _run(TORCHRUN + _resume_args(r["part"], "--steps", "4"))
     _run(ONE + _resume_args(r["reshard"], "--steps", "4"))
+    _run(TORCHRUN_ONE + _resume_args(r["reshard_torchrun"], "--steps", "4"))
     return r
 
 
@@ -156,20 +162,26 @@ def test_two_process_fsdp_checkpoints_are_sharded_and_resume_exactly(runs):
     for name in ("student", "ema"):
         _assert_same(_weights(runs["straight"] / f"{name}.safetensors"), _weights(runs["part"] / f"{name}.safetensors"))
     assert _losses(runs["straight"]) == _losses(runs["part"])
-    assert [json.loads(x)["step"] for x in (runs["part"] / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    log = [json.loads(x) for x in (runs["part"] / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert 0 < sum(r["on_policy_frac"] for r in log) < 4  # both kinds of micro-batches happened
 
 
 @pytest.mark.slow
-def test_saved_by_two_processes_resumed_by_one(runs):
-    """Reshard: DCP loads the 2-process shards as whole tensors into one process's plain modules."""
-    la, lb = _losses(runs["straight"]), _losses(runs["reshard"])
+@pytest.mark.parametrize("run", ["reshard", "reshard_torchrun"])
+def test_saved_by_two_processes_resumed_by_one(runs, run):
+    """Reshard: DCP loads the 2-process shards as whole tensors into one process (plain modules), or as
+    the one shard of FSDP2 over a world of 1 (torchrun)."""
+    la, lb = _losses(runs["straight"]), _losses(runs[run])
     assert la[:2] == lb[:2]  # written by the 2-process run before the copy
+    state = Checkpointer.load_state(Checkpointer(runs[run] / "checkpoints").latest())
+    assert state["step"] == 4 and state["world_size"] == 1 and state["checkpoint_format"] == DCP_FORMAT
     # step 3 is the first one after the resume: the weights are the saved ones exactly, only the loss's
     # mean over the batch is summed in another order (one mean of 4 vs the average of two means of 2)
     _assert_close_losses(la[2:], lb[2:])
     for name in ("student", "ema"):
         _assert_close_training(_weights(runs["straight"] / f"{name}.safetensors"),
-                               _weights(runs["reshard"] / f"{name}.safetensors"))
+                               _weights(runs[run] / f"{name}.safetensors"))
 
 
 @pytest.mark.slow

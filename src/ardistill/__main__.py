@@ -1,4 +1,4 @@
-from ardistill.cli import main
+from ardistill.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -31,13 +31,18 @@ def balanced_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
 
 @torch.no_grad()
 def sample_student(student, seeds: list[int], labels: torch.Tensor, batch_size: int = 64, codec=None,
-                   device="cpu", progress: bool = False) -> torch.Tensor:
-    """Final samples (N, C, H, W) in [-1, 1] image space (decoded when ``codec`` is given), on CPU."""
+                   device="cpu", progress: bool = False, compile: bool = False) -> torch.Tensor:
+    """Final samples (N, C, H, W) in [-1, 1] image space (decoded when ``codec`` is given), on CPU.
+
+    ``compile``: run the KV-cached sampler through ``torch.compile`` (one compilation per batch shape;
+    equal to eager within float32 rounding, tests/test_compile.py).
+    """
+    sample = torch.compile(student.sample) if compile else student.sample
     shape = (student.cfg.teacher.in_channels, student.cfg.teacher.input_size, student.cfg.teacher.input_size)
     out = []
     for i in tqdm(range(0, len(seeds), batch_size), disable=not progress, desc="generate", leave=False):
         noise = randn_from_seeds(seeds[i:i + batch_size], shape, device=device)
-        x = student.sample(noise, labels[i:i + batch_size].to(device))
+        x = sample(noise, labels[i:i + batch_size].to(device))
         if codec is not None:
             x = codec.decode(x)
         out.append(x.float().clamp(-1, 1).cpu())
@@ -46,7 +51,7 @@ def sample_student(student, seeds: list[int], labels: torch.Tensor, batch_size: 
 
 def generate(student_path: str | Path, out: str | Path, num_samples: int, base_seed: int = 0,
              batch_size: int = 64, vae: str | None = None, device: str | None = None,
-             progress: bool = True) -> Path | None:
+             progress: bool = True, compile: bool = False) -> Path | None:
     """Sample ``num_samples`` images into an ADM .npz (``out``); works under torchrun.
 
     Args:
@@ -54,6 +59,8 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
         out: the merged .npz (``arr_0`` uint8 NHWC, ``arr_1`` labels); rank files sit beside it.
         num_samples: sample i has seed base_seed + i and label i % num_classes.
         vae: a diffusers AutoencoderKL folder for latent students (None = pixel space).
+        compile: ``torch.compile`` the sampler (the same samples within float32 rounding; it does not
+            enter the rank files' settings, so a rerun with or without it reuses finished ranks).
     Returns the merged file on rank 0 (None on other ranks).
     """
     from ardistill.evaluation.adm import read_adm_npz, to_uint8_nhwc, write_adm_npz
@@ -77,7 +84,7 @@ def generate(student_path: str | Path, out: str | Path, num_samples: int, base_s
             labels = torch.from_numpy(balanced_labels(idx, student.cfg.teacher.num_classes))
             t0 = time.perf_counter()
             imgs = sample_student(student, (base_seed + idx).tolist(), labels, batch_size, codec, dev,
-                                  progress and dist.is_main())
+                                  progress and dist.is_main(), compile=compile)
             write_adm_npz(part, to_uint8_nhwc(imgs), labels=labels.numpy())
             if dist.is_main():
                 print(f"rank 0: {len(idx)} samples in {time.perf_counter() - t0:.1f} s")

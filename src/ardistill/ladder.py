@@ -78,6 +78,8 @@ class LadderConfig:
     ema_warmup: bool = True
     ckpt_every: int = 250
     compile: bool = False  # torch.compile the training forward (runtime only: equal within float32 rounding)
+    device: str = "cpu"  # "cpu" or "cuda": where recording, training and evaluation run
+    precision: str = "fp32"  # DistillConfig.precision; fp32 (TF32 matmuls on CUDA) keeps GPU rows comparable
 
     def __post_init__(self):
         rungs = tuple(int(r) for r in self.rungs)
@@ -98,6 +100,8 @@ class LadderConfig:
         if self.train_eval_count > self.train_count:
             raise ValueError(f"LadderConfig.train_eval_count {self.train_eval_count} exceeds train_count "
                              f"{self.train_count}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"LadderConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.warmup_steps >= rungs[0]:
             raise ValueError(f"LadderConfig.warmup_steps {self.warmup_steps} must end before the first rung {rungs[0]}")
 
@@ -168,12 +172,13 @@ def prepare(cfg: LadderConfig, split: str, progress: bool = False) -> Path:
                              f"same settings (changed: {sorted(k for k in keep if old.get(k) != keep[k])})")
     atomic_write_json(saved, cfg.to_dict())
     path = recordings(cfg)[0 if split == "train" else 1]
-    record(load_any_teacher(cfg.teacher_path), path, record_config(cfg, split), device="cpu", progress=progress)
+    record(load_any_teacher(cfg.teacher_path), path, record_config(cfg, split), device=cfg.device,
+           progress=progress)
     return path
 
 
 # settings that may differ between invocations of the same ladder (more rungs, students or seeds later)
-_RUNTIME = ("rungs", "students", "ckpt_every", "compile", "out")
+_RUNTIME = ("rungs", "students", "ckpt_every", "compile", "out", "device")
 
 
 def distill_config(cfg: LadderConfig, run: LadderRun, steps: int):
@@ -182,7 +187,8 @@ def distill_config(cfg: LadderConfig, run: LadderRun, steps: int):
     train_rec, _ = recordings(cfg)
     return DistillConfig(recording=str(train_rec), teacher=str(cfg.teacher_path), run_dir=str(run.run_dir),
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                         ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, seed=run.seed, device="cpu",
+                         ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, seed=run.seed, device=cfg.device,
+                         precision=cfg.precision,
                          ckpt_every=cfg.ckpt_every, log_every=50, tensorboard=False, progress=False,
                          compile=cfg.compile, **LADDER_STUDENTS[run.student])
 
@@ -264,11 +270,12 @@ class Evaluator:
     def student_row(self, run: LadderRun, steps: int) -> dict:
         from ardistill.evaluation.evaluate import image_metrics, run_sampler, trajectory_errors
         from ardistill.io.student_io import load_student
-        student = load_student(run.rung_weights(steps))
-        samples = run_sampler(student.sample, self.ev.noise, self.ev.labels)
+        dev = self.cfg.device  # the student samples there; features and metrics stay on the CPU
+        student = load_student(run.rung_weights(steps), device=dev)
+        samples = run_sampler(student.sample, self.ev.noise, self.ev.labels, device=dev)
         m = image_metrics(samples, self.real, self.net, teacher_features=self.teacher_features)
-        held = trajectory_errors(student, self.ev)
-        train = trajectory_errors(student, self.train)
+        held = trajectory_errors(student, self.ev, device=dev)
+        train = trajectory_errors(student, self.train, device=dev)
         fmt = lambda v: " ".join(f"{x:.6g}" for x in v)
         return {"teacher": self.cfg.teacher_name, "student": run.student, "seed": run.seed, "steps": steps,
                 "fd": m.fd, "fd_to_teacher": m.fd_teacher, "precision": m.precision, "recall": m.recall,

@@ -1,6 +1,7 @@
 """`ardistill distill`: train an ARD (or step-distillation) student on a trajectory recording.
 
-One loop for 1..N processes (torchrun; DDP over gloo on CPU, NCCL on GPU). Each optimizer step:
+One loop for 1..N processes (torchrun; DDP over gloo on CPU, NCCL on GPU, or FSDP2 with ``parallel =
+"fsdp"``, training/parallel.py). Each optimizer step:
 a global batch of trajectories (seeded epoch order, split over ranks and ``grad_accum``
 micro-batches) -> teacher-forced student pass over all S blocks at once -> per-step MSE against the
 teacher's next states, averaged over steps with optional weights -> AdamW with gradient clipping
@@ -15,6 +16,8 @@ Run folder::
     log.jsonl, log.csv, tb/     scalars every log_every steps (rank 0)
     checkpoints/latest.json     pointer to the newest complete checkpoint
     checkpoints/step_XXXXXXXX/  student.safetensors, ema.safetensors, state.pt
+                                (fsdp: dcp/ with every rank's shards of both and of AdamW, state.pt;
+                                ``ardistill export-checkpoint`` writes the single files)
     student.safetensors, ema.safetensors   final weights (load with student_io.load_student)
 
 The infrastructure (data order, DDP, EMA, checkpoints, RNG, NaN guard, logging) lives in

@@ -4,9 +4,11 @@ Each piece is independent of the model and the loss:
 - ``EpochBatches``: seeded epoch permutation of item indices, split over ranks and micro-batches,
   with a position (epoch, offset) that is saved and restored exactly;
 - ``setup_backends`` / ``autocast``: TF32 and bf16 autocast on CUDA, plain fp32 on CPU;
-- ``wrap_ddp`` / ``sync_gradients``: DDP when running under torchrun, no-ops in one process;
+- ``wrap_ddp`` / ``sync_gradients``: DDP when running under torchrun, no-ops in one process (FSDP2:
+  training/parallel.py; ``sync_gradients`` handles both);
 - ``capture_rng`` / ``restore_rng``: every rank's global RNG states plus named generators;
-- ``Checkpointer``: numbered checkpoint folders written atomically, a ``latest.json`` pointer;
+- ``Checkpointer``: numbered checkpoint folders written atomically, a ``latest.json`` pointer (also
+  for sharded DCP checkpoints that every rank writes into);
 - ``check_finite``: the NaN/inf guard (all ranks stop together);
 - ``RunLogger``: JSONL + CSV + TensorBoard scalars (rank 0), truncated on resume;
 - ``lr_at``: linear warm-up then constant learning rate.
@@ -402,15 +404,20 @@ def _disk_full(path: Path, err: BaseException) -> bool:
 
 
 def _agree(error: BaseException | None, writing: Path) -> tuple[BaseException | None, bool]:
-    """Collective: (an error when any rank failed (its own, or one naming the failing rank), any full disk)."""
-    own = None if error is None else (f"{type(error).__name__}: {dcp_failure(error)}", _disk_full(writing, error))
-    reports = dist.all_gather_object(own)
-    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-    if not failed:
+    """Collective: (an error when any rank failed (its own, or one saying another rank failed), any full disk).
+
+    A tensor all-reduce, not an object collective: gloo has aborted at exit after object collectives.
+    """
+    nccl = dist.is_distributed() and torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    flags = torch.tensor([0.0 if error is None else 1.0,
+                          1.0 if error is not None and _disk_full(writing, error) else 0.0],
+                         device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    dist.all_reduce_sum(flags)
+    if flags[0].item() == 0:
         return None, False
     if error is None:
-        error = RuntimeError(f"writing the checkpoint failed on rank {failed[0][0]}: {failed[0][1][0]}")
-    return error, any(r[1] for _, r in failed)
+        error = RuntimeError("writing the checkpoint's shards failed on another process (its error is in its output)")
+    return error, flags[1].item() > 0
 
 
 # ------------------------------------------------------------------------------------------------

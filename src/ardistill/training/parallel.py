@@ -20,9 +20,11 @@ Choices (see docs/training.md, "Several processes"):
   elementwise, so it is bit-for-bit the update DDP does on whole tensors, with no communication and
   1/world of the memory. Gathering the EMA instead would cost an all-gather of the whole model every
   step and a full copy per rank, which is what FSDP is there to avoid.
-- **One process**: ``fsdp`` with a world of 1 trains the plain module (sharding over one process is
-  the identity and DTensor wrappers only cost time), but checkpoints still go through DCP, so a run
-  started on one process can continue sharded on several, and the other way round.
+- **One process**: without a process group (no torchrun) ``fsdp`` trains the plain module (there is
+  nothing to shard over, and it stays bit-identical to ``ddp``), but checkpoints still go through DCP,
+  so a run started in one process can continue sharded on several, and the other way round. Under
+  torchrun FSDP2 shards even over a world of 1: no memory is saved, but the FSDP2 path (hooks, DTensor
+  parameters, collectives) runs, e.g. to check it on a single GPU.
 - **Gradient accumulation**: ``loop.sync_gradients`` calls ``set_requires_gradient_sync(False)`` on all
   micro-batches but the last, as DDP's ``no_sync``: one reduce-scatter per optimizer step.
 - **Clipping**: ``clip_grad_norm_`` takes DTensor gradients (the norm is reduced over the shards);
@@ -56,8 +58,8 @@ def check_parallel(name: str, value: str) -> None:
 
 
 def sharded_world(parallel: str) -> bool:
-    """Whether this run shards its modules: ``fsdp`` on more than one process."""
-    return parallel == "fsdp" and dist.world_size() > 1
+    """Whether this run shards its modules: ``fsdp`` with a process group (torchrun, any world size)."""
+    return parallel == "fsdp" and dist.is_distributed()
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -109,10 +111,10 @@ def wrap_parallel(model: nn.Module, device: torch.device, parallel: str, blocks:
     """The module a trainer runs forward and backward through.
 
     ``ddp``: DistributedDataParallel under torchrun, the module itself in one process (``wrap_ddp``).
-    ``fsdp``: on more than one process, ``model`` is sharded in place (``shard``) and returned;
-    ``shadows`` (the EMA copy, made from ``model`` before this call) are sharded alike. In one
-    process the module itself (see the module docstring). Build the optimizer after this call: FSDP
-    replaces the parameters.
+    ``fsdp``: under torchrun, ``model`` is sharded in place (``shard``) and returned; ``shadows``
+    (the EMA copy, made from ``model`` before this call) are sharded alike. Without a process group
+    the module itself (see the module docstring). Build the optimizer after this call: FSDP replaces
+    the parameters.
     """
     from ardistill.training.loop import wrap_ddp
     check_parallel("parallel", parallel)

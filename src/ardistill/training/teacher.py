@@ -249,7 +249,7 @@ def start_teacher_run(make_model, cfg, out_dir: Path, resume: bool, device: torc
         model = model.to(device)
     # EMA warm-up (decay min(d, (1 + n) / (10 + n))) keeps a short run from averaging in the random init.
     ema = EMA(model, cfg.ema_decay, warmup=True)
-    if parallel == "fsdp":  # shards on several processes; the plain module on one
+    if parallel == "fsdp":  # shards under torchrun; the plain module without a process group
         wrap_parallel(model, device or torch.device("cpu"), "fsdp", None, (), (ema.module,))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
