@@ -168,6 +168,15 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.grad and device.type == "cpu":
         ap.error("--grad needs a device where FlexAttention has a backward (CUDA); the CPU has none")
+    from ardistill.models import attention as A
+    if device.type == "cpu" and not A.flex_cpu_supported():
+        msg = (f"FlexAttention cannot run here: PyTorch runs {torch.backends.cpu.get_cpu_capability()} kernels "
+               "(inductor's CPU FlexAttention needs AVX2 or AVX-512); nothing to compare")
+        print(f"# {msg}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(torch=torch.__version__, device=str(device), skipped=msg, rows=[]), f, indent=1)
+        return
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), device {device}, mask {args.mask}, {args.reps} reps", flush=True)
     rows = []

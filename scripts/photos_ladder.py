@@ -13,7 +13,7 @@ resumes from its latest checkpoint, recordings resume).
 
 ``--ladder NAME[=TEACHER]:RUNGS``: NAME is the CSV's teacher column and the ladder's folder under
 ``--out``; without ``=TEACHER`` the shipped photos teacher is used. ``--report`` prints the ratio table
-from the CSV and exits. Run it from a worktree pinned at one commit (the rows carry that commit).
+from the CSV (and with ``--figure`` draws the figure from it) and exits. Run it from a worktree pinned at one commit (the rows carry that commit).
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def main(argv=None):
     if args.report:
         if not args.csv:
             p.error("--report needs --csv")
-        print(ratio_table(read_csv(args.csv)))
+        rows = read_csv(args.csv)
+        print(ratio_table(rows))
+        if args.figure:
+            plot_ladder(rows, args.figure)
         return
     if not args.out or not args.ladder:
         p.error("--out and --ladder are required (except with --report)")
@@ -104,7 +107,9 @@ def main(argv=None):
             plot_ladder(rows, args.figure)
 
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+    # a fresh process per job: torch.compile's cache is per process and guards on the model object, so a
+    # reused worker would recompile for every run and fall back to eager past dynamo's recompile limit
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         # 1. recordings (one process each), then the teacher rows
         futs = [pool.submit(_job, "record", c.to_dict(), (split,), None) for c in ladders for split in ("eval", "train")]
         for f in cf.as_completed(futs):

@@ -22,12 +22,19 @@ import pytest
 import torch
 
 from ardistill.models import attention as A
+from ardistill.models.attention import flex_cpu_supported
 from ardistill.models.dit import build_dit
 from ardistill.models.masks import MASKS, attended_pairs, token_mask
 from ardistill.models.student import StudentConfig, build_student
 
 ATOL = 1e-5  # see the module docstring
 DEPTH = 4
+
+# inductor's CPU FlexAttention kernel needs PyTorch's AVX2 / AVX-512 kernels: not under ATEN_CPU_CAPABILITY=default
+# (scripts/test_numerics_isa.sh default) nor on an older CPU, where "auto" takes SDPA (tested below)
+NEEDS_CPU_FLEX = pytest.mark.skipif(not flex_cpu_supported(),
+                                    reason=f"FlexAttention on the CPU needs AVX2/AVX-512 kernels, this process runs "
+                                           f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def _teacher(depth=DEPTH, seed=0):
@@ -83,6 +90,7 @@ def test_flex_block_size_rule():
 
 
 # ---- flex == SDPA ----------------------------------------------------------------------------------
+@NEEDS_CPU_FLEX
 @torch.no_grad()
 def test_flex_equals_sdpa_forward():
     """Default run, one compiled shape: the attention itself for M1-M4, then the student at S = 4."""
@@ -104,6 +112,7 @@ def test_flex_equals_sdpa_forward():
             assert ref.abs().max().item() > 0.5  # not trivially small
 
 
+@NEEDS_CPU_FLEX
 @pytest.mark.slow
 @torch.no_grad()
 def test_flex_equals_sdpa_forward_two_blocks_and_cached_sampler_unchanged():
@@ -122,6 +131,7 @@ def test_flex_equals_sdpa_forward_two_blocks_and_cached_sampler_unchanged():
     assert torch.equal(s.sample(noise, y[:3], return_all=True), before)
 
 
+@NEEDS_CPU_FLEX
 @pytest.mark.slow
 @torch.no_grad()
 def test_text_student_flex_equals_sdpa():
@@ -185,6 +195,7 @@ def test_attention_setting_is_runtime_only(monkeypatch):
         _student(2, 2, "M4")
 
 
+@NEEDS_CPU_FLEX
 @pytest.mark.slow
 @torch.no_grad()
 def test_auto_measures_once_per_shape_and_keeps_the_output():
@@ -228,3 +239,17 @@ def test_flex_equals_sdpa_forward_and_gradients_on_cuda():
                 for n in g_s:  # gradients: relative to each tensor's scale (sums over the batch)
                     scale = g_s[n].abs().max().item() + 1e-12
                     assert (g_f[n] - g_s[n]).abs().max().item() <= 1e-4 * scale, (S, kind, Nh, n)
+
+
+def test_without_avx2_kernels_flex_is_refused_and_auto_takes_sdpa(monkeypatch):
+    """On a CPU (or under ATEN_CPU_CAPABILITY=default) without AVX2 / AVX-512 kernels inductor has no FlexAttention:
+    "flex" says so by name and "auto" takes SDPA without measuring."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not A.flex_cpu_supported()
+    assert not A.flex_runs("cpu", needs_grad=False)
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(NotImplementedError, match="AVX2 or AVX-512"):
+        A.attend(q, q, q, A.flex_block_mask("M4", 2, 4, "cpu"))
+    A._AUTO.clear()
+    assert A.choose("M4", 2, 4, (1, 2, 4), torch.float32, "cpu", needs_grad=False) == "sdpa"
+    A._AUTO.clear()

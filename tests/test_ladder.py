@@ -88,7 +88,7 @@ def test_ladder_rungs_equal_runs_stopped_there_and_rows_are_complete(tmp_path):
     back = read_csv(path)
     d = degradation_ratios(back)
     assert [x["steps"] for x in d] == [6]  # the only budget both students have
-    assert "| tiny | 6 |" in ratio_table(back)
+    assert "| tiny | shared | 6 |" in ratio_table(back)
 
 
 def test_a_changed_ladder_is_refused(tmp_path):

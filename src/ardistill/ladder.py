@@ -381,18 +381,26 @@ def _std(v: np.ndarray) -> float:
     return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+PAIRS = (("step distillation", "ARD (N_h = 1)"),
+         ("step distillation, per-step heads", "ARD (N_h = 1), per-step heads"))
+
+
 def ratio_table(rows: list[dict]) -> str:
-    """Markdown: per teacher and budget, both students' FD and FD to teacher, and the two ratios."""
-    lines = ["| teacher | steps | teacher FD | SD FD | ARD FD | SD FD to teacher | ARD FD to teacher | "
-             "FD-degradation ratio (per-seed range) | FD-to-teacher ratio (range) | SD excess / SD std |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for d in degradation_ratios(rows):
-        lines.append(
-            f"| {d['teacher']} | {d['steps']} | {d['teacher_fd']:.1f} | {d['sd_fd']:.1f} ± {d['sd_fd_std']:.1f} | "
-            f"{d['ard_fd']:.1f} ± {d['ard_fd_std']:.1f} | {d['sd_fd_to_teacher']:.1f} ± {d['sd_fd_to_teacher_std']:.1f} | "
-            f"{d['ard_fd_to_teacher']:.1f} ± {d['ard_fd_to_teacher_std']:.1f} | {d['ratio']:.2f} "
-            f"({d['ratio_range'][0]:.2f}-{d['ratio_range'][1]:.2f}) | {d['ratio_to_teacher']:.2f} "
-            f"({d['ratio_to_teacher_range'][0]:.2f}-{d['ratio_to_teacher_range'][1]:.2f}) | {d['sd_excess_over_std']:.0f} |")
+    """Markdown: per teacher, pair (shared heads; per-step heads) and budget, both students' FD and FD to
+    teacher (mean ± seed std), the paper's FD-degradation ratio and the FD-to-teacher ratio (per-seed ranges)."""
+    lines = ["| teacher | heads | steps | teacher FD | SD FD | ARD FD | SD FD to teacher | ARD FD to teacher | "
+             "FD-degradation ratio (per-seed range) | FD-to-teacher ratio (range) | seeds | SD excess / SD std |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sd, ard in PAIRS:
+        heads = "per-step" if "per-step" in sd else "shared"
+        for d in degradation_ratios(rows, sd, ard):
+            lines.append(
+                f"| {d['teacher']} | {heads} | {d['steps']} | {d['teacher_fd']:.1f} | {d['sd_fd']:.1f} ± {d['sd_fd_std']:.1f} | "
+                f"{d['ard_fd']:.1f} ± {d['ard_fd_std']:.1f} | {d['sd_fd_to_teacher']:.1f} ± {d['sd_fd_to_teacher_std']:.1f} | "
+                f"{d['ard_fd_to_teacher']:.1f} ± {d['ard_fd_to_teacher_std']:.1f} | {d['ratio']:.2f} "
+                f"({d['ratio_range'][0]:.2f}-{d['ratio_range'][1]:.2f}) | {d['ratio_to_teacher']:.2f} "
+                f"({d['ratio_to_teacher_range'][0]:.2f}-{d['ratio_to_teacher_range'][1]:.2f}) | {d['seeds']} | "
+                f"{'-' if math.isnan(d['sd_excess_over_std']) else format(d['sd_excess_over_std'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -414,16 +422,21 @@ def plot_ladder(rows: list[dict], path: str | Path) -> Path:
             vals = [[float(r["fd_to_teacher"]) for r in rs if int(r["steps"]) == n] for n in steps]
             mean = [float(np.mean(v)) for v in vals]
             color, ls = styles.get(s, (None, ":"))
-            ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=f"{s} ({max(len(v) for v in vals)} seeds)")
-            if max(len(v) for v in vals) > 1:
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2, lw=0)
+            n = max(len(v) for v in vals)
+            ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=f"{s} ({n} seed{'s' if n > 1 else ''})")
+            if n > 1:  # the seeds' range: a band between rungs, a bar at each rung
+                lo, hi = [min(v) for v in vals], [max(v) for v in vals]
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+                ax.errorbar(steps, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
+                            fmt="none", ecolor=color, capsize=3, lw=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training steps (batch 64)")
         ax.set_ylabel("FD to the teacher's samples (same noise)")
         ax.set_title(f"teacher {t}, S = 4")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if students:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -141,15 +141,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None) ->
                 "attention 'flex' needs gradients here, but FlexAttention has no backward on the CPU in "
                 f"torch {torch.__version__} (pytorch/pytorch#148752); use attention 'sdpa' or 'auto' for "
                 "training on the CPU")
+        if q.device.type == "cpu" and not flex_cpu_supported():
+            raise NotImplementedError(
+                f"attention 'flex' on the CPU needs PyTorch's AVX2 or AVX-512 kernels; this process runs "
+                f"{torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY or the CPU), where inductor has no "
+                "FlexAttention kernel; use attention 'sdpa' or 'auto'")
         if torch.compiler.is_compiling():  # inside a compiled model: the outer compile fuses it
             return flex_attention(q, k, v, block_mask=attn_mask)
         return _compiled_flex()(q, k, v, block_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
+def flex_cpu_supported() -> bool:
+    """Whether inductor has a FlexAttention kernel for this CPU: it needs PyTorch's AVX2 or AVX-512 kernels
+    (``torch.backends.cpu.get_cpu_capability()``; with ``ATEN_CPU_CAPABILITY=default`` or on an older CPU it
+    raises "torch.compile on current platform is not supported for CPU")."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def flex_runs(device, needs_grad: bool) -> bool:
-    """Whether FlexAttention can run this pass: not where it has no backward (CPU, MPS) and grads are needed."""
-    return flex_available() and not (needs_grad and torch.device(device).type in ("cpu", "mps"))
+    """Whether FlexAttention can run this pass: not on a CPU without AVX2 / AVX-512 kernels, and not where
+    it has no backward (CPU, MPS) when gradients are needed."""
+    dev = torch.device(device).type
+    if not flex_available() or (dev == "cpu" and not flex_cpu_supported()):
+        return False
+    return not (needs_grad and dev in ("cpu", "mps"))
 
 
 # ---- "auto": measure once per shape -----------------------------------------------------------
