@@ -117,6 +117,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 with TF32 matmuls on CUDA)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top operators over 3 steps of the first variant")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,6 +177,12 @@ def main(argv=None) -> dict:
     result = {"config": vars(args), "machine": {"device": card, "torch": torch.__version__},
               "flops": flops, "gemm_gflops": rate, "median_s": med, "times": times, "warmup_s": t_compile,
               "weight_rel_diff": diff}
+    if args.profile:
+        from torch.profiler import profile
+        with profile() as prof:
+            for _ in range(3):
+                trainers[variants[0]].step(x, y, target, weights)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -76,4 +76,4 @@ def test_compiled_sampler_matches_eager(tmp_path):
     eager = sample_student(student, list(range(6)), labels, batch_size=6)
     compiled = sample_student(student, list(range(6)), labels, batch_size=6, compile=True)
     assert_paths_agree(compiled, eager, gain=4)
-    assert (eager - torch.zeros_like(eager)).abs().max() > 1e-2  # the samples are not trivially equal
+    assert eager.abs().max() > 1e-2  # the samples are not trivially zero
