@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -97,6 +98,20 @@ def test_a_changed_ladder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         prepare(_cfg(tmp_path, train_count=8, eval_count=8, train_eval_count=4, lr=1e-3), "eval")
     prepare(_cfg(tmp_path, train_count=8, eval_count=8, train_eval_count=4, rungs=(3, 6, 9)), "eval")  # more rungs: fine
+
+
+def test_a_setting_added_later_keeps_an_old_ladder(tmp_path):
+    cfg = _cfg(tmp_path, train_count=8, eval_count=8, train_eval_count=4)
+    prepare(cfg, "eval")
+    saved = Path(cfg.out) / "ladder.json"
+    old = json.loads(saved.read_text())
+    del old["precision"]  # a ladder started before the field existed ran with its default
+    saved.write_text(json.dumps(old))
+    prepare(cfg, "eval")
+    old["precision"] = "bf16"  # but a recorded non-default value still counts as a change
+    saved.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="precision"):
+        prepare(cfg, "eval")
 
 
 def test_degradation_ratio_is_the_papers():

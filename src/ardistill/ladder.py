@@ -27,7 +27,7 @@ import io
 import json
 import math
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +166,8 @@ def prepare(cfg: LadderConfig, split: str, progress: bool = False) -> Path:
     saved = out / "ladder.json"
     if saved.is_file():
         old = read_json(saved, "ladder config")
+        # a setting added after this ladder was started is absent from its file: it ran with the default
+        old = {**{f.name: f.default for f in fields(LadderConfig) if f.default is not MISSING}, **old}
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME}
         if {k: v for k, v in old.items() if k not in _RUNTIME} != keep:
             raise ValueError(f"{saved}: this ladder was started with other settings; use another --out or the "
