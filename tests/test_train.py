@@ -81,7 +81,9 @@ def test_exact_resume_in_process(rec, tmp_path):
         distill(part)  # without --resume an existing run is refused
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         distill(replace(part, seed=1), resume=True)  # a setting that changes the computation
-    resumed = distill(part, resume=True)
+    with pytest.raises(ValueError, match="precision 'bf16'"):
+        distill(replace(part, precision="bf16"), resume=True)  # not the computation that ran (refused on CPU)
+    resumed = distill(replace(part, precision="fp32"), resume=True)  # 'auto' ran in fp32 on this CPU: same run
     assert resumed.step == 6
     for name in ("student", "ema"):
         _assert_same(_weights(tmp_path / "full" / f"{name}.safetensors"), _weights(tmp_path / "part" / f"{name}.safetensors"))

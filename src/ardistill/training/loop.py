@@ -648,7 +648,11 @@ def start_run(cfg, resume: bool, device: torch.device, runtime_fields: tuple[str
             raise ValueError(f"{run_dir} already holds a run (checkpoint {read_json(pointer, 'checkpoint pointer')['dir']}); "
                              f"pass --resume to continue it or choose another --run-dir")
         latest, state = ckpt.resume_point()  # the newest readable one
-        cfg = check_resume_config(type(cfg).from_dict(state["config"]), cfg, latest, runtime_fields)
+        saved = type(cfg).from_dict(state["config"])
+        if resolve_precision(saved.precision, device) == resolve_precision(cfg.precision, device):
+            from dataclasses import replace
+            cfg = replace(cfg, precision=saved.precision)  # e.g. 'auto' and 'fp32' on a CPU: the same run
+        cfg = check_resume_config(saved, cfg, latest, runtime_fields)
     world = dist.world_size()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"{type(cfg).__name__}.batch_size {cfg.batch_size} is not divisible by processes ({world}) "
