@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ def stage_of(module: str) -> str:
     """``ardistill.models.dit`` -> ``models``; a top-level module is an application."""
     parts = module.split(".")
     assert parts[0] == "ardistill", module
-    if len(parts) == 1 or parts[1] in ("__init__", "_compat", "__main__"):
+    if len(parts) == 1 or parts[1] in ("__init__", "__main__"):
         return "<root>"
     return parts[1] if parts[1] in ORDER else "<app>"
 
@@ -100,29 +99,12 @@ def test_every_module_sits_in_a_known_stage():
     assert folders == set(ORDER) - {"<app>"}
 
 
-@pytest.mark.parametrize("old,new", sorted(__import__("ardistill._compat", fromlist=["MOVED"]).MOVED.items()))
-def test_old_import_paths_still_work_with_a_warning(old, new):
-    target = importlib.import_module(f"ardistill.{new}")
-    public = [n for n in vars(target) if not n.startswith("_")]
-    if old == "data":
-        with pytest.warns(FutureWarning, match="ardistill.data.digits"):
-            assert ardistill.data.load_digits_split is target.load_digits_split
-        return
-    import sys
-    sys.modules.pop(f"ardistill.{old}", None)
-    with pytest.warns(FutureWarning, match=f"ardistill.{new}"):
-        mod = importlib.import_module(f"ardistill.{old}")
-    for name in public:
-        assert getattr(mod, name) is getattr(target, name), name
-
-
-def test_readme_names_work_at_old_and_new_paths():
+def test_readme_names_work_at_new_paths():
     from ardistill.models.dit import DiT
     from ardistill.models.student import ARDStudent
     from ardistill.sampling.ode import solve
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from ardistill.dit import DiT as OldDiT
-        from ardistill.ode import solve as old_solve
-        from ardistill.student import ARDStudent as OldStudent
-    assert (OldDiT, OldStudent, old_solve) == (DiT, ARDStudent, solve)
+    assert (DiT.__module__, ARDStudent.__module__, solve.__module__) == (
+        "ardistill.models.dit", "ardistill.models.student", "ardistill.sampling.ode")
+    for old in ("ardistill.dit", "ardistill.student", "ardistill.ode"):  # the flat paths are gone (issue 24)
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)

@@ -5,8 +5,4 @@ then ``io``, ``data``, ``training``, ``evaluation``, and the applications (``cli
 ``presets``, ``sample``, ``generate``) on top.
 """
 
-from ardistill import _compat
-
 __version__ = "0.1.0"
-
-_compat.install()  # old flat import paths (ardistill.dit, ...) keep working for one release
