@@ -777,7 +777,7 @@ def _add_evaluate(sub):
         from ardistill.evaluation.features import get_feature_network
         from ardistill.io.fileio import atomic_write_json
         if args.prompts is not None:
-            from ardistill.evaluation.clip_score import evaluate_prompt_samples
+            from ardistill.evaluation.prompt_samples import evaluate_prompt_samples
             if args.clip is None:
                 raise ValueError("--prompts needs --clip FOLDER (a local transformers CLIP folder)")
             features = args.features or "clip"

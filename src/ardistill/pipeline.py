@@ -198,7 +198,7 @@ def generate_from_prompts(pipe: ARDPipeline, prompts_file: str | os.PathLike, ou
     """`ardistill generate --prompts`: every prompt's images into ``out``: samples.npz (ADM), samples.jsonl
     (index, prompt id, prompt, seed per image), and one PNG per image under images/."""
     from ardistill.evaluation.adm import to_uint8_nhwc, write_adm_npz
-    from ardistill.evaluation.clip_score import SAMPLES_INDEX, SAMPLES_NPZ
+    from ardistill.evaluation.prompt_samples import SAMPLES_INDEX, SAMPLES_NPZ
     items = read_prompts(prompts_file)
     rows = [{"index": i * num_images_per_prompt + j, "id": p.id, "prompt": p.prompt,
              "seed": seed + i * num_images_per_prompt + j} for i, p in enumerate(items)

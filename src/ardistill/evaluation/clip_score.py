@@ -7,6 +7,7 @@ is downloaded. ``CLIPScoreStats`` holds a running sum, sum of squares and count,
 number of samples are gathered batch by batch and across torchrun processes.
 
 The same network gives image features for a Frechet distance in CLIP space (``get_feature_network("clip")``).
+Scoring a ``generate --prompts`` folder (``ardistill evaluate --prompts``) is evaluation/prompt_samples.py.
 """
 
 from __future__ import annotations
@@ -148,53 +149,3 @@ def clip_score(scorer: CLIPScorer, images: torch.Tensor, prompts: list[str], bat
     for i in range(0, images.shape[0], batch_size):
         stats.update(scorer.scores(images[i:i + batch_size], prompts[i:i + batch_size]))
     return stats
-
-
-# ------------------------------------------------------------------------------------------------
-# Samples generated from prompts (``ardistill generate --prompts``): the folder evaluate --prompts reads
-
-SAMPLES_NPZ = "samples.npz"  # ADM layout: arr_0 uint8 (N, H, W, 3)
-SAMPLES_INDEX = "samples.jsonl"  # one line per image: index, prompt id, prompt, seed
-
-
-def read_prompt_samples(folder: str | os.PathLike):
-    """The images (an ADM batch, read incrementally) and their index rows of a ``generate --prompts`` folder."""
-    import json
-
-    from ardistill.evaluation.adm import read_adm_npz
-    folder = Path(folder)
-    for name in (SAMPLES_NPZ, SAMPLES_INDEX):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: not a folder written by ardistill generate --prompts")
-    images = read_adm_npz(folder / SAMPLES_NPZ, require_images=True)
-    rows = []
-    with open(folder / SAMPLES_INDEX, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{folder / SAMPLES_INDEX}:{n}: not valid JSON ({e})") from e
-    if len(rows) != images.num_images:
-        raise ValueError(f"{folder}: {images.num_images} images in {SAMPLES_NPZ} but {len(rows)} rows in {SAMPLES_INDEX}")
-    return images, rows
-
-
-def evaluate_prompt_samples(samples: str | os.PathLike, clip: str | os.PathLike, reference: str | os.PathLike | None = None,
-                            features: str = "clip", batch_size: int = 64, device=None, **feature_kw) -> dict:
-    """``ardistill evaluate --prompts``: CLIP score of a ``generate --prompts`` folder, and FD / precision /
-    recall against a reference ADM ``.npz`` of real images when given (in CLIP space, or Inception's)."""
-    images, rows = read_prompt_samples(samples)
-    scorer = CLIPScorer(clip, device=device)
-    stats = CLIPScoreStats()
-    for i, x in enumerate(images.iter_tensors(batch_size)):  # streamed: memory holds one batch of images
-        stats.update(scorer.scores(x, [r["prompt"] for r in rows[i * batch_size:(i + 1) * batch_size]]))
-    out = {"clip_score": stats.mean, "clip_score_std": stats.std, "num_samples": stats.count,
-           "num_prompts": len({r["id"] for r in rows}), "clip": str(clip)}
-    if reference is not None:
-        from ardistill.evaluation.evaluate import evaluate_npz
-        from ardistill.evaluation.features import get_feature_network
-        net = scorer if features == "clip" else get_feature_network(features, device=device, **feature_kw)
-        fd = evaluate_npz(Path(samples) / SAMPLES_NPZ, reference, net, batch_size=batch_size, device=device)
-        out.update({k: fd[k] for k in ("fd", "precision", "recall", "num_reference", "feature_network")})
-    return out
