@@ -396,7 +396,8 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     """
     from ardistill.io.checkpoints import load_any_teacher
     from ardistill.evaluation.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features, image_metrics,
-                                    median_latency, run_sampler, trajectory_errors, write_report)
+                                    median_latency, run_sampler, trajectory_errors)
+    from ardistill.evaluation.report import write_report
     from ardistill.evaluation.flops import sampling_flops
     from ardistill.sampling.guidance import make_model_fn
     from ardistill.sampling.diffusion import process_for

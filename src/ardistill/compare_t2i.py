@@ -212,8 +212,8 @@ def compare_t2i(cfg: T2IConfig) -> Path:
     from ardistill.data.text_encoder import load_text_teacher_and_encoder
     from ardistill.evaluation.classifier import load_digits_classifier
     from ardistill.evaluation.adherence import prompt_adherence
-    from ardistill.evaluation.text_eval import (evaluate_samples, load_text_eval_set, pair_features, pair_metrics,
-                                                sample_text_student, text_trajectory_errors)
+    from ardistill.evaluation.evaluate import (evaluate_samples, load_text_eval_set, pair_features, pair_metrics,
+                                               sample_student, trajectory_errors)
     from ardistill.io.images import save_captioned_grid
     from ardistill.io.student_io import load_student
     from ardistill.sampling.diffusion import process_for
@@ -286,9 +286,9 @@ def compare_t2i(cfg: T2IConfig) -> Path:
             sets, samples = {}, {}
             for sname, _, _ in EVAL_SETS:
                 ev = evs[(sname, S)]
-                samples[sname] = sample_text_student(student, ev, device=device)
+                samples[sname] = sample_student(student, ev, device=device)
                 sets[sname] = evaluate_samples(samples[sname], ev, clf, real_feats[sname], teacher_feats[sname])
-                sets[sname]["trajectory_errors"] = text_trajectory_errors(student, ev, device=device)
+                sets[sname]["trajectory_errors"] = trajectory_errors(student, ev, device=device)
             seed_rows.append({"model": vname, "seed": seed, "steps": S, "sets": sets})
             if seed == cfg.seeds[0]:
                 grids[vname] = grid_row(samples)

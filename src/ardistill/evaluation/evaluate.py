@@ -1,14 +1,20 @@
-"""Evaluation: same noise and labels for every model -> images -> features -> metrics, no PNGs on disk.
+"""Evaluation: the same noise and condition for every model -> images -> features -> metrics, no PNGs on disk.
 
 The evaluation set is a held-out teacher recording (seeds disjoint from training): its initial noise
-is what every student starts from, its final states are the teacher's samples, and its recorded
-states are the references for the per-step trajectory error:
+is what every student starts from, its condition is what every model is sampled under, its final states
+are the teacher's samples, and its recorded states are the references for the per-step trajectory error:
 
 - free-running error (exposure bias): the student samples from the noise on its own; step s is
   compared with the teacher's state (or x0-prediction, by the student's target) at step s;
 - teacher-forced error: the student is fed the teacher's states as history, as in training.
 
 Their gap is the exposure bias the paper measures; ARD should shrink it.
+
+The condition is a payload, one row per trajectory: ``(labels,)`` for class-conditional students,
+``(caption tokens, mask)`` for text-to-image ones. Students are called ``student.sample(noise, *cond)``
+and ``student(inputs, *cond)``, so both kinds share every function here. A text set of the two-digit
+benchmark (``TextEvalSet``) also knows its captions' digits: ``evaluate_samples`` reads them (prompt
+adherence, evaluation/adherence.py) beside the FD of the pair features. The report is evaluation/report.py.
 """
 
 from __future__ import annotations
@@ -24,20 +30,35 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ardistill.io.fileio import atomic_write_bytes, atomic_write_json
-from ardistill.models.student import ARDStudent
+from ardistill.data.digit_pairs import split_halves
+from ardistill.evaluation.adherence import prompt_adherence
+from ardistill.evaluation.features import FunctionFeatures, features_and_logits, has_logits
+from ardistill.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
-Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noise, labels) -> final states
+Sampler = Callable[..., torch.Tensor]  # (noise, *cond) -> final states
 
 
 @dataclass
 class EvalTrajectories:
-    """Teacher trajectories on the student grid: states and x0-predictions (M, S+1, C, H, W)."""
+    """Teacher trajectories on the student grid (M, S+1, C, H, W) and the condition they were sampled under.
+
+    ``cond``: the condition payload, row i for trajectory i; ``(labels,)`` by default (class-conditional
+    sets give ``labels``), ``(text, text_mask)`` for text-to-image sets. ``x0_preds``: the teacher's
+    x0-predictions at the same points (M, S+1, C, H, W), for students whose target is 'x0'; a set
+    without them compares ODE states only.
+    """
 
     states: torch.Tensor
-    x0_preds: torch.Tensor
-    labels: torch.Tensor
+    x0_preds: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
     seeds: torch.Tensor | None = None
+    cond: tuple[torch.Tensor, ...] = ()
+
+    def __post_init__(self):
+        if not self.cond:
+            if self.labels is None:
+                raise ValueError("an evaluation set needs its condition: labels, or the payload cond")
+            self.cond = (self.labels,)
 
     @property
     def noise(self) -> torch.Tensor:
@@ -57,8 +78,43 @@ class EvalTrajectories:
         if target == "state":
             return self.states[:, :S], self.states[:, 1:]
         if target == "x0":  # public code: x0-predictions between, final sample last (x0_preds[:, S] is it)
+            if self.x0_preds is None:
+                raise ValueError("this evaluation set compares ODE states (no x0-predictions): "
+                                 "the student's target must be 'state'")
             return torch.cat([self.states[:, :1], self.x0_preds[:, 1:S]], dim=1), self.x0_preds[:, 1:]
         raise ValueError(f"unknown target {target!r}")
+
+
+@dataclass(kw_only=True)
+class TextEvalSet(EvalTrajectories):
+    """A text set of the two-digit benchmark: ``cond`` is (caption tokens (M, T, C), mask (M, T)), and the
+    captions' digits are known."""
+
+    name: str
+    left: torch.Tensor  # (M,) caption's left digit
+    right: torch.Tensor
+    captions: list[str]
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.cond[0]
+
+    @property
+    def text_mask(self) -> torch.Tensor:
+        return self.cond[1]
+
+
+def load_text_eval_set(recording, name: str, left, right) -> TextEvalSet:
+    """A TextEvalSet from a text recording whose trajectory i used prompt row i + 1 (one trajectory per caption)."""
+    from ardistill.data.prompts import TextTrajectoryDataset
+    ds = TextTrajectoryDataset(recording)
+    rec = ds.records(np.arange(len(ds)))
+    rows = rec["prompt"].astype(np.int64)
+    text, mask = ds.store.get(rows)
+    return TextEvalSet(name=name, states=torch.from_numpy(np.ascontiguousarray(rec["states"])).float(),
+                       cond=(text, mask), left=torch.as_tensor(left).long()[rows - 1],
+                       right=torch.as_tensor(right).long()[rows - 1],
+                       captions=[ds.store.prompts[r] for r in rows])
 
 
 def _batches(n: int, batch_size: int):
@@ -66,18 +122,34 @@ def _batches(n: int, batch_size: int):
         yield slice(i, min(i + batch_size, n))
 
 
+def _payload(cond) -> tuple[torch.Tensor, ...]:
+    """A condition given as one tensor (labels) or as the payload tuple -> the tuple."""
+    return (cond,) if torch.is_tensor(cond) else tuple(cond)
+
+
 @torch.no_grad()
-def run_sampler(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+def run_sampler(sampler: Sampler, noise: torch.Tensor, cond, batch_size: int = 256,
                 desc: str | None = None, device=None) -> torch.Tensor:
-    """Run a sampler over all noise in batches (progress bar); returns final states on CPU."""
+    """Run a sampler over all noise in batches (progress bar); returns final states on CPU.
+
+    ``cond``: the condition, sliced with the noise: labels, or a payload tuple such as (text, text_mask).
+    """
+    cond = _payload(cond)
     out = []
     for sl in tqdm(list(_batches(len(noise), batch_size)), desc=desc, leave=False, disable=desc is None):
-        out.append(sampler(noise[sl].to(device), labels[sl].to(device)).float().cpu())
+        out.append(sampler(noise[sl].to(device), *(c[sl].to(device) for c in cond)).float().cpu())
     return torch.cat(out)
 
 
+def sample_student(student, ev: EvalTrajectories, batch_size: int = 256, device=None,
+                   desc: str | None = None) -> torch.Tensor:
+    """The student's final samples from the set's noise under its condition (CPU)."""
+    student.eval()
+    return run_sampler(student.sample, ev.noise, ev.cond, batch_size, desc=desc, device=device)
+
+
 @torch.no_grad()
-def trajectory_errors(student: ARDStudent, ev: EvalTrajectories, batch_size: int = 256, device=None) -> dict:
+def trajectory_errors(student, ev: EvalTrajectories, batch_size: int = 256, device=None) -> dict:
     """Per-step MSE of the free-running and teacher-forced student against the teacher's trajectory."""
     if ev.num_steps != student.cfg.num_steps:
         raise ValueError(f"evaluation recording has {ev.num_steps} steps, the student {student.cfg.num_steps}")
@@ -87,10 +159,10 @@ def trajectory_errors(student: ARDStudent, ev: EvalTrajectories, batch_size: int
     forced = torch.zeros(S, dtype=torch.float64)
     student.eval()
     for sl in _batches(len(inputs), batch_size):
-        y = ev.labels[sl].to(device)
+        cond = [c[sl].to(device) for c in ev.cond]
         tgt = targets[sl].to(device).float()
-        outs = student.sample(ev.noise[sl].to(device), y, return_all=True).float()
-        tf = student(inputs[sl].to(device), y).float()
+        outs = student.sample(ev.noise[sl].to(device), *cond, return_all=True).float()
+        tf = student(inputs[sl].to(device), *cond).float()
         free += (outs - tgt).square().flatten(2).mean(-1).sum(0).double().cpu()
         forced += (tf - tgt).square().flatten(2).mean(-1).sum(0).double().cpu()
     n = len(inputs)
@@ -98,7 +170,7 @@ def trajectory_errors(student: ARDStudent, ev: EvalTrajectories, batch_size: int
 
 
 @torch.no_grad()
-def history_dependence(student: ARDStudent, ev: EvalTrajectories, samples: torch.Tensor | None = None,
+def history_dependence(student, ev: EvalTrajectories, samples: torch.Tensor | None = None,
                        batch_size: int = 256, device=None) -> dict:
     """How much a history student relies on its history: its free-running samples with the history and
     with the history cut at sampling time (``sample(history=False)``), each against the teacher's
@@ -111,10 +183,10 @@ def history_dependence(student: ARDStudent, ev: EvalTrajectories, samples: torch
     cut = []
     student.eval()
     for sl in _batches(len(ev.noise), batch_size):
-        noise, y = ev.noise[sl].to(device), ev.labels[sl].to(device)
+        noise, cond = ev.noise[sl].to(device), [c[sl].to(device) for c in ev.cond]
         t = ev.teacher_samples[sl].to(device).float()
-        a = (student.sample(noise, y) if samples is None else samples[sl].to(device)).float()
-        b = student.sample(noise, y, history=False).float()
+        a = (student.sample(noise, *cond) if samples is None else samples[sl].to(device)).float()
+        b = student.sample(noise, *cond, history=False).float()
         full_err += float((a - t).square().sum())
         cut_err += float((b - t).square().sum())
         gap += float((a - b).square().sum())
@@ -125,19 +197,20 @@ def history_dependence(student: ARDStudent, ev: EvalTrajectories, samples: torch
 
 
 @torch.no_grad()
-def median_latency(sampler: Sampler, noise: torch.Tensor, labels: torch.Tensor, repeats: int = 5,
-                   warmup: int = 1) -> float:
-    """Median wall time per image (seconds) of one batched call, after warm-up."""
+def median_latency(sampler: Sampler, noise: torch.Tensor, cond, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time per image (seconds) of one batched call ``sampler(noise, *cond)``, after warm-up."""
+    cond = _payload(cond)
+
     def sync():
         if noise.is_cuda:
             torch.cuda.synchronize()
     for _ in range(warmup):
-        sampler(noise, labels)
+        sampler(noise, *cond)
     times = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        sampler(noise, labels)
+        sampler(noise, *cond)
         sync()
         times.append((time.perf_counter() - t0) / len(noise))
     return statistics.median(times)
@@ -162,7 +235,6 @@ def _features_logits(images: torch.Tensor, feature_net, batch_size: int,
                      need_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features and (optionally) logits in batches, on the CPU. Images are clamped to [-1, 1] first, as
     writing them to uint8 would (ADM's evaluator sees PNGs)."""
-    from ardistill.evaluation.features import features_and_logits
     images = images.clamp(-1, 1)
     feats, logits = [], []
     for sl in _batches(len(images), batch_size):
@@ -186,22 +258,50 @@ def image_metrics(images: torch.Tensor, real_features: torch.Tensor, feature_net
     Images are clamped to [-1, 1] first, as writing them to uint8 would (ADM's evaluator sees PNGs).
     ``teacher_features`` (features of the teacher's samples, ``image_features``) adds ``fd_teacher``.
     """
-    from ardistill.evaluation.features import has_logits
-    from ardistill.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+    feats, logits = _features_logits(images, feature_net, batch_size, need_logits=has_logits(feature_net))
+    return feature_metrics(feats, real_features, k, teacher_features, logits)
 
-    feats_t, logits = _features_logits(images, feature_net, batch_size, need_logits=has_logits(feature_net))
-    mu, sigma = FeatureStats().update(feats_t).mu_sigma()
+
+def feature_metrics(features: torch.Tensor, real_features: torch.Tensor, k: int = 3,
+                    teacher_features: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> ImageMetrics:
+    """FD and k-NN precision/recall of features (N, F) against real features, IS from ``logits`` when
+    given (NaN otherwise), and FD to ``teacher_features`` when given."""
+    mu, sigma = FeatureStats().update(features).mu_sigma()
     mu_r, sigma_r = FeatureStats().update(real_features).mu_sigma()
     is_mean = is_std = float("nan")
     if logits is not None:
-        is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(images) // 100)))
-    pr = precision_recall(real_features, feats_t, k=k)
+        is_mean, is_std = inception_score(logits, splits=min(10, max(1, len(features) // 100)))
+    pr = precision_recall(real_features, features, k=k)
     fd_teacher = float("nan")
     if teacher_features is not None:
         fd_teacher = frechet_distance(mu, sigma, *FeatureStats().update(teacher_features).mu_sigma())
     return ImageMetrics(fd=frechet_distance(mu, sigma, mu_r, sigma_r), inception_score=is_mean,
                         inception_score_std=is_std, precision=float(pr.precision), recall=float(pr.recall),
                         fd_teacher=fd_teacher)
+
+
+@torch.no_grad()
+def pair_features(images: torch.Tensor, classifier, batch_size: int = 1024) -> torch.Tensor:
+    """Images (N, 1, 8, 16) -> the digits classifier's features of the left and right halves side by side (N, 2F)."""
+    left, right = split_halves(images.float().clamp(-1, 1))
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    net = FunctionFeatures("digit pairs", lambda x: classifier.features(x.to(device)))
+    return torch.cat([image_features(left, net, batch_size), image_features(right, net, batch_size)], dim=1)
+
+
+def pair_metrics(features: torch.Tensor, real_features: torch.Tensor, teacher_features: torch.Tensor | None = None,
+                 k: int = 3) -> dict:
+    """FD, k-NN precision / recall against real pair features, and FD to the teacher's samples (NaN without)."""
+    m = feature_metrics(features, real_features, k, teacher_features)
+    return {"fd": m.fd, "precision": m.precision, "recall": m.recall, "fd_teacher": m.fd_teacher}
+
+
+def evaluate_samples(samples: torch.Tensor, ev: TextEvalSet, classifier, real_features: torch.Tensor,
+                     teacher_features: torch.Tensor | None) -> dict:
+    """Adherence (with per-half accuracies and swaps) and the pair metrics of one model's samples on one set."""
+    adh = prompt_adherence(samples, ev.left, ev.right, classifier)
+    return {**adh.to_dict(), **pair_metrics(pair_features(samples, classifier), real_features, teacher_features)}
 
 
 @dataclass
@@ -230,105 +330,6 @@ def fd_degradation_ratio(teacher_fd: float, step_distill_fd: float, ard_fd: floa
     return float("inf") if denom <= 0 else (step_distill_fd - teacher_fd) / denom
 
 
-# ------------------------------------------------------------------------------------------- report
-
-def plot_trajectory_errors(results: list[ModelResult], path: Path) -> None:
-    """Per-step MSE, free-running (solid) vs teacher-forced (dashed), log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for i, r in enumerate(x for x in results if x.errors):
-        steps = np.arange(1, len(r.errors["free_running"]) + 1)
-        color = f"C{i}"
-        ax.plot(steps, r.errors["free_running"], "-o", color=color, label=f"{r.name} free-running")
-        ax.plot(steps, r.errors["teacher_forced"], "--", color=color, alpha=0.7, label=f"{r.name} teacher-forced")
-    ax.set_yscale("log")
-    ax.set_xlabel("student step s")
-    ax.set_ylabel("MSE to teacher trajectory")
-    ax.set_title("Exposure bias: per-step trajectory error")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-
-    def write(tmp):
-        fig.savefig(tmp, format="png")
-    from ardistill.io.fileio import atomic_write
-    atomic_write(path, write)
-    plt.close(fig)
-
-
-def side_by_side_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6) -> None:
-    """One row per model, same noise in each column (the paper's Figure 5 layout)."""
-    from ardistill.io.images import save_image_grid
-    names = list(rows)
-    n = min(len(v) for v in rows.values())
-    imgs = torch.cat([rows[k][:n] for k in names])
-    save_image_grid(imgs, path, nrow=n, scale=scale)
-
-
-def _fmt(v, nd=2):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}" if abs(v) >= 1e-2 or v == 0 else f"{v:.2e}"
-    return str(v)
-
-
-def report_markdown(results: list[ModelResult], title: str, notes: list[str] | None = None,
-                    feature_name: str = "digits classifier", sections: list[str] | None = None) -> str:
-    """The report's tables as markdown."""
-    lines = [f"# {title}", ""]
-    to_teacher = any(r.metrics is not None and not math.isnan(r.metrics.fd_teacher) for r in results)
-    lines += [f"| model | steps | FD ({feature_name}) |" + (" FD to teacher |" if to_teacher else "")
-              + " IS | precision | recall | latency ms/img | GFLOPs/img |",
-              "|---|---|---|" + ("---|" if to_teacher else "") + "---|---|---|---|---|"]
-    for r in results:
-        m = r.metrics
-        lines.append(f"| {r.name} | {r.steps} | {_fmt(m.fd if m else None)} | "
-                     + (f"{_fmt(m.fd_teacher if m else None)} | " if to_teacher else "") +
-                     f"{_fmt(m.inception_score if m else None)} | {_fmt(m.precision if m else None, 3)} | "
-                     f"{_fmt(m.recall if m else None, 3)} | {_fmt(r.latency_ms, 3)} | "
-                     f"{_fmt(r.flops / 1e9 if r.flops else None, 4)} |")
-    with_err = [r for r in results if r.errors]
-    if with_err:
-        S = max(len(r.errors["free_running"]) for r in with_err)
-        lines += ["", "Per-step MSE to the teacher's trajectory (free-running / teacher-forced):", "",
-                  "| model | " + " | ".join(f"step {s}" for s in range(1, S + 1)) + " |",
-                  "|---|" + "---|" * S]
-        for r in with_err:
-            cells = [f"{a:.4f} / {b:.4f}" for a, b in zip(r.errors["free_running"], r.errors["teacher_forced"])]
-            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
-    for sec in sections or []:
-        lines += ["", sec.rstrip("\n")]
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out_dir: str | Path, results: list[ModelResult], title: str, summary: dict | None = None,
-                 notes: list[str] | None = None, grids: dict[str, torch.Tensor] | None = None,
-                 feature_name: str = "digits classifier", sections: list[str] | None = None) -> Path:
-    """report.md, metrics.json, trajectory_errors.png and grid.png in ``out_dir``.
-
-    ``sections``: extra markdown blocks, placed after the tables and before the notes.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(r.errors for r in results):
-        plot_trajectory_errors(results, out / "trajectory_errors.png")
-    if grids:
-        side_by_side_grid(grids, out / "grid.png")
-    md = report_markdown(results, title, notes, feature_name, sections)
-    if grids:
-        md += "\n![same noise, one row per model: " + ", ".join(grids) + "](grid.png)\n"
-    if any(r.errors for r in results):
-        md += "\n![per-step trajectory error](trajectory_errors.png)\n"
-    atomic_write_bytes(out / "report.md", md.encode())
-    atomic_write_json(out / "metrics.json", {"models": [r.as_dict() for r in results], "summary": summary or {}})
-    return out / "report.md"
-
-
 # ----------------------------------------------------------------------------- ADM sample batches
 
 @torch.no_grad()
@@ -344,8 +345,6 @@ def evaluate_npz(samples: str | Path, reference: str | Path, feature_net, batch_
             evaluator computed with TensorFlow's Inception: only comparable when ``feature_net`` is it).
     """
     from ardistill.evaluation.adm import read_adm_npz
-    from ardistill.evaluation.features import features_and_logits, has_logits
-    from ardistill.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
     if reference_stats not in ("recompute", "file"):
         raise ValueError(f"reference_stats must be 'recompute' or 'file', got {reference_stats!r}")
