@@ -266,3 +266,43 @@ def test_a_teacher_of_another_shape_is_refused_before_any_work(tiny_teacher, tmp
     with pytest.raises(ValueError, match="photos benchmark"):
         compare(cfg, {"step distillation": {"history_layers": 0}})
     assert not (tmp_path / "x" / "recordings").exists()
+
+
+def test_report_grid_labels_each_row_with_its_model(tmp_path):
+    from PIL import Image
+
+    from ardistill.evaluation.report import labelled_grid, side_by_side_grid
+    from ardistill.io.images import make_grid
+    g = torch.Generator().manual_seed(0)
+    rows = {name: torch.rand(5, 1, 8, 8, generator=g) * 2 - 1 for name in ("teacher", "step distillation", "ARD")}
+    bare = make_grid(torch.cat(list(rows.values())), nrow=5, padding=1, scale=6)
+    img = np.asarray(labelled_grid(rows))
+    strip = img.shape[1] - bare.shape[1]  # the label strip, left of the samples
+    assert img.shape[0] == bare.shape[0] and strip > 0
+    assert np.array_equal(img[:, strip:], bare)  # the samples are the bare grid's, unchanged
+    assert (img[:, :strip] == 255).mean() > 0.5  # a white strip...
+    for r in range(3):  # ...with dark text in every row's band
+        assert (img[1 + r * 49:(r + 1) * 49, :strip] < 128).sum() > 10, list(rows)[r]
+    wider = np.asarray(labelled_grid({**rows, "ARD (N_h=1), S=3, a long name": rows["ARD"]}))
+    assert wider.shape[1] > img.shape[1]  # the strip fits the longest name
+    side_by_side_grid(rows, tmp_path / "grid.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), img)
+
+
+def test_trajectory_error_figure_ticks_whole_student_steps():
+    import matplotlib.pyplot as plt
+
+    from ardistill.evaluation.evaluate import ModelResult
+    from ardistill.evaluation.report import trajectory_errors_figure
+    errs = {S: {"free_running": [0.01 * s for s in range(1, S + 1)], "teacher_forced": [0.01] * S} for S in (3, 4)}
+    results = [ModelResult("teacher", 25), ModelResult("step distillation", 4, errors=errs[4]),
+               ModelResult("ARD, S=3", 3, errors=errs[3])]
+    fig = trajectory_errors_figure(results)
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert list(ax.get_xticks()) == [1, 2, 3, 4]  # no 1.5 or 2.5 between the steps
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4"]
+        assert len(ax.get_lines()) == 4  # free-running and teacher-forced for each student
+    finally:
+        plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +12,7 @@ from PIL import Image
 from ardistill.compare_t2i import T2IConfig, compare_t2i, t2i_variants
 from ardistill.data.text_encoder import digits_text_encoder
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
+from ardistill.io.images import save_captioned_grid
 from ardistill.models.text_dit import TextDiT, text_dit_config
 
 
@@ -66,6 +68,7 @@ def test_demo_t2i_end_to_end_tiny(tmp_path):
     assert abs(free - forced) <= 1e-4 * max(free, forced), (free, forced)
     grid = Image.open(report.parent / "grid.png")
     assert grid.width > 4 * 16 * 6 and grid.height > 5 * 8 * 6  # 4 columns, 5 rows and the caption band
+    assert _row_labels_drawn(grid, rows=5, row_height=8 * 6, padding=2)  # each row's model name, left of it
     # a distilled text student samples captions from its file alone (its encoder spec is in the metadata)
     from ardistill.cli import main
     png = tmp_path / "student.png"
@@ -76,3 +79,22 @@ def test_demo_t2i_end_to_end_tiny(tmp_path):
     # same kernels on the same inputs (files read back) in the same process, so exact equality is valid
     again = json.loads((compare_t2i(cfg).parent / "metrics.json").read_text())
     assert [r["sets"]["seen"]["adherence"] for r in again["rows"]] == [r["sets"]["seen"]["adherence"] for r in m["rows"]]
+
+
+def _row_labels_drawn(grid, rows: int, row_height: int, padding: int, width: int = 10) -> bool:
+    """Dark text in the first ``width`` columns of every row of a captioned grid (where its name starts)."""
+    img = np.asarray(grid.convert("L"))
+    bands = [img[padding + r * (row_height + padding):padding + r * (row_height + padding) + row_height, :width]
+             for r in range(rows)]
+    return all((band < 128).sum() > 5 for band in bands)
+
+
+def test_captioned_grid_labels_each_row_with_its_model(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = {name: torch.rand(4, 1, 8, 16, generator=g) * 2 - 1 for name in ("teacher", "step distillation", "ARD")}
+    path = save_captioned_grid(rows, ["a 1 and a 2", "three then four", "5 6", "seven, eight"], tmp_path / "grid.png")
+    grid = Image.open(path)
+    assert _row_labels_drawn(grid, rows=3, row_height=8 * 6, padding=2)
+    assert not _row_labels_drawn(grid, rows=4, row_height=8 * 6, padding=2)  # no fourth row, no fourth label
+    shorter = Image.open(save_captioned_grid({"T": rows["teacher"]}, ["a", "b", "c", "d"], tmp_path / "one.png"))
+    assert grid.width > shorter.width  # the label strip fits the longest name

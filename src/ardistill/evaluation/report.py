@@ -1,56 +1,96 @@
 """The report of an evaluation (``ardistill demo`` / ``sweep``): report.md, metrics.json and two figures.
 
-- ``grid.png``: one row of samples per model from the same noise (the paper's Figure 5 layout);
-- ``trajectory_errors.png``: per-step MSE to the teacher's trajectory, free-running and teacher-forced.
+- ``grid.png``: one row of samples per model from the same noise (the paper's Figure 5 layout), each
+  row labelled with its model's name;
+- ``trajectory_errors.png``: per-step MSE to the teacher's trajectory, free-running and teacher-forced,
+  over the student steps 1..S.
 
 The rows are ``ModelResult``s (evaluation/evaluate.py).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ardistill.evaluation.evaluate import ModelResult
-from ardistill.io.fileio import atomic_write_bytes, atomic_write_json
+from ardistill.io.fileio import atomic_write, atomic_write_bytes, atomic_write_json
+from ardistill.io.images import make_grid
+
+LABEL_MARGIN = 4  # pixels of white on either side of a row's label
 
 
-def plot_trajectory_errors(results: list[ModelResult], path: Path) -> None:
-    """Per-step MSE, free-running (solid) vs teacher-forced (dashed), log scale."""
+def trajectory_errors_figure(results: list[ModelResult]):
+    """The matplotlib figure of per-step MSE, free-running (solid) vs teacher-forced (dashed), log scale; one x
+    tick per student step. Close it with ``matplotlib.pyplot.close``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    num_steps = 0
     for i, r in enumerate(x for x in results if x.errors):
         steps = np.arange(1, len(r.errors["free_running"]) + 1)
+        num_steps = max(num_steps, len(steps))
         color = f"C{i}"
         ax.plot(steps, r.errors["free_running"], "-o", color=color, label=f"{r.name} free-running")
         ax.plot(steps, r.errors["teacher_forced"], "--", color=color, alpha=0.7, label=f"{r.name} teacher-forced")
+    ax.set_xticks(range(1, num_steps + 1))  # steps are whole: no tick between two of them
     ax.set_yscale("log")
     ax.set_xlabel("student step s")
     ax.set_ylabel("MSE to teacher trajectory")
     ax.set_title("Exposure bias: per-step trajectory error")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_trajectory_errors(results: list[ModelResult], path: Path) -> None:
+    """Write ``trajectory_errors_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = trajectory_errors_figure(results)
 
     def write(tmp):
         fig.savefig(tmp, format="png")
-    from ardistill.io.fileio import atomic_write
     atomic_write(path, write)
     plt.close(fig)
 
 
-def side_by_side_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6) -> None:
-    """One row per model, same noise in each column (the paper's Figure 5 layout)."""
-    from ardistill.io.images import save_image_grid
+def labelled_grid(rows: dict[str, torch.Tensor], scale: int = 6, padding: int = 1) -> Image.Image:
+    """One row per model, same noise in each column, the model's name on a white strip left of its row.
+
+    ``rows``: name -> images (n, 1 or 3, H, W) in [-1, 1]; every row is cut to the shortest. The images
+    are ``make_grid``'s (black ``padding`` between them), placed right of the strip.
+    """
     names = list(rows)
     n = min(len(v) for v in rows.values())
     imgs = torch.cat([rows[k][:n] for k in names])
-    save_image_grid(imgs, path, nrow=n, scale=scale)
+    grid = Image.fromarray(make_grid(imgs, nrow=n, padding=padding, scale=scale))
+    font = ImageFont.load_default()
+    boxes = {name: font.getbbox(name) for name in names}  # (left, top, right, bottom)
+    strip = max(b[2] - b[0] for b in boxes.values()) + 2 * LABEL_MARGIN
+    canvas = Image.new(grid.mode, (strip + grid.width, grid.height), "white")
+    canvas.paste(grid, (strip, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = imgs.shape[-2] * scale
+    for r, name in enumerate(names):
+        left, top, _, bottom = boxes[name]
+        y = padding + r * (row_h + padding) + (row_h - (bottom - top)) // 2 - top
+        draw.text((LABEL_MARGIN - left, y), name, fill="black", font=font)
+    return canvas
+
+
+def side_by_side_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6) -> None:
+    """Write ``labelled_grid`` as a PNG (atomically)."""
+    buf = io.BytesIO()
+    labelled_grid(rows, scale=scale).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fmt(v, nd=2):
