@@ -169,6 +169,9 @@ def test_writer_refuses_non_finite_states_naming_seed_and_step():
     big = np.full((1, 4, 1, 2, 2), 7e4, dtype=np.float32)  # overflows float16
     with pytest.raises(ValueError, match=r"step 0 of seed 5 .*--dtype float32"):
         pack_records(replace(layout, dtype="float16"), [5], [0], big, None)
+    # a text recording's record names the prompt-store row (its records have no label field)
+    with pytest.raises(ValueError, match=r"ODE state at step 1 of seed 12 \(prompt 7\)"):
+        pack_records(replace(layout, condition="prompt"), [10, 11, 12, 13], [5, 6, 7, 8], states, None)
 
 
 def _nan_recording(setup, dst: Path) -> Path:

@@ -111,7 +111,7 @@ def pack_records(layout: Layout, seeds, labels, states: torch.Tensor | np.ndarra
             n_bad = int((~finite.all(axis=1)).sum())
             what = "ODE state" if name == "states" else "x0-prediction"
             raise ValueError(f"refusing to write non-finite values: {what} at step {step} of seed "
-                             f"{int(rec['seed'][b])} (label {int(rec['label'][b])}) is NaN "
+                             f"{int(rec['seed'][b])} ({layout.condition} {int(rec[layout.condition][b])}) is NaN "
                              f"or inf in storage dtype {layout.dtype}; {n_bad} of {len(rec)} trajectories in seeds "
                              f"{int(rec['seed'][0])}..{int(rec['seed'][-1])} are affected"
                              + ("; float16 overflows beyond 65504: record with --dtype float32"
