@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ardistill.data.record as record_mod
+import ardistill.data.shard_runs as shard_runs
 import ardistill.io.fileio as fileio
 import ardistill.training.loop as loop_mod
 from ardistill.cli import build_parser, main
@@ -133,14 +133,14 @@ def test_swapped_shards_of_equal_size_are_refused(setup, tmp_path):
 def test_record_resume_rewrites_a_corrupted_listed_shard(setup, tmp_path, monkeypatch, capsys):
     cfg = RecordConfig(**{**REC, "count": 24})
     ref = record(setup["teacher_model"], tmp_path / "ref", cfg, progress=False)
-    real_submit = record_mod.ShardWriter.submit
+    real_submit = shard_runs.ShardWriter.submit
 
     def killed_at_shard_2(self, k, *a, **kw):
         if k == 2:
             raise KeyboardInterrupt  # as if killed: shards 0 and 1 are written and listed
         return real_submit(self, k, *a, **kw)
 
-    monkeypatch.setattr(record_mod.ShardWriter, "submit", killed_at_shard_2)
+    monkeypatch.setattr(shard_runs.ShardWriter, "submit", killed_at_shard_2)
     with pytest.raises(KeyboardInterrupt):
         record(setup["teacher_model"], tmp_path / "rec", cfg, progress=False)
     monkeypatch.undo()
@@ -169,6 +169,9 @@ def test_writer_refuses_non_finite_states_naming_seed_and_step():
     big = np.full((1, 4, 1, 2, 2), 7e4, dtype=np.float32)  # overflows float16
     with pytest.raises(ValueError, match=r"step 0 of seed 5 .*--dtype float32"):
         pack_records(replace(layout, dtype="float16"), [5], [0], big, None)
+    # a text recording's record names the prompt-store row (its records have no label field)
+    with pytest.raises(ValueError, match=r"ODE state at step 1 of seed 12 \(prompt 7\)"):
+        pack_records(replace(layout, condition="prompt"), [10, 11, 12, 13], [5, 6, 7, 8], states, None)
 
 
 def _nan_recording(setup, dst: Path) -> Path:
@@ -335,15 +338,15 @@ def test_record_on_a_full_file_system_ends_in_one_line(setup, small_fs, capsys):
 
 
 def test_record_with_enospc_writer_ends_in_one_line(setup, tmp_path, monkeypatch, capsys):
-    import ardistill.data.trajectories as traj
-    real = traj.atomic_write
+    import ardistill.data.shard_files as shard_files
+    real = shard_files.atomic_write
 
     def full_after_first(path, write):
         if Path(path).name == "shard-000001.npy":
             return real(path, lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
         return real(path, write)
 
-    monkeypatch.setattr(traj, "atomic_write", full_after_first)
+    monkeypatch.setattr(shard_files, "atomic_write", full_after_first)
     args = ["record", "--teacher", setup["teacher"], "--out", str(tmp_path / "rec"), "--count", "16", "--num-steps", "4",
             "--teacher-steps", "8", "--cfg-scale", "1", "--shard-size", "8", "--batch-size", "8", "--dtype", "float32",
             "--no-progress", "--device", "cpu"]

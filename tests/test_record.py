@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import ardistill.data.shard_runs as shard_runs
 import ardistill.data.trajectories as traj
 from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.models.dit import DiT, DiTConfig
@@ -93,7 +94,7 @@ def test_crash_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path, ran
     cfg = RecordConfig(**SMALL)
     record(teacher, tmp_path / "ref", cfg, progress=False)
 
-    real_write, calls = traj.write_shard, []
+    real_write, calls = shard_runs.write_shard, []
 
     def crash_on_third(root, k, start, records):
         calls.append(k)
@@ -103,10 +104,10 @@ def test_crash_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path, ran
             raise KeyboardInterrupt
         return real_write(root, k, start, records)
 
-    monkeypatch.setattr(traj, "write_shard", crash_on_third)
+    monkeypatch.setattr(shard_runs, "write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         record(teacher, tmp_path / "run", cfg, progress=False)
-    monkeypatch.setattr(traj, "write_shard", real_write)
+    monkeypatch.setattr(shard_runs, "write_shard", real_write)
     run = tmp_path / "run"
     assert not (run / MANIFEST).exists() and (run / PLAN).exists()
     assert len(traj.read_progress(run)) == 2
@@ -131,7 +132,7 @@ def test_crash_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path, ran
 
 def test_resume_with_other_settings_is_refused(tmp_path, random_dit, monkeypatch):
     teacher = random_dit()
-    monkeypatch.setattr(traj, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(shard_runs, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         record(teacher, tmp_path, RecordConfig(**SMALL), progress=False)
     monkeypatch.undo()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import ardistill.data.trajectories as traj
+import ardistill.data.sharded_records as sharded_records
 from ardistill.data.record import RecordConfig, record
 from ardistill.data.trajectories import CorruptRecordingError, TrajectoryDataset, shard_name, verify_split
 
@@ -31,8 +31,8 @@ def _run_ranks(rec: Path, world: int, monkeypatch):
     datasets = [TrajectoryDataset(rec) for _ in range(world)]
     others = [TrajectoryDataset(rec).verify_share(r, world) for r in range(world)]
     hashed: list[str] = []
-    real = traj.sha256_file
-    monkeypatch.setattr(traj, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    real = sharded_records.sha256_file
+    monkeypatch.setattr(sharded_records, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
     outcomes = []
     for r, d in enumerate(datasets):
         try:
@@ -62,8 +62,8 @@ def test_a_bad_shard_found_by_one_rank_stops_every_rank(recording, monkeypatch):
 
 def test_single_process_still_checks_lazily(recording, monkeypatch):
     hashed: list[str] = []
-    real = traj.sha256_file
-    monkeypatch.setattr(traj, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    real = sharded_records.sha256_file
+    monkeypatch.setattr(sharded_records, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
     d = TrajectoryDataset(recording)
     assert hashed == []
     d.batch([0, 1])

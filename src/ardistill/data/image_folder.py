@@ -6,7 +6,7 @@ used, so class 0 of ImageNet is ``n01440764`` = tench). Preprocessing is DiT's: 
 (ADM), optional horizontal flip, then [0, 255] -> [-1, 1]. torchvision is not needed.
 
 ``encode_latents`` runs the VAE over the data set once and writes the latents to a sharded,
-checksummed, resumable store (the trajectory store's format, see ``trajectories.py``); the GAN
+checksummed, resumable store (the trajectory store's machinery, see ``shard_files.py`` and ``shard_runs.py``); the GAN
 stage reads its real latents from there instead of running the VAE every step.
 """
 
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ardistill.io.fileio import atomic_write_json, read_json
-from ardistill.data.trajectories import CorruptRecordingError, ShardedRecords, check_shard_file
+from ardistill.data.shard_files import read_manifest
+from ardistill.data.shard_runs import ShardRun
+from ardistill.data.sharded_records import ShardedRecords
+from ardistill.data.trajectory_format import check_image_field, float_format
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -145,15 +147,11 @@ class LatentLayout:
     flipped: bool = False
 
     def __post_init__(self):
-        from ardistill.data.trajectories import DTYPES
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
-        if len(self.shape) != 3 or min(self.shape) < 1:
-            raise ValueError(f"LatentLayout: shape must be (C, h, w) with positive sizes, got {self.shape}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"LatentLayout: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_image_field("LatentLayout", self.shape, self.dtype, "C, h, w")
 
     def record_dtype(self) -> np.dtype:
-        f = "<f2" if self.dtype == "float16" else "<f4"
+        f = float_format(self.dtype)
         fields = [("index", "<i8"), ("label", "<i8"), ("latent", f, self.shape)]
         if self.flipped:
             fields.append(("latent_flipped", f, self.shape))
@@ -237,8 +235,6 @@ def encode_latents(dataset: ImageFolder, codec, out_dir: str | Path, *, batch_si
     import time
 
     from ardistill.io import distributed as dist
-    from ardistill.data.trajectories import (check_listed, finalize, num_shards, prepare_output, shard_range,
-                                        write_shard)
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -246,73 +242,48 @@ def encode_latents(dataset: ImageFolder, codec, out_dir: str | Path, *, batch_si
         raise ValueError(f"encode_latents: batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     device = torch.device(device) if device is not None else getattr(codec, "device", torch.device("cpu"))
     codec.to(device)
-    rank, world = dist.rank(), dist.world_size()
     probe = dataset.load(0)
     shape = tuple(codec.encode(probe[None].to(device), seeds=[base_seed]).shape[1:])
     layout = LatentLayout(shape=shape, dtype=dtype, flipped=flipped)
     plan = _latent_plan(dataset, codec, layout, shard_size, batch_size, base_seed, device)
 
-    status_or_error = None
-    if dist.is_main():
-        try:
-            status_or_error = prepare_output(out, plan)
-        except (ValueError, FileNotFoundError) as e:
-            status_or_error = e
-    status_or_error = dist.broadcast_object(status_or_error)
-    if isinstance(status_or_error, Exception):
-        raise status_or_error
-    status = status_or_error
-
-    todo: list[int] = []
-    if status != "complete":
-        # as `record`: rank 0 hashes the shards listed before; damaged ones are encoded again
-        done, problems = dist.broadcast_object(check_listed(out) if dist.is_main() else None)
-        if problems and dist.is_main():
-            print(f"encode-latents: {len(problems)} listed shard(s) failed their check and are encoded again: "
-                  f"{'; '.join(problems[:10])}", file=sys.stderr)
-        todo = [k for k in range(num_shards(len(dataset), shard_size)) if k % world == rank and k not in done]
-    progress_path = out / "progress" / f"rank-{rank:05d}.json"
-    listed = read_json(progress_path, "progress file")["shards"] if progress_path.exists() else {}
-    encoded = 0
-    bar = _bar(sum(len(shard_range(k, shard_size, len(dataset))) for k in todo), progress and dist.is_main())
+    # as `record`: rank 0 hashes the shards listed before; damaged ones are encoded again
+    run = ShardRun(out, plan, layout, background=False)  # DataLoader workers fork: no writer thread
+    if run.problems and dist.is_main():
+        print(f"encode-latents: {len(run.problems)} listed shard(s) failed their check and are encoded again: "
+              f"{'; '.join(run.problems[:10])}", file=sys.stderr)
+    bar = _bar(run.mine(), progress and dist.is_main())
     store_dtype = torch.float16 if dtype == "float16" else torch.float32
-    for k in todo:
-        idx = list(shard_range(k, shard_size, len(dataset)))
-        loader = torch.utils.data.DataLoader(_Images(dataset, idx), batch_size=batch_size, num_workers=num_workers,
-                                             shuffle=False)
-        rec = np.empty(len(idx), dtype=layout.record_dtype())
-        pos = 0
-        for images, labels, index in loader:  # micro-batches aligned to the shard start
-            seeds = (base_seed + index).tolist()
-            images = images.to(device)
-            parts = {"latent": codec.encode(images, seeds=seeds)}
-            if flipped:
-                parts["latent_flipped"] = codec.encode(images.flip(-1), seeds=seeds)
-            n = len(index)
-            rec["index"][pos:pos + n] = index.numpy()
-            rec["label"][pos:pos + n] = labels.numpy()
-            for name, z in parts.items():
-                z = z.to(store_dtype).cpu()
-                if not torch.isfinite(z).all():
-                    raise ValueError(f"non-finite latents for images {int(index[0])}..{int(index[-1])} "
-                                     f"(storage dtype {dtype})")
-                rec[name][pos:pos + n] = z.numpy()
-            pos += n
-            encoded += n
-            bar.update(n)
-        info = write_shard(out, k, idx[0], rec)
-        listed[str(k)] = asdict(info)
-        atomic_write_json(progress_path, {"shards": dict(sorted(listed.items(), key=lambda kv: int(kv[0])))})
+    with run:
+        for k in run.todo:
+            idx = run.indices(k).tolist()
+            loader = torch.utils.data.DataLoader(_Images(dataset, idx), batch_size=batch_size,
+                                                 num_workers=num_workers, shuffle=False)
+            rec = np.empty(len(idx), dtype=layout.record_dtype())
+            pos = 0
+            for images, labels, index in loader:  # micro-batches aligned to the shard start
+                seeds = (base_seed + index).tolist()
+                images = images.to(device)
+                parts = {"latent": codec.encode(images, seeds=seeds)}
+                if flipped:
+                    parts["latent_flipped"] = codec.encode(images.flip(-1), seeds=seeds)
+                n = len(index)
+                rec["index"][pos:pos + n] = index.numpy()
+                rec["label"][pos:pos + n] = labels.numpy()
+                for name, z in parts.items():
+                    z = z.to(store_dtype).cpu()
+                    if not torch.isfinite(z).all():
+                        raise ValueError(f"non-finite latents for images {int(index[0])}..{int(index[-1])} "
+                                         f"(storage dtype {dtype})")
+                    rec[name][pos:pos + n] = z.numpy()
+                pos += n
+                bar.update(n)
+            run.submit(k, rec)
     bar.close()
-
-    dist.barrier()
-    manifest = None
-    if status != "complete" and dist.is_main():
-        manifest = finalize(out, plan)
-    manifest = dist.broadcast_object(manifest) if status != "complete" else load_latent_manifest(out)
-    total = int(sum(dist.all_gather_object(encoded)))
-    return EncodeSummary(out=str(out), count=len(dataset), encoded=total, total_bytes=manifest["total_bytes"],
-                         seconds=time.perf_counter() - t0, status=status)
+    run.finish()
+    manifest = load_latent_manifest(out)
+    return EncodeSummary(out=str(out), count=len(dataset), encoded=run.remaining, total_bytes=manifest["total_bytes"],
+                         seconds=time.perf_counter() - t0, status=run.status)
 
 
 def _bar(total: int, enabled: bool):
@@ -322,27 +293,9 @@ def _bar(total: int, enabled: bool):
 
 def load_latent_manifest(root: str | Path) -> dict:
     """Read and check a latent store's manifest.json (format, version, shard list covering 0..count-1)."""
-    from ardistill.data.trajectories import MANIFEST, PLAN, CorruptRecordingError
-
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.exists():
-        hint = ("encoding is unfinished; run the same command again" if (root / PLAN).exists()
-                else "not a latent store")
-        raise FileNotFoundError(f"{path} not found: {hint}")
-    m = read_json(path, "latent store manifest")
-    if m.get("format") != LATENT_FORMAT:
-        raise ValueError(f"{path}: format is {m.get('format')!r}, expected {LATENT_FORMAT!r}")
-    if m.get("version") != LATENT_VERSION:
-        raise ValueError(f"{path}: format version {m.get('version')} is not supported (this reader: {LATENT_VERSION})")
-    start = 0
-    for s in m["shards"]:
-        if s["start"] != start:
-            raise CorruptRecordingError(f"{path}: shard list has a gap or overlap at {s['file']}")
-        start += s["count"]
-    if start != m["count"]:
-        raise CorruptRecordingError(f"{path}: shards hold {start} latents, manifest count is {m['count']}")
-    return m
+    return read_manifest(root, fmt=LATENT_FORMAT, version=LATENT_VERSION, what="latent store manifest",
+                         unit="latents", absent="not a latent store",
+                         unfinished="encoding is unfinished; run the same command again")
 
 
 class LatentStore(ShardedRecords):
@@ -353,21 +306,15 @@ class LatentStore(ShardedRecords):
     """
 
     kind = "latent"
+    what = "latent store"
 
     def __init__(self, root: str | Path, verify_checksums: bool = False, verify_shards: bool = True):
         self.root = Path(root)
         self.verify_shards = verify_shards
-        self.manifest = load_latent_manifest(self.root)
-        self.layout = LatentLayout.from_dict(self.manifest["layout"])
-        self.shards = self.manifest["shards"]
+        manifest = load_latent_manifest(self.root)
+        self._attach(manifest, LatentLayout.from_dict(manifest["layout"]), verified=verify_checksums,
+                     checksum=verify_checksums)
         self.classes: list[str] = list(self.manifest["classes"])
-        problems = [p for s in self.shards
-                    if (p := check_shard_file(self.root, s, self.layout, checksum=verify_checksums))]
-        if problems:
-            raise CorruptRecordingError(f"latent store {self.root}: " + "; ".join(problems))
-        self._open_shards()
-        if verify_checksums:
-            self._verified.update(range(len(self.shards)))
 
     @property
     def shape(self) -> tuple[int, int, int]:

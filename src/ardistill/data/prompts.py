@@ -3,7 +3,7 @@
 A prompt file holds one prompt per line (blank lines skipped; ids "0", "1", ... in order), or JSONL
 (``.jsonl``, or a first line that starts with ``{``) with an ``"id"`` and a ``"prompt"`` per line.
 
-A prompt store is a folder laid out like a trajectory recording (data/trajectories.py):
+A prompt store is a sharded store laid out like a trajectory recording (data/shard_files.py):
 
     manifest.json          encoder identity, width C, max length L, dtype, the ids and prompts; written last
     shard-000000.npy ...   shard k holds rows [k * shard_size, (k + 1) * shard_size)
@@ -33,16 +33,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ardistill.data.trajectories import (CorruptRecordingError, ShardedRecords, StudentDataSpec, TrajectoryDataset,
-                                         check_shard_file, finalize, num_shards, prepare_output, read_progress,
-                                         shard_range, write_shard)
-from ardistill.io import distributed as dist
-from ardistill.io.fileio import atomic_write_json, read_json, sha256_file
+from ardistill.data.shard_files import CorruptRecordingError, read_manifest, shard_problems
+from ardistill.data.shard_runs import ShardRun
+from ardistill.data.sharded_records import ShardedRecords
+from ardistill.data.trajectory_dataset import StudentDataSpec, TrajectoryDataset
+from ardistill.io.fileio import sha256_file
 
 FORMAT = "ardistill-prompt-embeddings"
 VERSION = 1
 MANIFEST = "manifest.json"
-PROGRESS_FILE = "progress/rank-00000.json"
 DTYPES = ("float16", "bfloat16", "float32")
 NULL_ID = "<null>"  # id of row 0, the empty prompt (guidance's null text)
 
@@ -222,34 +221,23 @@ def write_prompt_store(out: str | os.PathLike, prompts: list[Prompt], encode: En
         "ids": [p.id for p in items], "prompts": [p.prompt for p in items],
         "numerics": {"batch_size": batch_size, "torch": torch.__version__},
     }))
-    out = Path(out)
-    rank, world = dist.rank(), dist.world_size()
-    from ardistill.data.record import _on_main  # rank 0 checks the folder; its error reaches every rank
-    status = _on_main(lambda: prepare_output(out, plan))
+    # a resume checks the listed shards' sizes (not their checksums); each shard is written before the next is encoded
+    run = ShardRun(out, plan, layout, hash_listed=False, background=False)
     encoded = 0
-    if status != "complete":
-        done = read_progress(out)
-        listed = {str(k): vars(s) for k, s in done.items()}  # every rank's file keeps what was done before
-        for k in range(num_shards(len(items), shard_size)):
-            if k in done or k % world != rank:
-                continue
-            rows = np.asarray(shard_range(k, shard_size, len(items)), dtype=np.int64)
+    with run:
+        for k in run.todo:
+            rows = run.indices(k)
             recs = []
             for i in range(0, len(rows), batch_size):
                 r = rows[i:i + batch_size]
                 tokens, mask = encode([items[j].prompt for j in r])
                 recs.append(pack_prompt_records(layout, r, tokens, mask))
-            info = write_shard(out, k, int(rows[0]), np.concatenate(recs))
-            listed[str(k)] = vars(info)
-            atomic_write_json(out / PROGRESS_FILE.replace("00000", f"{rank:05d}"), {"shards": listed})  # after the rename
+            run.submit(k, np.concatenate(recs))
             encoded += len(rows)
-        dist.barrier()  # every rank's shards are written and listed
-        if dist.is_main():
-            finalize(out, plan)
-        dist.barrier()
+    run.finish()
     m = verify_prompt_store(out, checksums=False)
     return PromptStoreSummary(out=str(out), count=len(items), encoded=encoded, total_bytes=m["total_bytes"],
-                              seconds=time.perf_counter() - t0, status=status)
+                              seconds=time.perf_counter() - t0, status=run.status)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,24 +246,12 @@ def write_prompt_store(out: str | os.PathLike, prompts: list[Prompt], encode: En
 
 def load_prompt_manifest(root: str | os.PathLike) -> dict:
     """Read and check a prompt store's manifest.json (format, version, shard list, ids)."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: not a finished prompt store "
-                                f"(rerun the same command to finish an interrupted one)")
-    m = read_json(path, "prompt-store manifest")
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") != VERSION:
-        raise ValueError(f"{path}: format version {m.get('version')} is not supported (this reader: {VERSION})")
-    start = 0
-    for s in m["shards"]:
-        if s["start"] != start:
-            raise CorruptPromptStoreError(f"{path}: shard list has a gap or overlap at {s['file']}")
-        start += s["count"]
-    if start != m["count"] or len(m["ids"]) != m["count"] or m["ids"][0] != NULL_ID:
-        raise CorruptPromptStoreError(f"{path}: shards hold {start} rows, ids list {len(m['ids'])}, "
-                                      f"count {m['count']} (row 0 must be {NULL_ID!r})")
+    m = read_manifest(root, fmt=FORMAT, version=VERSION, what="prompt-store manifest", unit="rows",
+                      absent="not a finished prompt store (rerun the same command to finish an interrupted one)",
+                      error=CorruptPromptStoreError)
+    if len(m["ids"]) != m["count"] or m["ids"][0] != NULL_ID:
+        raise CorruptPromptStoreError(f"{Path(root) / MANIFEST}: ids list {len(m['ids'])}, count {m['count']} "
+                                      f"(row 0 must be {NULL_ID!r})")
     return m
 
 
@@ -283,19 +259,17 @@ def verify_prompt_store(root: str | os.PathLike, checksums: bool = True) -> dict
     """Check every shard (presence, size, header; with ``checksums`` sha256 and rows); raises naming each bad shard."""
     root = Path(root)
     m = load_prompt_manifest(root)
-    layout = PromptLayout.from_dict(m["layout"])
-    problems = []
-    for s in m["shards"]:
-        problem = check_shard_file(root, s, layout, checksum=checksums)
-        if problem is None and checksums:
-            rows = np.load(root / s["file"], mmap_mode="r")["row"]
-            if not np.array_equal(rows, np.arange(s["start"], s["start"] + s["count"])):
-                problem = f"{s['file']}: rows do not match {s['start']}..{s['start'] + s['count'] - 1}"
-        if problem:
-            problems.append(problem)
+    problems = shard_problems(root, m, PromptLayout.from_dict(m["layout"]), checksums, deep=_check_rows)
     if problems:
         raise CorruptPromptStoreError(f"prompt store {root}: {len(problems)} bad shard(s): " + "; ".join(problems))
     return m
+
+
+def _check_rows(path: Path, s: dict) -> str | None:
+    rows = np.load(path, mmap_mode="r")["row"]
+    if not np.array_equal(rows, np.arange(s["start"], s["start"] + s["count"])):
+        return f"{s['file']}: rows do not match {s['start']}..{s['start'] + s['count'] - 1}"
+    return None
 
 
 def store_id(root: str | os.PathLike) -> str:
@@ -307,24 +281,20 @@ class PromptStore(ShardedRecords):
     """Read a prompt store by row or id: tokens (B, L, C) float32 and mask (B, L) bool."""
 
     kind = "prompt"
+    what = "prompt store"
+    error = CorruptPromptStoreError
 
     def __init__(self, root: str | os.PathLike, verify_checksums: bool = False, verify_shards: bool = True):
         """``verify_checksums``: hash every shard now (and not again); else, with ``verify_shards``, each
         shard is hashed when a read first reaches it."""
         self.root = Path(root)
         self.verify_shards = verify_shards
-        self.manifest = (verify_prompt_store if verify_checksums else load_prompt_manifest)(self.root)
-        self.layout = PromptLayout.from_dict(self.manifest["layout"])
-        self.shards = self.manifest["shards"]
-        problems = [p for s in self.shards if (p := check_shard_file(self.root, s, self.layout))]
-        if problems:
-            raise CorruptPromptStoreError(f"prompt store {self.root}: " + "; ".join(problems))
+        manifest = (verify_prompt_store if verify_checksums else load_prompt_manifest)(self.root)
+        # verify_prompt_store just hashed every shard
+        self._attach(manifest, PromptLayout.from_dict(manifest["layout"]), verified=verify_checksums)
         self.ids: list[str] = list(self.manifest["ids"])
         self.prompts: list[str] = list(self.manifest["prompts"])
         self._row_of = {i: r for r, i in enumerate(self.ids)}
-        self._open_shards()
-        if verify_checksums:
-            self._verified.update(range(len(self.shards)))  # verify_prompt_store just hashed them all
 
     @property
     def encoder(self) -> dict:

@@ -1,11 +1,14 @@
 """The recording job: run the teacher's ODE from per-sample seeds and store trajectories on the student grid.
 
-Trajectory i has seed ``base_seed + i`` and label ``classes[i % len(classes)]`` (class-balanced).
+Trajectory i has seed ``base_seed + i`` and a condition drawn by the job's condition source: the label
+``classes[i % len(classes)]`` of a class-conditional teacher (class-balanced, ``ClassLabels``), or the
+caption at prompt-store row ``rows[i % len(rows)]`` of a text teacher (``PromptRows``); the source is
+the only part of the job that knows which.
 Shard k holds the fixed index range [k * shard_size, (k + 1) * shard_size) and is computed in
 micro-batches of ``batch_size`` aligned to the shard's start, so its bytes depend only on k and the
 recording's settings, never on the number of processes: rank r records the shards with
 k % world_size == r. Resuming skips the shards already listed in the progress files whose sha256
-still matches (rank 0 hashes them first; damaged ones are recorded again).
+still matches (rank 0 hashes them first; damaged ones are recorded again); see data/shard_runs.py.
 
 What is exact: the same settings (batch size included), device type and torch build give
 byte-identical shards for any number of processes, killed and resumed or not. A different batch
@@ -21,21 +24,22 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ardistill.data.prompts import PromptStore, store_id, trim_text
+from ardistill.data.shard_runs import ShardRun
+from ardistill.data.trajectory_format import (DTYPES, FORMAT, VERSION, Layout, assignment, labels_for, load_manifest,
+                                              pack_records, seeds_for, verify)
 from ardistill.io import distributed as dist
-from ardistill.io.fileio import DiskFullError
 from ardistill.sampling.diffusion import process_for, student_grid
-from ardistill.sampling.guidance import make_model_fn
+from ardistill.sampling.guidance import make_model_fn, make_text_model_fn
 from ardistill.sampling.ode import (HEUN_LAST_STEPS, SOLVERS, grid_times, randn_from_seeds, recorded_heun_last_step,
                                     resolve_heun_last_step, solve)
-from ardistill.data.trajectories import (DTYPES, FORMAT, VERSION, Layout, ShardWriter, check_listed, finalize,
-                                         labels_for, num_shards, prepare_output, read_progress, reopen_damaged,
-                                         seeds_for, shard_range, verify)
 
 
 @dataclass(frozen=True)
@@ -123,197 +127,6 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_plan(teacher: nn.Module, cfg: RecordConfig, device: torch.device) -> dict:
-    """Everything that determines the recorded bytes: the manifest without its shard list."""
-    tcfg = teacher.cfg
-    process = process_for(tcfg)
-    positions = cfg.grid_positions()
-    times = grid_times(process, cfg.teacher_steps)
-    classes = list(cfg.classes) if cfg.classes is not None else list(range(tcfg.num_classes))
-    bad = [c for c in classes if not 0 <= c < tcfg.num_classes]
-    if bad:
-        raise ValueError(f"RecordConfig: classes {bad[:5]} are outside the teacher's {tcfg.num_classes} classes")
-    layout = Layout(num_steps=cfg.num_steps, shape=(tcfg.in_channels, tcfg.input_size, tcfg.input_size),
-                    dtype=cfg.dtype, x0_preds=cfg.x0_preds)
-    plan = {
-        "format": FORMAT,
-        "version": VERSION,
-        "count": cfg.count,
-        "shard_size": cfg.shard_size,
-        "layout": layout.to_dict(),
-        "grid": {"kind": "explicit" if cfg.positions is not None else cfg.grid, "teacher_steps": cfg.teacher_steps,
-                 "num_steps": cfg.num_steps, "positions": positions, "times": [times[p] for p in positions]},
-        "teacher": {"config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
-        "sampler": {"process": asdict(process), "solver": cfg.solver, **_heun_field(cfg, process),
-                    "teacher_steps": cfg.teacher_steps,
-                    "cfg_scale": cfg.cfg_scale, "guidance_channels": cfg.guidance_channels},
-        "seeds": {"base_seed": cfg.base_seed, "rule": "seed = base_seed + index"},
-        "labels": {"classes": classes, "rule": "label = classes[index % len(classes)]"},
-        # the bits also depend on these (batch composition changes matmul rounding)
-        "numerics": {"batch_size": cfg.batch_size, "device": device.type, "torch": torch.__version__},
-    }
-    return json.loads(json.dumps(plan))  # JSON types (lists, not tuples), so it compares equal to the file
-
-
-def _heun_field(cfg: RecordConfig, process) -> dict:
-    """A Heun recording's manifest names its last interval ("euler" / "heun", resolved per teacher family);
-    a manifest without the field (older recordings, other solvers) means the Euler last step."""
-    last = resolve_heun_last_step(cfg.solver, process, cfg.heun_last_step)
-    return {} if last is None else {"heun_last_step": last}
-
-
-@torch.inference_mode()
-def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device: str | torch.device = "cpu",
-           progress: bool = True) -> RecordSummary:
-    """Record (or finish recording) ``cfg.count`` teacher trajectories into the folder ``out``.
-
-    Args:
-        teacher: a DiT (``teacher.cfg`` is its DiTConfig); moved to ``device`` and put in eval mode.
-        out: output folder; rerunning with the same settings resumes an interrupted recording.
-        cfg: what to record.
-        device: where the teacher runs (each torchrun process passes its own).
-        progress: show a progress bar (rank 0) with trajectories per second.
-    Works in one process or under torchrun (call ``distributed.init`` first); rank r records the
-    shards k with k % world_size == r.
-    """
-    t0 = time.perf_counter()
-    out, device = Path(out), torch.device(device)
-    teacher = teacher.to(device).eval()
-    plan = build_plan(teacher, cfg, device)
-    model_fn = make_model_fn(teacher, cfg.cfg_scale, cfg.guidance_channels)
-    return _record_loop(teacher, out, cfg, plan, model_fn, plan["labels"]["classes"],
-                        lambda labels: torch.from_numpy(labels).to(device), device, progress, t0)
-
-
-def _record_loop(teacher: nn.Module, out: Path, cfg: RecordConfig, plan: dict, model_fn, assign: list[int],
-                 condition, device: torch.device, progress: bool, t0: float) -> RecordSummary:
-    """The recording loop shared by class and text teachers.
-
-    Trajectory i is conditioned on ``assign[i % len(assign)]`` (a class label or a prompt-store row);
-    ``condition(values)`` turns a micro-batch's values into the model function's ``y``.
-    """
-    rank, world = dist.rank(), dist.world_size()
-    layout = Layout.from_dict(plan["layout"])
-    status = _on_main(lambda: prepare_output(out, plan))  # rank 0 checks/creates the folder
-    todo: list[int] = []
-    recorded = 0
-    if status == "complete":
-        # a rerun is how a user makes sure a recording is complete: rank 0 hashes every shard of the
-        # manifest, and damaged ones are recorded again (the recording is deterministic)
-        damaged = _on_main(lambda: reopen_damaged(out, plan))
-        if damaged:
-            status = "repair"
-            if dist.is_main():
-                print(f"record: {len(damaged)} shard(s) of the finished recording {out} failed their check and "
-                      f"are recorded again: {'; '.join(damaged[:10])}", file=sys.stderr)
-    if status != "complete":
-        # rank 0 hashes the shards listed before; damaged ones are unlisted, deleted and recorded again
-        if status == "resume":
-            done, problems = _on_main(lambda: check_listed(out))
-        else:  # fresh, or a repair whose intact shards were just hashed
-            done, problems = (_on_main(lambda: read_progress(out)) if status == "repair" else {}), []
-        if problems and dist.is_main():
-            print(f"record: {len(problems)} shard(s) listed by the interrupted run failed their check and are "
-                  f"recorded again: {'; '.join(problems[:10])}", file=sys.stderr)
-        todo = [k for k in range(num_shards(cfg.count, cfg.shard_size)) if k % world == rank and k not in done]
-        # what this run records over all ranks (rank 0 checked the progress before anything was written)
-        recorded = cfg.count - sum(s.count for s in done.values())
-    mine = sum(len(shard_range(k, cfg.shard_size, cfg.count)) for k in todo)
-
-    process = process_for(teacher.cfg)
-    positions = plan["grid"]["positions"]
-    writer = ShardWriter(out, rank) if todo else None
-    bar = _progress_bar(mine, enabled=progress and dist.is_main() and mine > 0, world=world)
-    try:
-        for k in todo:
-            idx = np.asarray(shard_range(k, cfg.shard_size, cfg.count), dtype=np.int64)
-            seeds, labels = seeds_for(idx, cfg.base_seed), labels_for(idx, assign)
-            states, x0s = [], []
-            for i in range(0, len(idx), cfg.batch_size):  # micro-batches aligned to the shard start
-                s, y = seeds[i:i + cfg.batch_size], condition(labels[i:i + cfg.batch_size])
-                noise = randn_from_seeds(s.tolist(), layout.shape, device=device)
-                res = solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver, record_at=positions,
-                            heun_last_step=recorded_heun_last_step(plan["sampler"]))
-                states.append(res.states.to(_TORCH_DTYPE[cfg.dtype]).cpu())
-                if cfg.x0_preds:
-                    x0s.append(res.x0_preds[:, :-1].to(_TORCH_DTYPE[cfg.dtype]).cpu())  # end point = the sample
-                bar.update(len(s))
-            writer.submit(k, int(idx[0]), layout, seeds, labels, torch.cat(states),
-                          torch.cat(x0s) if cfg.x0_preds else None)
-    finally:
-        if writer is not None:
-            writer.close()
-        bar.close()
-
-    # Only barriers from here on: a gloo object collective as the last call can abort the process at
-    # exit (its work object, freed late on gloo's thread, needs the GIL during interpreter shutdown).
-    dist.barrier()  # every shard is written and listed
-    if dist.is_main() and status != "complete":
-        finalize(out, plan)
-    dist.barrier()  # the manifest is written (an error on rank 0 ends the job through torchrun)
-    manifest = verify(out, checksums=False)
-    return RecordSummary(out=str(out), count=cfg.count, recorded=recorded, shards=len(manifest["shards"]),
-                         total_bytes=manifest["total_bytes"], bytes_per_trajectory=manifest["total_bytes"] / cfg.count,
-                         seconds=time.perf_counter() - t0, status=status)
-
-
-def _on_main(fn):
-    """Run fn on rank 0 and hand its result, or its error, to every rank (so no rank waits forever)."""
-    result = None
-    if dist.is_main():
-        try:
-            result = fn()
-        except (ValueError, FileNotFoundError, DiskFullError) as e:
-            result = e
-    result = dist.broadcast_object(result)
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32}
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool, world: int):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    desc = "record" if world == 1 else f"record (rank 0 of {world})"
-    return tqdm(total=total, desc=desc, unit="traj", dynamic_ncols=True, smoothing=0.1)
-
-
-def record_command(teacher_path: str, out: str, cfg: RecordConfig, device: str | None = None,
-                   verify_after: bool = False, progress: bool = True) -> RecordSummary | None:
-    """`ardistill record`: load the teacher, start the process group under torchrun, record, optionally verify.
-
-    Returns the summary on rank 0 and None on the other ranks.
-    """
-    from ardistill.io.checkpoints import load_any_teacher
-
-    dev = dist.init(device)
-    try:
-        teacher = load_any_teacher(teacher_path)
-        summary = record(teacher, out, cfg, device=dev, progress=progress)
-        if verify_after and dist.is_main():
-            verify(out, checksums=True)
-        dist.barrier()
-        return summary if dist.is_main() else None
-    finally:
-        dist.cleanup()
-
-
-# ------------------------------------------------------------------------------------------------
-# Text-conditioned teachers: trajectories reference the prompt store's rows
-
-
 @dataclass(frozen=True)
 class TextRecordConfig(RecordConfig):
     """Settings of a recording with a text teacher: prompts come from a prompt store (data/prompts.py).
@@ -336,22 +149,90 @@ class TextRecordConfig(RecordConfig):
                 raise ValueError("TextRecordConfig: prompt_rows must not be empty")
 
 
-def build_text_plan(teacher: nn.Module, store, cfg: TextRecordConfig, device: torch.device) -> dict:
-    """The manifest of a text recording without its shard list; the prompt store is pinned by its manifest's sha256."""
-    from ardistill.data.prompts import store_id
+# ------------------------------------------------------------------------------------------------
+# Condition sources: what trajectory i is conditioned on, and how the teacher reads it
+
+
+class ClassLabels:
+    """Class labels: trajectory i gets ``classes[i % len(classes)]`` (``cfg.classes``, None = every class of the teacher)."""
+
+    field = "label"  # the record field (trajectory_format.Layout.condition)
+
+    def plan_entries(self, tcfg, cfg: RecordConfig) -> tuple[dict, dict, dict]:
+        """(teacher, sampler, assignment) entries of the manifest; checks the settings against the teacher."""
+        classes = list(cfg.classes) if cfg.classes is not None else list(range(tcfg.num_classes))
+        bad = [c for c in classes if not 0 <= c < tcfg.num_classes]
+        if bad:
+            raise ValueError(f"RecordConfig: classes {bad[:5]} are outside the teacher's {tcfg.num_classes} classes")
+        return ({}, {"guidance_channels": cfg.guidance_channels},
+                {"labels": {"classes": classes, "rule": "label = classes[index % len(classes)]"}})
+
+    def model_fn(self, teacher: nn.Module, cfg: RecordConfig, device: torch.device):
+        return make_model_fn(teacher, cfg.cfg_scale, cfg.guidance_channels)
+
+    def condition(self, labels: np.ndarray, device: torch.device):
+        """A micro-batch's labels as the model function's ``y``."""
+        return torch.from_numpy(labels).to(device)
+
+
+class PromptRows:
+    """Captions from a prompt store (data/prompts.py): trajectory i uses the prompt at store row
+    ``rows[i % len(rows)]`` (``cfg.prompt_rows``, None = every prompt, row 0 the empty prompt excluded);
+    guidance uses the store's empty prompt. Records hold the row, not the embedding; the manifest pins
+    the store by its manifest's sha256. The store's checksums are verified when the job opens it."""
+
+    field = "prompt"
+
+    def __init__(self, prompt_store: str | os.PathLike):
+        self.path = prompt_store
+
+    @cached_property
+    def store(self) -> PromptStore:
+        return PromptStore(self.path, verify_checksums=True)
+
+    def plan_entries(self, tcfg, cfg: TextRecordConfig) -> tuple[dict, dict, dict]:
+        store = self.store
+        rows = list(cfg.prompt_rows) if getattr(cfg, "prompt_rows", None) is not None else store.prompt_rows()
+        bad = [r for r in rows if not 1 <= r < len(store)]
+        if bad:
+            raise ValueError(f"TextRecordConfig: prompt_rows {bad[:5]} are outside the prompt store's rows "
+                             f"1..{len(store) - 1}")
+        if store.layout.width != tcfg.caption_channels:
+            raise ValueError(f"prompt store {store.root} holds {store.layout.width}-wide text, the teacher reads "
+                             f"caption_channels = {tcfg.caption_channels}")
+        return ({"kind": "text"},
+                {"guidance_channels": None, "null_text": "the prompt store's empty prompt (row 0)"},
+                {"prompts": {"store": str(Path(store.root).resolve()), "store_sha256": store_id(store.root),
+                             "encoder": store.encoder, "rows": rows, "rule": "prompt row = rows[index % len(rows)]"}})
+
+    def model_fn(self, teacher: nn.Module, cfg: RecordConfig, device: torch.device):
+        null_text, null_mask = trim_text(*self.store.null())
+        return make_text_model_fn(teacher, null_text.to(device), null_mask.to(device), cfg.cfg_scale)
+
+    def condition(self, rows: np.ndarray, device: torch.device):
+        """A micro-batch's prompt rows as the model function's ``y``: (text, mask), trimmed to the longest caption."""
+        text, mask = trim_text(*self.store.get(rows))
+        return text.to(device), mask.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan (the manifest without its shard list) and the job
+
+
+def build_plan(teacher: nn.Module, cfg: RecordConfig, device: torch.device, conditions=None) -> dict:
+    """Everything that determines the recorded bytes: the manifest without its shard list.
+
+    ``conditions``: the condition source (``ClassLabels()`` when None, or ``PromptRows``).
+    """
+    conditions = conditions if conditions is not None else ClassLabels()
     tcfg = teacher.cfg
-    process = process_for(tcfg.prediction)
+    process = process_for(tcfg)
     positions = cfg.grid_positions()
     times = grid_times(process, cfg.teacher_steps)
-    rows = list(cfg.prompt_rows) if cfg.prompt_rows is not None else store.prompt_rows()
-    bad = [r for r in rows if not 1 <= r < len(store)]
-    if bad:
-        raise ValueError(f"TextRecordConfig: prompt_rows {bad[:5]} are outside the prompt store's rows 1..{len(store) - 1}")
-    if store.layout.width != tcfg.caption_channels:
-        raise ValueError(f"prompt store {store.root} holds {store.layout.width}-wide text, the teacher reads "
-                         f"caption_channels = {tcfg.caption_channels}")
-    layout = Layout(num_steps=cfg.num_steps, shape=(tcfg.in_channels, *tcfg.input_size), dtype=cfg.dtype,
-                    x0_preds=cfg.x0_preds, condition="prompt")
+    teacher_entry, guidance, assigned = conditions.plan_entries(tcfg, cfg)
+    size = tcfg.input_size  # DiT: the side; TextDiT: (H, W)
+    layout = Layout(num_steps=cfg.num_steps, shape=(tcfg.in_channels, *((size, size) if isinstance(size, int) else size)),
+                    dtype=cfg.dtype, x0_preds=cfg.x0_preds, condition=conditions.field)
     plan = {
         "format": FORMAT,
         "version": VERSION,
@@ -360,64 +241,145 @@ def build_text_plan(teacher: nn.Module, store, cfg: TextRecordConfig, device: to
         "layout": layout.to_dict(),
         "grid": {"kind": "explicit" if cfg.positions is not None else cfg.grid, "teacher_steps": cfg.teacher_steps,
                  "num_steps": cfg.num_steps, "positions": positions, "times": [times[p] for p in positions]},
-        "teacher": {"kind": "text", "config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
+        "teacher": {**teacher_entry, "config": tcfg.to_dict(), "weights_sha256": weights_sha256(teacher)},
         "sampler": {"process": asdict(process), "solver": cfg.solver, **_heun_field(cfg, process),
-                    "teacher_steps": cfg.teacher_steps,
-                    "cfg_scale": cfg.cfg_scale, "guidance_channels": None,
-                    "null_text": "the prompt store's empty prompt (row 0)"},
+                    "teacher_steps": cfg.teacher_steps, "cfg_scale": cfg.cfg_scale, **guidance},
         "seeds": {"base_seed": cfg.base_seed, "rule": "seed = base_seed + index"},
-        "prompts": {"store": str(Path(store.root).resolve()), "store_sha256": store_id(store.root),
-                    "encoder": store.encoder, "rows": rows, "rule": "prompt row = rows[index % len(rows)]"},
+        **assigned,  # "labels" or "prompts"
+        # the bits also depend on these (batch composition changes matmul rounding)
         "numerics": {"batch_size": cfg.batch_size, "device": device.type, "torch": torch.__version__},
     }
-    return json.loads(json.dumps(plan))
+    return json.loads(json.dumps(plan))  # JSON types (lists, not tuples), so it compares equal to the file
+
+
+def _heun_field(cfg: RecordConfig, process) -> dict:
+    """A Heun recording's manifest names its last interval ("euler" / "heun", resolved per teacher family);
+    a manifest without the field (older recordings, other solvers) means the Euler last step."""
+    last = resolve_heun_last_step(cfg.solver, process, cfg.heun_last_step)
+    return {} if last is None else {"heun_last_step": last}
+
+
+@torch.inference_mode()
+def record(teacher: nn.Module, out: str | os.PathLike, cfg: RecordConfig, device: str | torch.device = "cpu",
+           progress: bool = True, conditions=None) -> RecordSummary:
+    """Record (or finish recording) ``cfg.count`` teacher trajectories into the folder ``out``.
+
+    Args:
+        teacher: a DiT (``teacher.cfg`` is its DiTConfig), or a TextDiT with ``PromptRows``; moved to
+            ``device`` and put in eval mode.
+        out: output folder; rerunning with the same settings resumes an interrupted recording, and
+            rerunning a finished one rehashes its shards and records the damaged ones again.
+        cfg: what to record.
+        device: where the teacher runs (each torchrun process passes its own).
+        progress: show a progress bar (rank 0) with trajectories per second.
+        conditions: what trajectories are conditioned on: ``ClassLabels()`` (None) or ``PromptRows(store)``.
+    Works in one process or under torchrun (call ``distributed.init`` first); rank r records the
+    shards k with k % world_size == r.
+    """
+    t0 = time.perf_counter()
+    out, device = Path(out), torch.device(device)
+    teacher = teacher.to(device).eval()
+    conditions = conditions if conditions is not None else ClassLabels()
+    plan = build_plan(teacher, cfg, device, conditions)
+    model_fn = conditions.model_fn(teacher, cfg, device)
+    layout = Layout.from_dict(plan["layout"])
+    run = ShardRun(out, plan, layout, repair=load_manifest)
+    if run.damaged and dist.is_main():
+        print(f"record: {len(run.damaged)} shard(s) of the finished recording {out} failed their check and "
+              f"are recorded again: {'; '.join(run.damaged[:10])}", file=sys.stderr)
+    if run.problems and dist.is_main():
+        print(f"record: {len(run.problems)} shard(s) listed by the interrupted run failed their check and are "
+              f"recorded again: {'; '.join(run.problems[:10])}", file=sys.stderr)
+
+    process = process_for(teacher.cfg)
+    positions = plan["grid"]["positions"]
+    values = assignment(plan)[1]  # the classes or prompt rows trajectories cycle through
+    mine = run.mine()
+    bar = _progress_bar(mine, enabled=progress and dist.is_main() and mine > 0, world=dist.world_size())
+    try:
+        for k in run.todo:
+            idx = run.indices(k)
+            seeds, labels = seeds_for(idx, cfg.base_seed), labels_for(idx, values)
+            states, x0s = [], []
+            for i in range(0, len(idx), cfg.batch_size):  # micro-batches aligned to the shard start
+                s, y = seeds[i:i + cfg.batch_size], conditions.condition(labels[i:i + cfg.batch_size], device)
+                noise = randn_from_seeds(s.tolist(), layout.shape, device=device)
+                res = solve(model_fn, process, noise, y, cfg.teacher_steps, cfg.solver, record_at=positions,
+                            heun_last_step=recorded_heun_last_step(plan["sampler"]))
+                states.append(res.states.to(_TORCH_DTYPE[cfg.dtype]).cpu())
+                if cfg.x0_preds:
+                    x0s.append(res.x0_preds[:, :-1].to(_TORCH_DTYPE[cfg.dtype]).cpu())  # end point = the sample
+                bar.update(len(s))
+            # packed (and checked for non-finite values) in the writer thread
+            run.submit(k, partial(pack_records, layout, seeds, labels, torch.cat(states),
+                                  torch.cat(x0s) if cfg.x0_preds else None))
+    finally:
+        run.close()
+        bar.close()
+
+    run.finish()
+    manifest = verify(out, checksums=False)
+    return RecordSummary(out=str(out), count=cfg.count, recorded=run.remaining, shards=len(manifest["shards"]),
+                         total_bytes=manifest["total_bytes"], bytes_per_trajectory=manifest["total_bytes"] / cfg.count,
+                         seconds=time.perf_counter() - t0, status=run.status)
 
 
 @torch.inference_mode()
 def record_text(teacher: nn.Module, prompt_store: str | os.PathLike, out: str | os.PathLike, cfg: TextRecordConfig,
                 device: str | torch.device = "cpu", progress: bool = True) -> RecordSummary:
-    """Record ``cfg.count`` trajectories of a text teacher (TextDiT) whose captions come from a prompt store.
+    """``record`` of a text teacher (TextDiT) whose captions come from the prompt store ``prompt_store``
+    (a folder written by ``prompts.write_prompt_store``; its checksums are verified here)."""
+    return record(teacher, out, cfg, device, progress, conditions=PromptRows(prompt_store))
 
-    Args:
-        teacher: a TextDiT; moved to ``device``, eval mode.
-        prompt_store: folder written by ``prompts.write_prompt_store`` (checksums are verified here).
-        out: output folder; records hold the prompt's store row, not its embedding.
-        cfg: what to record; the guidance scale and the null text are stored in the manifest.
-    Works in one process or under torchrun, as ``record``.
+
+_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32}
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool, world: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    desc = "record" if world == 1 else f"record (rank 0 of {world})"
+    return tqdm(total=total, desc=desc, unit="traj", dynamic_ncols=True, smoothing=0.1)
+
+
+def record_command(teacher_path: str, out: str, cfg: RecordConfig, device: str | None = None,
+                   verify_after: bool = False, progress: bool = True, prompt_store: str | None = None,
+                   **teacher_kw) -> RecordSummary | None:
+    """`ardistill record`: load the teacher, start the process group under torchrun, record, optionally verify.
+
+    With ``prompt_store`` the teacher is a text teacher (PixArt folder or .pth, or ours) whose captions
+    come from that store; ``teacher_kw`` (image_size, variant, interpolation_scale, num_heads) apply to
+    original PixArt .pth files. Returns the summary on rank 0 and None on the other ranks.
     """
-    from ardistill.data.prompts import PromptStore, trim_text
-    from ardistill.sampling.guidance import make_text_model_fn
-    t0 = time.perf_counter()
-    out, device = Path(out), torch.device(device)
-    teacher = teacher.to(device).eval()
-    store = PromptStore(prompt_store, verify_checksums=True)
-    plan = build_text_plan(teacher, store, cfg, device)
-    null_text, null_mask = trim_text(*store.null())
-    model_fn = make_text_model_fn(teacher, null_text.to(device), null_mask.to(device), cfg.cfg_scale)
-
-    def condition(rows: np.ndarray):
-        text, mask = trim_text(*store.get(rows))
-        return text.to(device), mask.to(device)
-
-    return _record_loop(teacher, out, cfg, plan, model_fn, plan["prompts"]["rows"], condition, device, progress, t0)
-
-
-def record_text_command(teacher_path: str, prompt_store: str, out: str, cfg: TextRecordConfig,
-                        device: str | None = None, verify_after: bool = False, progress: bool = True,
-                        **teacher_kw) -> RecordSummary | None:
-    """`ardistill record --prompt-store`: a text teacher (PixArt folder or .pth, or ours) under torchrun, as record_command.
-
-    ``teacher_kw`` (image_size, variant, interpolation_scale, num_heads) apply to original PixArt .pth files.
-    """
-    from ardistill.io.pixart import load_any_text_teacher
-
     dev = dist.init(device)
     try:
-        teacher = load_any_text_teacher(teacher_path, **teacher_kw)
-        summary = record_text(teacher, prompt_store, out, cfg, device=dev, progress=progress)
+        if prompt_store is None:
+            from ardistill.io.checkpoints import load_any_teacher
+            teacher, conditions = load_any_teacher(teacher_path), ClassLabels()
+        else:
+            from ardistill.io.pixart import load_any_text_teacher
+            teacher, conditions = load_any_text_teacher(teacher_path, **teacher_kw), PromptRows(prompt_store)
+        summary = record(teacher, out, cfg, device=dev, progress=progress, conditions=conditions)
         if verify_after and dist.is_main():
             verify(out, checksums=True)
         dist.barrier()
         return summary if dist.is_main() else None
     finally:
         dist.cleanup()
+
+
+def record_text_command(teacher_path: str, prompt_store: str, out: str, cfg: TextRecordConfig,
+                        device: str | None = None, verify_after: bool = False, progress: bool = True,
+                        **teacher_kw) -> RecordSummary | None:
+    """`ardistill record --prompt-store`: ``record_command`` with a text teacher and its prompt store."""
+    return record_command(teacher_path, out, cfg, device, verify_after, progress, prompt_store=prompt_store,
+                          **teacher_kw)

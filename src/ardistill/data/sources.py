@@ -93,7 +93,7 @@ def open_training_data(spec: str, *, image_size: int = 32, hflip: bool = False, 
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"training data {spec!r}: not 'digits' or 'photos' and no such folder")
-    from ardistill.data.trajectories import MANIFEST
+    from ardistill.data.shard_files import MANIFEST
     if (path / MANIFEST).exists():
         from ardistill.data.image_folder import LatentStore
         store = LatentStore(path)
