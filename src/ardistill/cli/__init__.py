@@ -15,9 +15,9 @@ import sys
 
 from ardistill.cli import compare, convert, data, generate, train
 # The comparison helpers under their earlier names (tests build demo's parser and config with them).
-from ardistill.cli.compare import add_demo as _add_demo
-from ardistill.cli.compare import compare_args as _compare_args
-from ardistill.cli.compare import compare_config as _compare_config
+from ardistill.cli.compare import add_demo as _add_demo  # noqa: F401
+from ardistill.cli.compare import compare_args as _compare_args  # noqa: F401
+from ardistill.cli.compare import compare_config as _compare_config  # noqa: F401
 
 __all__ = ["build_parser", "main", "entry"]
 
