@@ -7,7 +7,8 @@ import torch
 
 from ardistill.models.kv_cache import KVCache
 from ardistill.models.masks import token_mask
-from ardistill.models.text_dit import (TextDiT, TextDiTConfig, pad_text, text_dit_config, unpatchify)
+from ardistill.models.layers import unpatchify
+from ardistill.models.text_dit import TextDiT, TextDiTConfig, pad_text, text_dit_config
 from ardistill.sampling.guidance import make_text_model_fn
 from tolerances import assert_paths_agree
 
@@ -125,9 +126,10 @@ def test_block_api_per_trajectory_block_with_history_mask_and_cache():
     times = torch.tensor([999.0, 600.0, 250.0])
     text, mask = text_batch([2, 6])
     with torch.no_grad():
-        kvs = model.text_kvs(text, mask)
+        ctx = model.context(text, mask)
+        kvs = ctx.kvs
         h = model.embed(xs.flatten(0, 1)).reshape(B, K * N, -1)
-        t_mod, t_emb = model.time_modulation(times.expand(B, K))  # (B, K, 6D), (B, K, D)
+        t_mod, t_emb = model.modulation(times.expand(B, K), ctx)  # (B, K, 6D), (B, K, D)
         full = h
         for block, kv in zip(model.transformer_blocks, kvs):
             full = block(full, t_mod, kv, attn_mask=token_mask("M4", K, N))
@@ -147,7 +149,7 @@ def test_block_api_per_trajectory_block_with_history_mask_and_cache():
         single = [model(xs[:, k], times[k].expand(B), text, mask) for k in range(K)]
     assert_paths_agree(torch.cat(steps, dim=1), full)  # cached vs masked full sequence: two code paths
     per_block = model.output(per_block, t_emb.reshape(B * K, -1))
-    imgs = unpatchify(per_block, model.cfg.grid_size, 2, 1).view(B, K, 1, 8, 16)
+    imgs = unpatchify(per_block, 2, 1, model.cfg.grid_size).view(B, K, 1, 8, 16)
     for k in range(K):
         assert_paths_agree(imgs[:, k], single[k])  # a batch of B * K blocks vs B images: other shapes
 

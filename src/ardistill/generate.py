@@ -156,19 +156,18 @@ def student_prompt_grid(student_path: str | Path, out: str | Path, prompts: list
     from ardistill.io.checkpoints import load_state_and_config
     from ardistill.io.images import save_captioned_grid
     from ardistill.io.student_io import load_student, resolve_student_path
-    from ardistill.models.text_student import TextARDStudent
     from ardistill.sampling.ode import randn_from_seeds
 
     if not prompts or not seeds:
         raise ValueError("student_prompt_grid: needs at least one prompt and one seed")
     file = resolve_student_path(student_path)
     student = load_student(file, device=device)
-    if not isinstance(student, TextARDStudent):
+    if student.arch.conditioning != "text":
         raise ValueError(f"{file} is a class-conditional student; --prompt is for text-to-image students")
     meta = load_state_and_config(file)[2]
     if "text_encoder" not in meta:
         raise ValueError(f"{file}: no 'text_encoder' spec in its metadata (its prompt store did not record one); "
-                         "encode the captions yourself and call TextARDStudent.sample(noise, text, text_mask)")
+                         "encode the captions yourself and call student.sample(noise, text, text_mask)")
     encoder = encoder_from_spec(meta["text_encoder"], f"{file}: text_encoder")
     text, mask = encoder.encode(list(prompts))
     tc = student.cfg.teacher
@@ -181,10 +180,9 @@ def student_prompt_grid(student_path: str | Path, out: str | Path, prompts: list
 
 def _class_student(student, path):
     """The class-conditional student this module samples; a text student is named as such."""
-    from ardistill.models.text_student import TextARDStudent
-    if isinstance(student, TextARDStudent):
+    if student.arch.conditioning == "text":
         raise ValueError(f"{path} is a text-to-image student: it samples from captions, not labels "
-                         f"(TextARDStudent.sample(noise, text, text_mask); `ardistill demo --task t2i` draws its grids)")
+                         f"(student.sample(noise, text, text_mask); `ardistill demo --task t2i` draws its grids)")
     return student
 
 

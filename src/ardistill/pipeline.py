@@ -60,9 +60,9 @@ class ARDPipeline:
 
     def __init__(self, student, encoder, codec=None, max_length: int = 120, embedding_dtype: str = "float16",
                  device=None, parts: dict | None = None):
-        from ardistill.models.text_student import TextARDStudent
-        if not isinstance(student, TextARDStudent):
-            raise ValueError(f"ARDPipeline needs a text-to-image student (TextARDStudent), got {type(student).__name__}")
+        if getattr(getattr(student, "arch", None), "conditioning", None) != "text":
+            raise ValueError(f"ARDPipeline needs a text-to-image student (an ARDStudent of a text teacher), "
+                             f"got {type(student).__name__}")
         if encoder.width != student.cfg.teacher.caption_channels:
             raise ValueError(f"text encoder width {encoder.width} != the student's caption_channels "
                              f"{student.cfg.teacher.caption_channels}: not the encoder it was distilled with")

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ardistill.io.checkpoints import (DIFFUSERS_CONFIG, DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, CheckpointError, _assign,
-                                      _model_folder, _read_diffusers_weights, _require, _torch_load, load_text_teacher)
+from ardistill.io.diffusers_dit import (DIFFUSERS_CONFIG, DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, _model_folder,
+                                        _read_diffusers_weights)
+from ardistill.io.weights import CheckpointError, _assign, _new_dit, _require, _torch_load, load_text_teacher
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
-from ardistill.models.text_dit import TextDiT, TextDiTConfig, pixart_pos_embed
+from ardistill.models.text_dit import TextDiT, TextDiTConfig
 
 PIXART_HEAD_DIM = 72  # PixArt-XL/2: 1152 = 16 heads x 72
 # PixArt-Sigma's position-embedding scale per image size (its scripts/inference.py); PixArt-alpha uses
@@ -114,23 +115,13 @@ def pixart_diffusers_config(cfg: TextDiTConfig) -> dict:
     return config
 
 
-def _new_text_dit(cfg: TextDiTConfig) -> TextDiT:
-    """A TextDiT on the meta device (every weight comes from the file; no 0.6B-parameter init), its fixed
-    position table rebuilt from the config."""
-    with torch.device("meta"):
-        model = TextDiT(cfg)
-    pos = pixart_pos_embed(cfg.hidden_size, cfg.grid_size, cfg.sample_size // cfg.patch_size, cfg.pos_interpolation_scale)
-    model.pos_embed.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
-    return model
-
-
 def load_pixart_diffusers(folder: str | os.PathLike) -> TextDiT:
     """A diffusers PixArtTransformer2DModel folder (or a pipeline folder) -> TextDiT (eval, float32)."""
     folder = _model_folder(_require(folder, "PixArt diffusers folder"))
     config_path = _require(folder / DIFFUSERS_CONFIG, "config.json of the PixArt transformer")
     cfg = pixart_config_from_diffusers(read_json(config_path, "diffusers config"), str(config_path))
     state, source = _read_diffusers_weights(folder)
-    model = _new_text_dit(cfg)
+    model = _new_dit(cfg)
     return _assign(model, state, source)
 
 
@@ -330,7 +321,7 @@ def load_pixart_pth(path: str | os.PathLike, image_size: int | None = None, vari
     path = _require(path, "PixArt .pth checkpoint")
     state = _pth_state(path)
     cfg = infer_pixart_pth_config(state, image_size, variant, interpolation_scale, num_heads, str(path))
-    model = _new_text_dit(cfg)
+    model = _new_dit(cfg)
     if "pos_embed" in state:  # the release's fixed table must be the one our config computes
         ours = model.pos_embed.pos_embed
         theirs = state["pos_embed"].float()

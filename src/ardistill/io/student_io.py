@@ -1,5 +1,5 @@
 """Student weight files: ardistill's safetensors format (checkpoints.save_model), kind "ard-student"
-(or "ard-text-student" for the student of a text teacher, models/text_student.py).
+(or "ard-text-student" for the student of a text teacher).
 
 The StudentConfig is JSON in the file's metadata, so ``load_student(path)`` rebuilds the student from
 the file alone (no teacher, no recording). A path may also be a training run folder or one of its
@@ -25,12 +25,11 @@ from ardistill.io.checkpoints import (CheckpointError, _require, _select_state, 
                                       _torch_load, check_state_dict, infer_dit_config, load_state_and_config,
                                       save_model)
 from ardistill.io.fileio import read_json
-from ardistill.models.student import ARDStudent, StudentConfig, recipe_student_config
-from ardistill.models.text_student import TextARDStudent, TextStudentConfig
+from ardistill.models.student import ARDStudent, StudentConfig, TextStudentConfig, recipe_student_config
 
 STUDENT_KIND = "ard-student"
 TEXT_STUDENT_KIND = "ard-text-student"
-_KINDS = {STUDENT_KIND: (StudentConfig, ARDStudent), TEXT_STUDENT_KIND: (TextStudentConfig, TextARDStudent)}
+_KINDS = {STUDENT_KIND: StudentConfig, TEXT_STUDENT_KIND: TextStudentConfig}  # file kind -> its config class
 
 
 def save_student(path: str | Path, student: ARDStudent, extra_metadata: dict | None = None,
@@ -40,7 +39,7 @@ def save_student(path: str | Path, student: ARDStudent, extra_metadata: dict | N
     ``state_dict``: whole tensors to write instead of the module's own (an FSDP-sharded student's, gathered).
     """
     student = getattr(student, "module", student)  # DDP-wrapped models carry the student in .module
-    kind = TEXT_STUDENT_KIND if isinstance(student, TextARDStudent) else STUDENT_KIND
+    kind = TEXT_STUDENT_KIND if student.arch.conditioning == "text" else STUDENT_KIND
     return save_model(student, student.cfg.to_dict(), path, kind=kind, extra_metadata=extra_metadata,
                       state_dict=state_dict)
 
@@ -52,7 +51,7 @@ def read_student_file(path: str | Path) -> tuple[StudentConfig, dict[str, torch.
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not an ARD student "
                               f"({' or '.join(map(repr, _KINDS))})")
     try:
-        cfg = _KINDS[meta["kind"]][0].from_dict(config)
+        cfg = _KINDS[meta["kind"]].from_dict(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid student config: {e}") from e
     return cfg, state, meta
@@ -79,7 +78,7 @@ def resolve_student_path(path: str | Path, prefer: str = "ema") -> Path:
     raise FileNotFoundError(f"no student weights in {path} (looked for {names} and checkpoints/latest.json)")
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu", prefer: str = "ema") -> ARDStudent | TextARDStudent:
+def load_student(path: str | Path, device: str | torch.device = "cpu", prefer: str = "ema") -> ARDStudent:
     """Rebuild a student (eval mode) from a weight file, a checkpoint folder or a run folder.
 
     A ``.pt``/``.pth`` file is a public-ARD checkpoint (``import_public_ard``, its history layers from args.stack).
@@ -88,7 +87,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu", prefer: s
     if file.suffix.lower() in (".pt", ".pth"):
         return import_public_ard(file, which=prefer if prefer in ("ema", "model") else None).to(device)
     cfg, state, _ = read_student_file(file)
-    student = TextARDStudent(cfg) if isinstance(cfg, TextStudentConfig) else ARDStudent(cfg)
+    student = ARDStudent(cfg)
     check_state_dict(student.state_dict(), state, str(file))
     student.load_state_dict(state, strict=True)
     return student.to(device).eval()

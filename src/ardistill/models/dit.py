@@ -1,7 +1,9 @@
-"""Teacher DiT, weight-compatible with facebookresearch/DiT ``models.py``.
+"""The DiT backbone (every teacher) and the class-conditional config, weight-compatible with facebookresearch/DiT.
 
 Read top to bottom: config, model, registry. ``DiT(cfg)(x, t, y)`` returns (B, out_channels, H, W)
-where out_channels = 2 * in_channels with learned sigma (the ODE uses the first in_channels).
+where out_channels = 2 * in_channels with learned sigma (the ODE uses the first in_channels). The same
+class with a ``TextDiTConfig`` (models/text_dit.py) is the PixArt-form text-to-image model: the
+conditioning is pluggable (models/conditioning.py).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from ardistill.sampling.diffusion import PROCESS_NAMES
-from ardistill.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                              get_2d_sincos_pos_embed, unpatchify)
+from ardistill.models.conditioning import conditioning_for
+from ardistill.models.layers import unpatchify
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,19 @@ class DiTConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def conditioning(self) -> str:
+        """The backbone's conditioning (models/conditioning.py): class labels by adaLN-Zero."""
+        return "class"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.input_size, self.input_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.input_size // self.patch_size,) * 2
+
+    @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
 
@@ -80,70 +95,69 @@ class DiTConfig:
 
 
 class DiT(nn.Module):
-    """Diffusion transformer with adaLN-Zero conditioning on timestep and class."""
+    """The one diffusion transformer: patch embedding, ``depth`` layers, an output layer, with pluggable conditioning.
 
-    def __init__(self, cfg: DiTConfig):
+    ``cfg.conditioning`` picks the conditioning (models/conditioning.py): a ``DiTConfig`` is DiT's
+    class-conditional model (adaLN-Zero; ``model(x, t, y)``, state dict = facebookresearch/DiT's), a
+    ``TextDiTConfig`` the PixArt form (cross-attention to captions, adaLN-single; ``model(x, t, text,
+    text_mask)``, state dict = diffusers' PixArtTransformer2DModel's). The ARD student
+    (models/student.py) is built from the same conditioning, so every teacher and student share it.
+    """
+
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.conditioning = conditioning_for(cfg)
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
         self.patch_size = cfg.patch_size
         self.num_heads = cfg.num_heads
-        D = cfg.hidden_size
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
-        # Fixed sin-cos embedding; a frozen Parameter (not a buffer) so the state-dict key matches DiT.
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, D), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+        self.conditioning.build(self, cfg, teacher=True)
         self.initialize_weights()
 
+    @property
+    def arch(self):
+        """The architecture config (the student's is its teacher's)."""
+        return self.cfg
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layers (``blocks`` in DiT's names, ``transformer_blocks`` in PixArt's)."""
+        return self.conditioning.layers(self)
+
     def initialize_weights(self) -> None:
-        """DiT's initialisation: xavier linears, fixed pos-embed, adaLN-Zero (zeroed modulation and output)."""
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-        self.apply(_basic_init)
-        grid = int(self.cfg.num_patches ** 0.5)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        """The original initialisation of the conditioning's family (DiT's adaLN-Zero, PixArt's)."""
+        self.conditioning.initialize(self, self.cfg)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens with position embedding (B, N, D)."""
-        return self.x_embedder(x) + self.pos_embed
+        return self.conditioning.embed(self, x)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Timesteps (any shape) and labels (B,) -> adaLN conditioning (*t.shape, D)."""
-        y_emb = self.y_embedder(y, self.training)  # (B, D)
-        t_emb = self.t_embedder(t)
-        if t_emb.dim() == 3:  # per-block times (B, K) -> (B, K, D)
-            y_emb = y_emb.unsqueeze(1)
-        return t_emb + y_emb
+    def context(self, *cond, **extra):
+        """What the condition gives every layer, computed once per sample (class: label embedding; text:
+        the layers' keys/values of the caption); labels are dropped for guidance in training."""
+        return self.conditioning.context(self, cond, self.training, **extra)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) timesteps, y (B,) labels -> (B, out_channels, H, W)."""
+    def modulation(self, t: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (B,) or per block (B, K) -> adaLN inputs of the layers and of the output layer."""
+        return self.conditioning.modulation(self, t, ctx)
+
+    def output(self, h: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        """Output layer: tokens (B, L, D) -> (B, L, p*p*out_channels)."""
+        return self.conditioning.output(self, h, c_out)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor, **extra) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps, the condition (labels y (B,); or text (B, T, C_text) and its
+        mask (B, T) bool, with optional ``resolution``/``aspect_ratio`` micro-conditions) -> (B, out_channels, H, W)."""
+        if tuple(x.shape[-2:]) != self.cfg.image_size:
+            raise ValueError(f"{type(self.cfg).__name__} was built for {self.cfg.image_size} inputs, "
+                             f"got {tuple(x.shape[-2:])}")
         h = self.embed(x)
-        c = self.condition(t, y)
-        for block in self.blocks:
-            h = block(h, c)
-        h = self.final_layer(h, c)
-        return unpatchify(h, self.patch_size, self.out_channels)
+        ctx = self.context(*cond, **extra)
+        c, c_out = self.modulation(t, ctx)
+        for i, block in enumerate(self.layers):
+            h = block(h, *self.conditioning.block_args(c, ctx, i))
+        return unpatchify(self.output(h, c_out), self.patch_size, self.out_channels, self.cfg.grid_size)
 
 
 # Standard sizes from the paper (names are also CLI choices), plus tiny ones for tests and CPU work.

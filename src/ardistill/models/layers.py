@@ -209,11 +209,15 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
-    """Tokens (B, N, p*p*C) -> images (B, C, H, W), DiT's layout."""
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int,
+               grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Tokens (B, h*w, p*p*C) -> images (B, C, h*p, w*p), DiT's (and diffusers') layout; a square grid by default."""
     p, c = patch_size, channels
-    h = w = int(x.shape[1] ** 0.5)
-    assert h * w == x.shape[1], f"{x.shape[1]} tokens do not form a square grid"
+    if grid_size is None:
+        h = w = int(x.shape[1] ** 0.5)
+        assert h * w == x.shape[1], f"{x.shape[1]} tokens do not form a square grid"
+    else:
+        h, w = grid_size
     x = x.reshape(x.shape[0], h, w, p, p, c)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(x.shape[0], c, h * p, w * p)

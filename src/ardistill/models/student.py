@@ -20,11 +20,12 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ardistill.models.attention import HistoryAttention, default_backend, needs_grad
+from ardistill.models.conditioning import conditioning_for
 from ardistill.models.dit import DiT, DiTConfig
 from ardistill.models.kv_cache import KVCache
-from ardistill.models.layers import (DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                              get_2d_sincos_pos_embed, unpatchify)
+from ardistill.models.layers import unpatchify
 from ardistill.models.masks import MASKS
+from ardistill.models.text_dit import TextDiTConfig
 
 TARGETS = ("state", "x0")  # ODE states (paper figure) or the teacher's x0-predictions (public code)
 TIME_LABELS = ("true", "uniform")  # true grid times, or the public code's k/S labels
@@ -92,6 +93,25 @@ class StudentConfig:
         return cls(**d)
 
 
+@dataclass(frozen=True, eq=True)
+class TextStudentConfig(StudentConfig):
+    """StudentConfig whose teacher is a TextDiTConfig (a text-to-image student); saved inside every checkpoint."""
+
+    teacher: TextDiTConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if isinstance(self.teacher, dict):
+            object.__setattr__(self, "teacher", TextDiTConfig.from_dict(self.teacher))
+        if not isinstance(self.teacher, TextDiTConfig):
+            raise ValueError(f"TextStudentConfig: teacher must be a TextDiTConfig, got {type(self.teacher).__name__}")
+        super().__post_init__()
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["teacher"] = self.teacher.to_dict()
+        return d
+
+
 def block_times_for(grid_times: list[float], num_steps: int, time_labels: str, model_time=None) -> tuple[float, ...]:
     """Time inputs of the S blocks.
 
@@ -137,68 +157,69 @@ def ode_step_coeffs(process, grid_times: list[float]) -> tuple[tuple[float, floa
 
 
 class ARDStudent(HistoryAttention, nn.Module):
-    """Few-step student that reads its own trajectory history (ARD); names follow DiT's.
+    """Few-step student that reads its own trajectory history (ARD), for every conditioning; names follow the teacher's.
 
-    ``attention`` ("sdpa" | "flex" | "auto", models/attention.py) picks the kernel of the history
-    layers in the teacher-forced pass; a runtime setting, not part of the config or the checkpoint.
+    The conditioning of its teacher's config (models/conditioning.py) supplies the embedders, the layers
+    and the heads: ``student(x, y)`` / ``student.sample(noise, y)`` for a class-conditional teacher,
+    ``student(x, text, text_mask)`` / ``student.sample(noise, text, text_mask)`` for a text teacher, whose
+    caption keys/values are computed once per sample and shared by all blocks (history never enters
+    cross-attention, the text never enters the history cache). ``attention`` ("sdpa" | "flex" | "auto",
+    models/attention.py) picks the kernel of the history layers in the teacher-forced pass; a runtime
+    setting, not part of the config or the checkpoint.
     """
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         self.cfg = cfg
         tc = cfg.teacher
-        D = tc.hidden_size
+        self.conditioning = conditioning_for(tc)
         self.in_channels = tc.in_channels
         self.patch_size = tc.patch_size
-        self.x_embedder = PatchEmbed(tc.patch_size, tc.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
-        # Same table shape as the teacher's (null row included) so weights copy; never dropped here.
-        self.y_embedder = LabelEmbedder(tc.num_classes, D, tc.class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, tc.num_patches, D), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(D, tc.num_heads, tc.mlp_ratio) for _ in range(tc.depth)])
+        self.conditioning.build(self, tc, teacher=False)
         num_heads = cfg.num_steps if cfg.heads == "per_step" else 1
-        self.heads = nn.ModuleList([FinalLayer(D, tc.patch_size, tc.in_channels) for _ in range(num_heads)])
+        self.heads = nn.ModuleList([self.conditioning.make_head(tc) for _ in range(num_heads)])
         self.register_buffer("block_times", torch.tensor(cfg.block_times, dtype=torch.float32), persistent=False)
         coeffs = cfg.step_coeffs or ((1.0, 1.0),) * cfg.num_steps
         self.register_buffer("step_coeffs", torch.tensor(coeffs, dtype=torch.float32), persistent=False)
-        grid = int(tc.num_patches ** 0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0))
         self._mask_cache: dict[tuple, object] = {}  # (kernel, K, N, device) -> dense mask or BlockMask
         self.attention = default_backend()
+
+    @property
+    def arch(self):
+        """The architecture config: the teacher's."""
+        return self.cfg.teacher
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.conditioning.layers(self)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_teacher(cls, teacher: DiT, cfg: StudentConfig) -> "ARDStudent":
-        """A student whose every weight starts from the teacher's (heads from its final layer)."""
+        """A student whose every weight starts from the teacher's (heads from its output layer)."""
         if teacher.cfg != cfg.teacher:
             raise ValueError(f"teacher config {teacher.cfg} differs from the student's teacher config {cfg.teacher}")
         student = cls(cfg)
         sd = teacher.state_dict()
-        own = {k: v for k, v in sd.items() if not k.startswith("final_layer.")}
+        own = {k: v for k, v in sd.items() if not student.conditioning.is_output_key(k)}
         missing, unexpected = student.load_state_dict(own, strict=False)
-        assert not unexpected, unexpected
-        assert all(k.startswith("heads.") for k in missing), missing
-        head_sd = _head_from_final_layer(teacher.final_layer.state_dict(), cfg.teacher)
+        if unexpected or not all(k.startswith("heads.") for k in missing):
+            raise ValueError(f"teacher and student names differ: unexpected {unexpected[:5]}, missing {missing[:5]}")
+        head_sd = student.conditioning.head_state(sd, cfg.teacher)
         for head in student.heads:
             head.load_state_dict(head_sd)
         return student
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def _condition(self, y: torch.Tensor, blocks: slice) -> torch.Tensor:
-        """Per-block adaLN conditioning (B, K, D): computed once per block, not per token."""
-        t = self.block_times[blocks]  # (K,)
-        t_emb = self.t_embedder(t)  # (K, D)
-        y_emb = self.y_embedder(y, train=False)  # (B, D)
-        return t_emb.unsqueeze(0) + y_emb.unsqueeze(1)
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (M, C, H, W) -> tokens (M, N, D)."""
-        return self.x_embedder(x) + self.pos_embed
+    def _condition(self, ctx, blocks: slice, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block adaLN inputs of the layers and the heads, (B, K, .): computed once per block, not per token."""
+        return self.conditioning.block_modulation(self, self.block_times[blocks], ctx, batch)
 
     def _head(self, h: torch.Tensor, c: torch.Tensor, first_block: int, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, K*N, D) -> predictions (B, K, C, H, W) through the shared or per-step heads.
 
-        ``x`` (B, K, C, H, W) are the blocks' inputs, used by the "ode_step" output.
+        ``c`` (B, K, .) is the heads' conditioning; ``x`` (B, K, C, H, W) are the blocks' inputs, used by
+        the "ode_step" output.
         """
         B, K = c.shape[:2]
         N = h.shape[1] // K
@@ -208,7 +229,7 @@ class ARDStudent(HistoryAttention, nn.Module):
             hb = h.view(B, K, N, -1)
             out = torch.stack([self.heads[first_block + k](hb[:, k], c[:, k:k + 1]) for k in range(K)], dim=1)
             out = out.view(B * K, N, -1)
-        img = unpatchify(out, self.patch_size, self.in_channels)
+        img = unpatchify(out, self.patch_size, self.in_channels, self.arch.grid_size)
         img = img.view(B, K, *img.shape[1:])
         if self.cfg.output == "ode_step":
             ab = self.step_coeffs[first_block:first_block + K].to(img.dtype)  # (K, 2)
@@ -216,37 +237,40 @@ class ARDStudent(HistoryAttention, nn.Module):
             img = A * x + Bc * img
         return img
 
-    def _run_block(self, block: DiTBlock, *args, **kw) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, *args, **kw) -> torch.Tensor:
         if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False, **kw)
         return block(*args, **kw)
 
     # ---- teacher-forced forward -----------------------------------------------------------------
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced pass: inputs (B, K, C, H, W) for blocks 0..K-1 -> predictions of states 1..K.
+    def forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced pass: inputs (B, K, C, H, W) for blocks 0..K-1 and the condition -> predictions of states 1..K.
 
         K <= num_steps; usually K = num_steps (the whole recorded trajectory, one pass).
         """
         B, K = x.shape[:2]
         if K > self.cfg.num_steps:
             raise ValueError(f"got {K} blocks, the student has num_steps = {self.cfg.num_steps}")
-        h = self._embed(x.flatten(0, 1))  # (B*K, N, D)
+        ctx = self.conditioning.context(self, cond, False)  # once per sample, shared by all K blocks
+        h = self.conditioning.embed(self, x.flatten(0, 1))  # (B*K, N, D)
         N, D = h.shape[1:]
-        c = self._condition(y, slice(0, K))  # (B, K, D)
-        c_flat = c.reshape(B * K, 1, D)
+        c, c_out = self._condition(ctx, slice(0, K), B)  # (B, K, .)
+        c_flat = c.reshape(B * K, 1, -1)
         history = self.cfg.uses_history and K > 1
         if history:  # dense bool mask (SDPA) or BlockMask (FlexAttention), see models/attention.py
-            mask = self._history_mask(K, N, h, self.cfg.teacher.num_heads, needs_grad(h, self.blocks[0]))
-        for i, block in enumerate(self.blocks):
+            mask = self._history_mask(K, N, h, self.arch.num_heads, needs_grad(h, self.layers[0]))
+        cond_args = self.conditioning.block_args
+        for i, block in enumerate(self.layers):
             if history and i < self.cfg.history_layers:
-                h = self._run_block(block, h.reshape(B, K * N, D), c, attn_mask=mask).view(B * K, N, D)
-            else:  # own block only: attention per block, no mask
-                h = self._run_block(block, h, c_flat)
-        return self._head(h.reshape(B, K * N, D), c, 0, x)
+                h = self._run_block(block, h.reshape(B, K * N, D), *cond_args(c, ctx, i), attn_mask=mask)
+                h = h.view(B * K, N, D)
+            else:  # own block only: attention per block, no mask (cross-attention reads the sample's text)
+                h = self._run_block(block, h, *cond_args(c_flat, ctx, i))
+        return self._head(h.reshape(B, K * N, D), c_out, 0, x)
 
     # ---- KV-cached autoregressive sampling ------------------------------------------------------
     @torch.no_grad()
-    def sample(self, noise: torch.Tensor, y: torch.Tensor, return_all: bool = False, history: bool = True):
+    def sample(self, noise: torch.Tensor, *cond: torch.Tensor, return_all: bool = False, history: bool = True):
         """Few-step sampling: step s runs one block; the lower history_layers read the KV cache.
 
         Returns the final state (B, C, H, W), or with ``return_all`` all S predictions (B, S, C, H, W).
@@ -254,35 +278,33 @@ class ARDStudent(HistoryAttention, nn.Module):
         itself (mask M1), which measures how much the student relies on its history.
         """
         S, Nh = self.cfg.num_steps, (self.cfg.history_layers if self.cfg.uses_history and history else 0)
+        ctx = self.conditioning.context(self, cond, False)  # e.g. the text keys/values: once, before the first step
         cache = KVCache(Nh, self.cfg.mask)
+        cond_args = self.conditioning.block_args
         x, outs = noise, []
         for s in range(S):
-            h = self._embed(x)  # (B, N, D)
-            c = self._condition(y, slice(s, s + 1))  # (B, 1, D)
-            for i, block in enumerate(self.blocks):
-                h = block(h, c, kv_cache=cache.layer(i) if i < Nh else None)
+            h = self.conditioning.embed(self, x)  # (B, N, D)
+            c, c_out = self._condition(ctx, slice(s, s + 1), x.shape[0])  # (B, 1, .)
+            for i, block in enumerate(self.layers):
+                h = block(h, *cond_args(c, ctx, i), kv_cache=cache.layer(i) if i < Nh else None)
             if Nh:
                 cache.advance()
-            x = self._head(h, c, s, x.unsqueeze(1))[:, 0]
+            x = self._head(h, c_out, s, x.unsqueeze(1))[:, 0]
             outs.append(x)
         return torch.stack(outs, dim=1) if return_all else x
 
 
-def _head_from_final_layer(sd: dict, tc: DiTConfig) -> dict:
-    """Teacher final layer -> a student head predicting in_channels (drops learned-sigma outputs)."""
-    if not tc.learn_sigma:
-        return dict(sd)
-    p, C, D = tc.patch_size, tc.in_channels, tc.hidden_size
-    w = sd["linear.weight"].view(p * p, 2 * C, D)[:, :C].reshape(p * p * C, D)
-    b = sd["linear.bias"].view(p * p, 2 * C)[:, :C].reshape(p * p * C)
-    out = dict(sd)
-    out["linear.weight"], out["linear.bias"] = w.clone(), b.clone()
-    return out
+TextARDStudent = ARDStudent  # the one student; a TextStudentConfig makes it a text-to-image student
+
+
+def student_config_for(teacher_cfg, **kw) -> StudentConfig:
+    """The StudentConfig of a teacher config of either conditioning (TextStudentConfig for a text teacher)."""
+    return (TextStudentConfig if teacher_cfg.conditioning == "text" else StudentConfig)(teacher=teacher_cfg, **kw)
 
 
 def build_student(teacher: DiT, **kw) -> ARDStudent:
-    """Convenience: StudentConfig(teacher=teacher.cfg, **kw) initialised from the teacher."""
-    return ARDStudent.from_teacher(teacher, StudentConfig(teacher=teacher.cfg, **kw))
+    """Convenience: a student of ``teacher`` (any conditioning) with config fields ``kw``, initialised from it."""
+    return ARDStudent.from_teacher(teacher, student_config_for(teacher.cfg, **kw))
 
 
 # ------------------------------------------------------------------------------------------------
