@@ -244,7 +244,7 @@ def _add_distill(sub):
 
     def run(args):
         from ardistill.training.distill import distill_command
-        from ardistill.training.loop import NonFiniteLossError
+        from ardistill.training.nan_guard import NonFiniteLossError
         _threads(args.threads)
         options = {k: v for k, v in vars(args).items()
                    if k not in ("command", "func", "resume", "preset", "dry_run", "threads")}
@@ -516,7 +516,7 @@ def _add_finetune_gan(sub):
 
     def run(args):
         from ardistill.training.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
-        from ardistill.training.loop import NonFiniteLossError
+        from ardistill.training.nan_guard import NonFiniteLossError
         _threads(args.threads)
         options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "threads")}
         try:
