@@ -37,7 +37,7 @@ def worker(args) -> None:
     from ardistill.models.student import build_student
     from ardistill.training.distill import distill_loss
     from ardistill.training.ema import EMA
-    from ardistill.training.loop import sync_gradients
+    from ardistill.training.parallel import sync_gradients
     from ardistill.training.parallel import full, local, wrap_parallel
 
     torch.set_num_threads(1)

@@ -24,7 +24,7 @@ from ardistill.io.student_io import load_student, resolve_student_path, save_stu
 from ardistill.models.dit import DiT, DiTConfig
 from ardistill.training.distill import DistillConfig, build_distill_student, distill
 from ardistill.training.export import export_checkpoint
-from ardistill.training.loop import Checkpointer
+from ardistill.training.checkpointer import Checkpointer
 from ardistill.training.parallel import DCP_DIR, DCP_FORMAT
 from ardistill.data.trajectories import load_manifest
 

@@ -22,7 +22,8 @@ from ardistill.models.discriminator import (Discriminator, adaptive_weight, adap
 from ardistill.data.record import RecordConfig, record
 from ardistill.io.student_io import load_student, save_student
 from ardistill.training.distill import DistillConfig, build_distill_student
-from ardistill.training.loop import Checkpointer, NonFiniteLossError
+from ardistill.training.checkpointer import Checkpointer
+from ardistill.training.nan_guard import NonFiniteLossError
 from ardistill.data.trajectories import load_manifest
 
 # the digits' shape (1 x 8 x 8, 10 classes) so that the real data is the embedded digits

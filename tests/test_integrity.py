@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import ardistill.data.shard_runs as shard_runs
 import ardistill.io.fileio as fileio
-import ardistill.training.loop as loop_mod
+import ardistill.training.checkpointer as checkpointer_mod
 from ardistill.cli import build_parser, main
 from ardistill.data.record import RecordConfig, record
 from ardistill.data.trajectories import (CorruptRecordingError, Layout, TrajectoryDataset, load_manifest,
@@ -37,7 +37,9 @@ from ardistill.io.student_io import save_student
 from ardistill.models.dit import DiT, DiTConfig
 from ardistill.training.distill import DistillConfig, build_distill_student, distill, distill_command
 from ardistill.training.finetune_gan import GANConfig, finetune_gan
-from ardistill.training.loop import Checkpointer, CheckpointReadError, NonFiniteLossError, RunLogger
+from ardistill.training.checkpointer import Checkpointer, CheckpointReadError
+from ardistill.training.nan_guard import NonFiniteLossError
+from ardistill.training.run_logger import RunLogger
 
 # the digits' shape (1 x 8 x 8, 10 classes), so finetune-gan can use the embedded digits as real data
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
@@ -371,12 +373,12 @@ def test_distill_checkpoint_on_full_disk_then_resume(setup, tmp_path, monkeypatc
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2541824 vs 2541716")
         return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(loop_mod.torch, "save", full)
+    monkeypatch.setattr(checkpointer_mod.torch, "save", full)
     with pytest.raises(DiskFullError, match=r"no space left .* while writing checkpoint step_00000006 \(state.pt\); "
                                             r"the last complete checkpoint is .*step_00000003: free space"):
         distill(_dcfg(setup, setup["recording"], run))
     assert not list((run / "checkpoints").glob(".*partial"))
-    monkeypatch.setattr(loop_mod.torch, "save", real_save)
+    monkeypatch.setattr(checkpointer_mod.torch, "save", real_save)
     monkeypatch.setattr(fileio, "space_exhausted", real_exhausted)
     distill(_dcfg(setup, setup["recording"], run), resume=True)  # after freeing space
     straight = distill(_dcfg(setup, setup["recording"], tmp_path / "straight"))

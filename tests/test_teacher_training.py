@@ -199,7 +199,7 @@ def test_an_image_folder_teacher_feeds_record_and_distill(tmp_path):
 
 
 def test_a_truncated_training_state_is_named_not_a_raw_traceback(tmp_path):
-    from ardistill.training.loop import CheckpointReadError
+    from ardistill.training.checkpointer import CheckpointReadError
     cfg = TeacherTrainConfig(steps=4, **TINY)
     train_teacher(cfg, tmp_path, progress=False)
     state = tmp_path / "train_state.pt"

@@ -22,7 +22,11 @@ from ardistill.training.ema import EMA
 from ardistill.data.record import RecordConfig, record
 from ardistill.io.student_io import load_student, read_student_file
 from ardistill.training.distill import DistillConfig, distill, distill_loss, on_policy_inputs
-from ardistill.training.loop import Checkpointer, EpochBatches, NonFiniteLossError, RunLogger, lr_at
+from ardistill.training.checkpointer import Checkpointer
+from ardistill.training.data_order import EpochBatches
+from ardistill.training.lr_schedule import lr_at
+from ardistill.training.nan_guard import NonFiniteLossError
+from ardistill.training.run_logger import RunLogger
 from tolerances import assert_paths_agree
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)

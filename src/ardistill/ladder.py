@@ -219,7 +219,7 @@ def training_seconds(run_dir: Path, steps: int, batch: int) -> float:
 def train_to(cfg: LadderConfig, run: LadderRun, steps: int) -> Path:
     """Train ``run`` to ``steps`` (resuming) and keep its EMA weights at that budget; returns their path."""
     from ardistill.training.distill import distill
-    from ardistill.training.loop import Checkpointer
+    from ardistill.training.checkpointer import Checkpointer
     weights = run.rung_weights(steps)
     if weights.is_file():
         return weights

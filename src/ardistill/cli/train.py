@@ -72,7 +72,7 @@ def add_distill(sub):
 
     def run(args):
         from ardistill.training.distill import distill_command
-        from ardistill.training.loop import NonFiniteLossError
+        from ardistill.training.nan_guard import NonFiniteLossError
         set_threads(args.threads)
         options = _options(args, "preset", "dry_run")
         if args.preset or args.dry_run:
@@ -124,7 +124,7 @@ def add_finetune_gan(sub):
 
     def run(args):
         from ardistill.training.finetune_gan import DiscriminatorCollapseError, finetune_gan_command
-        from ardistill.training.loop import NonFiniteLossError
+        from ardistill.training.nan_guard import NonFiniteLossError
         set_threads(args.threads)
         try:
             finetune_gan_command(_options(args), resume=args.resume)

@@ -20,8 +20,9 @@ Run folder::
                                 ``ardistill export-checkpoint`` writes the single files)
     student.safetensors, ema.safetensors   final weights (load with student_io.load_student)
 
-The infrastructure (data order, DDP, EMA, checkpoints, RNG, NaN guard, logging) lives in
-train_utils.py and ema.py so that other trainers (GAN fine-tuning) reuse it; see docs/training.md.
+What is not the regression itself (the run's start and resume, EMA, DDP / FSDP2, checkpoints, RNG, the
+NaN guard, logging, the step loop) is trainer.py's ``Trainer``, which GAN fine-tuning shares; see
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +39,20 @@ import torch
 from ardistill.io import distributed as dist
 from ardistill.io.checkpoints import load_any_teacher
 from ardistill.sampling.diffusion import make_process
-from ardistill.training.ema import EMA
+from ardistill.training.config_checks import (ConfigDict, check_at_least, check_batch_split, check_betas, check_choices,
+                                              check_fraction, check_loss_weights)
 from ardistill.training.relabel import RELABEL_TARGETS, TeacherRelabeler
-from ardistill.io.fileio import atomic_write_json, read_json
+from ardistill.io.fileio import read_json
 from ardistill.models.masks import check_mask
 from ardistill.models.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
 from ardistill.models.text_student import TextARDStudent, TextStudentConfig
 from ardistill.data.record import weights_sha256
-from ardistill.io.student_io import read_student_file, save_student
-from ardistill.training.loop import (start_run, PRECISIONS, Checkpointer, EpochBatches, RunLogger, autocast, capture_rng,
-                                   check_finite, lr_at, progress, restore_rng, sync_gradients)
-from ardistill.training.parallel import (DCP_DIR, DCP_FORMAT, check_parallel, full, full_state_dict, load_full_state_dict,
-                                         load_indexed_optimizer, load_sharded, local, save_sharded, sharded_world,
-                                         wrap_parallel)
+from ardistill.training.lr_schedule import lr_at
+from ardistill.training.nan_guard import check_finite
+from ardistill.training.parallel import check_parallel, full, sync_gradients
+from ardistill.training.precision import PRECISIONS, autocast
+from ardistill.training.trainer import (Trainer, command_config, load_run_config as _load_run_config, resolve_path,
+                                       run_in_process_group)
 from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest, verify_split
 
 ROLLOUT_MODELS = ("student", "ema")
@@ -67,7 +68,7 @@ PATH_FIELDS = ("recording", "teacher", "run_dir")  # stored resolved, so a run r
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(ConfigDict):
     """Everything that determines a distillation run; saved in config.json and in every checkpoint."""
 
     recording: str  # trajectory recording folder (ardistill record)
@@ -124,49 +125,26 @@ class DistillConfig:
         check_parallel("DistillConfig.parallel", self.parallel)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
-        for name, choices in (("target", TARGETS), ("time_labels", TIME_LABELS), ("heads", HEADS),
-                              ("output", OUTPUTS), ("on_policy_model", ROLLOUT_MODELS), ("precision", PRECISIONS),
-                              ("on_policy_targets", RELABEL_TARGETS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"DistillConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_choices(self, {"target": TARGETS, "time_labels": TIME_LABELS, "heads": HEADS, "output": OUTPUTS,
+                             "on_policy_model": ROLLOUT_MODELS, "precision": PRECISIONS,
+                             "on_policy_targets": RELABEL_TARGETS})
         check_mask(self.mask)
-        for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "on_policy_start", "keep_every", "weight_decay", "grad_clip", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.history_layers is not None and self.history_layers < 0:
-            raise ValueError(f"DistillConfig.history_layers must be >= 0, got {self.history_layers}")
+        check_at_least(self, 1, ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every"))
+        check_at_least(self, 0, ("warmup_steps", "on_policy_start", "keep_every", "weight_decay", "grad_clip", "seed"))
+        if self.history_layers is not None:
+            check_at_least(self, 0, ("history_layers",))
         if not (self.lr > 0 and self.adam_eps > 0):
             raise ValueError(f"DistillConfig: lr and adam_eps must be > 0, got {self.lr}, {self.adam_eps}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"DistillConfig.betas must be two numbers in [0, 1), got {self.betas}")
-        if not 0 <= self.ema_decay <= 1:
-            raise ValueError(f"DistillConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
-        if not 0 <= self.on_policy_prob <= 1:
-            raise ValueError(f"DistillConfig.on_policy_prob must be in [0, 1], got {self.on_policy_prob}")
+        check_betas(self, ("betas",))
+        check_fraction(self, "ema_decay")
+        check_fraction(self, "on_policy_prob")
         if self.on_policy_targets == "teacher" and self.target != "state":
             raise ValueError("DistillConfig.on_policy_targets = 'teacher' relabels ODE states: it needs target 'state', "
                              f"got {self.target!r}")
         if self.on_policy_targets == "teacher" and self.on_policy_prob == 0:
             raise ValueError("DistillConfig.on_policy_targets = 'teacher' relabels on-policy batches: set on_policy_prob > 0")
-        if any(w < 0 for w in self.loss_weights) or (self.loss_weights and sum(self.loss_weights) == 0):
-            raise ValueError(f"DistillConfig.loss_weights must be >= 0 and not all zero, got {self.loss_weights}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"DistillConfig.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"], d["loss_weights"] = list(self.betas), list(self.loss_weights)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"DistillConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        check_loss_weights(self)
+        check_batch_split(self)
 
 
 @dataclass
@@ -287,10 +265,7 @@ def recording_id(manifest: dict) -> str:
 
 def load_run_config(run_dir: str | Path) -> DistillConfig:
     """The DistillConfig of an existing run (from its latest checkpoint, else config.json)."""
-    point = Checkpointer(Path(run_dir) / "checkpoints").resume_point()
-    if point is not None:
-        return DistillConfig.from_dict(point[1]["config"])
-    return DistillConfig.from_dict(read_json(Path(run_dir) / "config.json", "run config")["distill"])
+    return _load_run_config(DistillConfig, run_dir, "distill")
 
 
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
@@ -304,18 +279,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     Works in one process or under torchrun (the process group is started here if needed).
     """
     cfg = replace(cfg, **{k: resolve_path(getattr(cfg, k)) for k in PATH_FIELDS})
-    owns_group = not dist.is_distributed()
-    device = dist.init(cfg.device)
-    try:
-        return _Distiller(cfg, device, resume).run()
-    finally:
-        if owns_group:
-            dist.cleanup()
-
-
-def resolve_path(path: str) -> str:
-    """An absolute path (symlinks resolved), so the saved config does not depend on the working directory."""
-    return str(Path(path).expanduser().resolve())
+    return run_in_process_group(_Distiller, cfg, resume)
 
 
 def distill_command(options: dict, resume: bool = False) -> DistillResult:
@@ -324,32 +288,20 @@ def distill_command(options: dict, resume: bool = False) -> DistillResult:
     With ``resume`` and no ``recording``, the settings come from the run folder (``run_dir``), and
     only the given options are applied on top (runtime fields only; others must match).
     """
-    if resume and "recording" not in options:
-        if "run_dir" not in options:
-            raise ValueError("--resume needs --run-dir (the run to continue)")
-        cfg = replace(load_run_config(options["run_dir"]), **options)
-    else:
-        missing = [f"--{k.replace('_', '-')}" for k in ("recording", "teacher", "run_dir") if k not in options]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        cfg = DistillConfig(**options)
+    cfg = command_config(DistillConfig, options, resume, ("recording", "teacher", "run_dir"), "distill")
     result = distill(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{result.run_dir}: {result.step} steps, loss {result.loss:.4g}; EMA weights {result.ema_path}")
     return result
 
 
-class _Distiller:
-    """State of one distillation run; ``run()`` is the loop."""
+class _Distiller(Trainer):
+    """State of one distillation run; ``run()`` (trainer.Trainer) is the loop."""
 
-    def __init__(self, cfg: DistillConfig, device: torch.device, resume: bool):
-        self.device = device
-        self.run_dir = Path(cfg.run_dir)
-        run = start_run(cfg, resume, device, RUNTIME_FIELDS)
-        cfg, self.ckpt, latest, state, self.precision = run.cfg, run.ckpt, run.latest, run.state, run.precision
-        self.cfg, self.last_ckpt = cfg, latest
-        world = dist.world_size()
+    RUNTIME_FIELDS = RUNTIME_FIELDS
 
+    def _build(self, state: dict | None) -> None:
+        cfg, device = self.cfg, self.device
         manifest = load_manifest(cfg.recording)
         teacher = load_distill_teacher(cfg.teacher, manifest)
         self.data = _open_data(cfg, teacher, manifest)
@@ -359,6 +311,7 @@ class _Distiller:
             null = self.data.null_text() if is_text_recording(manifest) else None
             self.relabel = TeacherRelabeler(teacher.to(device), manifest, null)
         del teacher
+        self.manifest = manifest
         self.scfg, self.recording_id = student.cfg, recording_id(manifest)
         # a text student's files carry its encoder's spec (when the prompt store recorded one), so that
         # `ardistill generate --prompt` can encode captions from the student file alone
@@ -375,68 +328,41 @@ class _Distiller:
                              f"S = {S} steps")
         self.weights = torch.tensor(cfg.loss_weights or [1.0] * S, device=device)
 
-        self.student = student.to(device).train()
-        self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
         # fsdp: the student and its EMA copy sharded per transformer block (``sample`` runs the rollouts)
-        self.model = wrap_parallel(self.student, device, cfg.parallel, None, ("sample",), (self.ema.module,))
-        self.sharded = sharded_world(cfg.parallel)
+        self.model = self._train_student(student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         # foreach: the same arithmetic as the per-tensor loop (bit-identical weights, measured in
         # bench/bench_photos_step.py), in fewer, larger kernels; torch picks it by default on CUDA only
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay, foreach=True)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.order = EpochBatches(len(self.data), cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum, cfg.seed)
+        self.order = self._data_order(len(self.data), cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # on-policy coin flips; the same on every rank
-        self.step = 0
-        if state is not None:
-            self._restore(latest, state)
-        elif dist.is_main():
-            atomic_write_json(self.run_dir / "config.json", {
-                "distill": cfg.to_dict(), "student": self.scfg.to_dict(), "world_size": world,
-                "recording": {"count": len(self.data), "grid": manifest["grid"], "sampler": manifest["sampler"]}})
-        self.logger = RunLogger(self.run_dir, cfg.tensorboard, resume_step=self.step if state is not None else None)
+        self.window = torch.zeros(self.scfg.num_steps, device=device)  # per-step losses summed over a logging window
+        self._reset_window()
+        self.last_loss = float("nan")  # mean training loss over the last logging window
+
+    def _run_info(self) -> dict:
+        return {"distill": self.cfg.to_dict(), "student": self.scfg.to_dict(), "world_size": dist.world_size(),
+                "recording": {"count": len(self.data), "grid": self.manifest["grid"],
+                              "sampler": self.manifest["sampler"]}}
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def _restore(self, folder: Path, state: dict) -> None:
-        if state["recording_id"] != self.recording_id:
-            raise ValueError(f"{folder} was trained on another recording than {self.cfg.recording} (content differs)")
+    def _optimizers(self) -> dict:
+        return {"optimizer": (self.student, self.opt)}
+
+    def _generators(self) -> dict:
+        return {"on_policy": self.gen}
+
+    def _check_resumable(self, folder: Path, state: dict) -> None:
+        super()._check_resumable(folder, state)
         if type(self.scfg).from_dict(state["student_config"]) != self.scfg:
             raise ValueError(f"{folder}: the student config saved there differs from the one this run builds")
-        if state.get("checkpoint_format") == DCP_FORMAT:  # sharded (fsdp) checkpoint: any process count, any mode
-            load_sharded(folder / DCP_DIR, {"student": self.student, "ema": self.ema.module},
-                         {"optimizer": (self.student, self.opt)})
-        else:  # whole weights and the optimizer numbered by parameter: sharded on load under fsdp
-            for module, name in ((self.student, "student"), (self.ema.module, "ema")):
-                _, weights, _ = read_student_file(folder / f"{name}.safetensors")
-                load_full_state_dict(module, weights)
-            load_indexed_optimizer(self.student, self.opt, state["optimizer"])
-        self.ema.num_updates = int(state["ema_updates"])
-        self.order.load_state_dict(state["data"])
-        restore_rng(state["rng"], {"on_policy": self.gen})
-        self.step = int(state["step"])
 
-    def _save(self) -> None:
-        """Checkpoint the state after ``self.step`` optimizer steps (all ranks call; rank 0 writes)."""
-        norms = torch.stack(torch._foreach_norm([local(p) for p in self.params]))
-        # never overwrite a good checkpoint with broken weights; sharded, each rank sees only its shards: all check
-        if self.sharded or not bool(torch.isfinite(norms).all()):
-            check_finite(norms.sum().reshape(1), self.step - 1, "parameter norm", self.last_ckpt)
-        state = {"step": self.step, "ema_updates": self.ema.num_updates,
-                 "data": self.order.state_dict(), "rng": capture_rng({"on_policy": self.gen}),
-                 "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
-                 "recording_id": self.recording_id, "world_size": dist.world_size(),
-                 "file_meta": self.file_meta}  # what export-checkpoint puts in the weight files' metadata
-        if self.cfg.parallel == "fsdp":  # every rank writes its shards of weights, EMA and AdamW moments
-            state["checkpoint_format"] = DCP_FORMAT
-            files, sharded = {}, {DCP_DIR: lambda p: save_sharded(p, {"student": self.student, "ema": self.ema.module},
-                                                                  {"optimizer": (self.student, self.opt)})}
-        else:
-            state["optimizer"] = self.opt.state_dict()
-            meta = {"step": self.step, **self.file_meta}
-            files, sharded = {"student.safetensors": lambda p: save_student(p, self.student, meta),
-                              "ema.safetensors": lambda p: save_student(p, self.ema.module, meta)}, None
-        self.last_ckpt = self.ckpt.save(self.step, files, state, sharded)
+    def _state(self) -> dict:
+        return {**self._common_state(), "config": self.cfg.to_dict(), "student_config": self.scfg.to_dict(),
+                "recording_id": self.recording_id, "world_size": dist.world_size(),
+                "file_meta": self.file_meta}  # what export-checkpoint puts in the weight files' metadata
 
     # ---- one optimizer step ---------------------------------------------------------------------
     def _on_policy(self) -> bool:
@@ -487,44 +413,31 @@ class _Distiller:
         self.step += 1
         return stats, float(grad_norm), n_on_policy
 
-    # ---- the loop -------------------------------------------------------------------------------
-    def run(self) -> DistillResult:
-        cfg = self.cfg
-        S = self.scfg.num_steps
-        bar = progress(cfg.steps, self.step, cfg.progress)
-        window, n, n_policy, n_micro, busy = torch.zeros(S, device=self.device), 0, 0, 0, 0.0
-        last_loss = float("nan")
-        try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                stats, grad_norm, on_policy = self._train_step()
-                busy += time.perf_counter() - t0  # throughput counts training steps, not checkpoint writes
-                window += stats
-                n, n_policy, n_micro = n + 1, n_policy + on_policy, n_micro + cfg.grad_accum
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    per_step = (window / n).tolist()
-                    last_loss = float((torch.tensor(per_step) * self.weights.cpu()).mean())
-                    scalars = {"loss": last_loss, **{f"loss/step_{k + 1}": v for k, v in enumerate(per_step)},
-                               "lr": self.opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-                               "samples_per_s": n * self.order.global_batch / busy,
-                               "on_policy_frac": n_policy / n_micro,
-                               "epoch": self.order.position.epoch + self.order.position.offset / len(self.data)}
-                    self.logger.log(self.step, scalars)
-                    bar.set_postfix(loss=f"{last_loss:.4g}")
-                    window.zero_()
-                    n, n_policy, n_micro, busy = 0, 0, 0, 0.0
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self._save()
-        finally:
-            bar.close()
-            self.logger.close()
-        final = {"step": self.step, **self.file_meta}
-        # the finished run's weights beside the checkpoints, for load_student(run_dir); gathered to rank 0 under fsdp
-        weights = {name: full_state_dict(m) for name, m in (("student", self.student), ("ema", self.ema.module))}
-        if dist.is_main():
-            save_student(self.run_dir / "student.safetensors", self.student, final, state_dict=weights["student"])
-            save_student(self.run_dir / "ema.safetensors", self.ema.module, final, state_dict=weights["ema"])
-        dist.barrier()
-        return DistillResult(run_dir=self.run_dir, step=self.step, loss=last_loss,
+    # ---- logging --------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        """A new logging window: its per-step losses, steps, on-policy and all micro-batches, busy seconds."""
+        self.window.zero_()
+        self.n, self.n_policy, self.n_micro, self.busy = 0, 0, 0, 0.0
+
+    def _account(self, out: tuple[torch.Tensor, float, int], busy: float) -> None:
+        stats, self.grad_norm, on_policy = out
+        self.busy += busy
+        self.window += stats
+        self.n, self.n_policy, self.n_micro = self.n + 1, self.n_policy + on_policy, self.n_micro + self.cfg.grad_accum
+
+    def _log(self, bar) -> None:
+        n = self.n
+        per_step = (self.window / n).tolist()
+        self.last_loss = float((torch.tensor(per_step) * self.weights.cpu()).mean())
+        scalars = {"loss": self.last_loss, **{f"loss/step_{k + 1}": v for k, v in enumerate(per_step)},
+                   "lr": self.opt.param_groups[0]["lr"], "grad_norm": self.grad_norm,
+                   "samples_per_s": n * self.order.global_batch / self.busy,
+                   "on_policy_frac": self.n_policy / self.n_micro,
+                   "epoch": self.order.position.epoch + self.order.position.offset / len(self.data)}
+        self.logger.log(self.step, scalars)
+        bar.set_postfix(loss=f"{self.last_loss:.4g}")
+        self._reset_window()
+
+    def _result(self) -> DistillResult:
+        return DistillResult(run_dir=self.run_dir, step=self.step, loss=self.last_loss,
                              ema_path=self.run_dir / "ema.safetensors", student_path=self.run_dir / "student.safetensors")

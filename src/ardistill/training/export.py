@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ardistill.io.fileio import atomic_write_bytes
-from ardistill.training.loop import Checkpointer
+from ardistill.training.checkpointer import Checkpointer
 from ardistill.training.parallel import DCP_DIR, DCP_FORMAT, load_sharded
 
 

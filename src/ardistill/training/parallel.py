@@ -1,7 +1,7 @@
 """Data parallelism over processes for every trainer: DDP (replicated) or FSDP2 (sharded), and sharded checkpoints.
 
 ``parallel = "ddp"`` (the default): every process holds the whole model, its gradients, the AdamW
-moments and the EMA copy; DistributedDataParallel all-reduces the gradients (``loop.wrap_ddp``).
+moments and the EMA copy; DistributedDataParallel all-reduces the gradients (``wrap_ddp``).
 Checkpoints are single-file safetensors plus ``state.pt``, written by rank 0.
 
 ``parallel = "fsdp"``: ``torch.distributed.fsdp.fully_shard`` (FSDP2) on every transformer block, then
@@ -25,7 +25,7 @@ Choices (see docs/training.md, "Several processes"):
   so a run started in one process can continue sharded on several, and the other way round. Under
   torchrun FSDP2 shards even over a world of 1: no memory is saved, but the FSDP2 path (hooks, DTensor
   parameters, collectives) runs, e.g. to check it on a single GPU.
-- **Gradient accumulation**: ``loop.sync_gradients`` calls ``set_requires_gradient_sync(False)`` on all
+- **Gradient accumulation**: ``sync_gradients`` calls ``set_requires_gradient_sync(False)`` on all
   micro-batches but the last, as DDP's ``no_sync``: one reduce-scatter per optimizer step.
 - **Clipping**: ``clip_grad_norm_`` takes DTensor gradients (the norm is reduced over the shards);
   the returned norm is a DTensor, made a plain tensor with ``full``.
@@ -116,7 +116,6 @@ def wrap_parallel(model: nn.Module, device: torch.device, parallel: str, blocks:
     the module itself (see the module docstring). Build the optimizer after this call: FSDP replaces
     the parameters.
     """
-    from ardistill.training.loop import wrap_ddp
     check_parallel("parallel", parallel)
     if parallel == "ddp":
         return wrap_ddp(model, device)
@@ -126,6 +125,38 @@ def wrap_parallel(model: nn.Module, device: torch.device, parallel: str, blocks:
     for other in shadows:
         shard(other, blocks, forward_methods)
     return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel under torchrun; the module itself in one process."""
+    if not dist.is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module)."""
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def sync_gradients(model: nn.Module, sync: bool):
+    """Context for one micro-batch's backward: DDP all-reduces (FSDP2 reduce-scatters) only when ``sync``
+    (the last micro-batch); the others accumulate local gradients, as DDP's ``no_sync``."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module (training/parallel.py)
+        return _fsdp_sync(model, sync)
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model: nn.Module, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # the default, for a backward outside this context
 
 
 # ------------------------------------------------------------------------------------------------

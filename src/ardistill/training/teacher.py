@@ -18,14 +18,18 @@ that average, and a run resumes on any number of processes. Files in ``out_dir``
   checkpoints/          parallel "fsdp": numbered sharded (DCP) checkpoints of the same state instead
   config.json           resolved training config, model config and data counts
   losses.json           mean training loss per ``log_every`` steps
+
+The trainer itself (``run_teacher_training``) is the text teacher's too (text_teacher.py): the two differ
+only in what the model is conditioned on, a ``ConditionSource`` (``ClassLabels`` here), which draws the
+clean images with their conditioning and its guidance dropout from the run's generator.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,24 +38,25 @@ from ardistill.data.sources import TrainingData, open_training_data
 from ardistill.io import distributed as dist
 from ardistill.sampling.diffusion import process_for
 from ardistill.models.dit import DiT, DiT_models, dit_config
+from ardistill.training.config_checks import ConfigDict, check_at_least, check_choices, check_fraction
+from ardistill.training.checkpointer import Checkpointer, CheckpointReadError
 from ardistill.training.ema import EMA
+from ardistill.training.lr_schedule import LR_SCHEDULES, learning_rate
 from ardistill.io.checkpoints import torch_load_reason
 from ardistill.io.fileio import atomic_write, atomic_write_json, read_json
-from ardistill.training.loop import Checkpointer, CheckpointReadError, wrap_ddp
 from ardistill.training.parallel import (DCP_DIR, DCP_FORMAT, check_parallel, full_state_dict, load_full_state_dict,
-                                         load_indexed_optimizer, load_sharded, save_sharded, wrap_parallel)
+                                         load_indexed_optimizer, load_sharded, save_sharded, wrap_ddp, wrap_parallel)
 
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
 LOSSES_FILE = "losses.json"
-CHECKPOINTS = "checkpoints"  # sharded (fsdp) training states, numbered (loop.Checkpointer)
-LR_SCHEDULES = ("constant", "cosine")
+CHECKPOINTS = "checkpoints"  # sharded (fsdp) training states, numbered (checkpointer.Checkpointer)
 PREDICTIONS = ("eps", "velocity")  # eps on DiT's VP process, velocity on rectified flow
 
 
 @dataclass(frozen=True)
-class TeacherTrainConfig:
+class TeacherTrainConfig(ConfigDict):
     """Everything that determines a teacher training run (saved as config.json beside it)."""
 
     model: str = "DiT-digits-S"  # a key of dit.DiT_models (its width and depth; the data sets the shape)
@@ -87,50 +92,23 @@ class TeacherTrainConfig:
         if self.model not in DiT_models:
             raise ValueError(f"TeacherTrainConfig.model: unknown DiT size {self.model!r}; "
                              f"choose from {sorted(DiT_models)}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"TeacherTrainConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        check_choices(self, {"prediction": PREDICTIONS})
         if not self.data:
             raise ValueError("TeacherTrainConfig.data must be 'digits', 'photos' or a path")
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "image_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TeacherTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "augment_shift"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TeacherTrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("TeacherTrainConfig: lr must be > 0, weight_decay and grad_clip >= 0 (0 = no clipping)")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"TeacherTrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TeacherTrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TeacherTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 < self.class_dropout_prob < 1:
-            raise ValueError("TeacherTrainConfig.class_dropout_prob must be in (0, 1): guidance needs the null class")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"TeacherTrainConfig.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TeacherTrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"TeacherTrainConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        check_at_least(self, 1, ("steps", "batch_size", "log_every", "checkpoint_every", "image_size"))
+        check_at_least(self, 0, ("warmup_steps", "augment_shift"))
+        check_recipe(self)
+        check_fraction(self, "class_dropout_prob", "(0, 1)", "guidance needs the null class")
+        check_fraction(self, "heldout_fraction", "(0, 1)")
 
 
-def learning_rate(cfg: TeacherTrainConfig, step: int) -> float:
-    """Learning rate at (0-based) ``step``: linear warm-up, then constant or cosine to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.min_lr_ratio * cfg.lr
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+def check_recipe(cfg) -> None:
+    """The optimisation fields every teacher config shares: lr, weight decay, clipping, schedule, EMA."""
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ValueError(f"{type(cfg).__name__}: lr must be > 0, weight_decay and grad_clip >= 0 (0 = no clipping)")
+    check_choices(cfg, {"lr_schedule": LR_SCHEDULES})
+    check_fraction(cfg, "min_lr_ratio")
+    check_fraction(cfg, "ema_decay", "[0, 1)")
 
 
 def open_data(cfg: TeacherTrainConfig) -> TrainingData:
@@ -153,6 +131,44 @@ def teacher_model_config(cfg: TeacherTrainConfig, data: TrainingData | None = No
                       prediction=cfg.prediction, class_dropout_prob=cfg.class_dropout_prob)
 
 
+class ConditionSource(Protocol):
+    """What a teacher is conditioned on: the one part of teacher training that differs between tasks.
+
+    ``draw`` takes the global batch from the run's generator: the clean images and the model's
+    conditioning inputs, each replaced by the null condition with the config's dropout probability (so
+    that classifier-free guidance works). The teacher file is written with ``kind`` and ``file_metadata``.
+    """
+
+    kind: str
+    file_metadata: dict
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Put the model in the mode it trains in."""
+
+    def draw(self, batch_size: int, gen: torch.Generator,
+             model: torch.nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(x0 (B, C, H, W), conditioning inputs after dropout)."""
+
+
+class ClassLabels:
+    """Class labels of the training data, dropped to the null class by the DiT's own label embedder."""
+
+    kind = "teacher"
+    file_metadata: dict = {}
+
+    def __init__(self, data: TrainingData):
+        self.data = data
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        # Label dropout is drawn here from the run's generator (so resume is exact); the model itself runs
+        # in eval mode, which only switches off its own dropout draw (DiT has no other train-time layers).
+        model.eval()
+
+    def draw(self, batch_size: int, gen: torch.Generator, model: torch.nn.Module):
+        x0, labels = self.data.sample(batch_size, gen)  # the global batch: the same draws on every rank
+        return x0, (model.y_embedder.token_drop(labels, generator=gen),)
+
+
 def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> Path:
     """Train (or resume) a teacher; returns the path of the EMA checkpoint ``teacher.safetensors``.
 
@@ -173,41 +189,52 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, resume: bool = T
 
 
 def _train_teacher(cfg: TeacherTrainConfig, out_dir: Path, resume: bool, progress: bool, device: torch.device) -> Path:
-    from tqdm import tqdm
-
-    world, rank = dist.world_size(), dist.rank()
+    world = dist.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"TeacherTrainConfig.batch_size {cfg.batch_size} is not divisible by the {world} processes")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = open_data(cfg)
     mcfg = teacher_model_config(cfg, data)
     process = process_for(cfg.prediction)
+    info = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process), "data": data.describe()}
+    return run_teacher_training(cfg, out_dir, lambda: DiT(mcfg), mcfg, process, ClassLabels(data), info, resume,
+                                progress, device, cfg.parallel, "train-teacher")
 
-    model, ema, opt, gen, start, losses, elapsed = start_teacher_run(lambda: DiT(mcfg), cfg, out_dir, resume,
-                                                                     device=device, parallel=cfg.parallel)
-    forward = wrap_ddp(model, device) if cfg.parallel == "ddp" else model  # fsdp: the sharded module itself
-    ckpt = Checkpointer(out_dir / CHECKPOINTS) if cfg.parallel == "fsdp" else None
+
+# ------------------------------------------------------------------------------------------------
+# the teacher trainer (class labels here, captions in text_teacher.py)
+
+
+def run_teacher_training(cfg, out_dir: Path, make_model: Callable[[], torch.nn.Module], mcfg, process,
+                         conditions: ConditionSource, info: dict, resume: bool, progress: bool, device: torch.device,
+                         parallel: str, desc: str) -> Path:
+    """Train (or resume) the teacher ``make_model`` builds on ``conditions``; returns the EMA checkpoint's path.
+
+    Each step draws the global batch (images and conditioning from ``conditions``, then t and eps) from the
+    run's generator on every rank; each rank trains on its slice of it. ``info`` is written as config.json.
+    """
+    from tqdm import tqdm
+
+    world, rank = dist.world_size(), dist.rank()
+    model, ema, opt, gen, start, losses, elapsed = start_teacher_run(make_model, cfg, out_dir, resume,
+                                                                     device=device, parallel=parallel)
+    forward = wrap_ddp(model, device) if parallel == "ddp" else model  # fsdp: the sharded module itself
+    ckpt = Checkpointer(out_dir / CHECKPOINTS) if parallel == "fsdp" else None
     if dist.is_main():
-        atomic_write_json(out_dir / CONFIG_FILE, {
-            "train": cfg.to_dict(), "model": mcfg.to_dict(), "process": asdict(process),
-            "data": data.describe(),
-        })
+        atomic_write_json(out_dir / CONFIG_FILE, info)
 
-    # Label dropout is drawn here from the run's generator (so resume is exact); the model itself runs
-    # in eval mode, which only switches off its own dropout draw (DiT has no other train-time layers).
-    model.eval()
+    conditions.prepare(model)
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's share
     t0, window = time.time() - elapsed, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and dist.is_main()),
-               desc="train-teacher")
+               desc=desc)
     for step in bar:
-        x0, labels = data.sample(cfg.batch_size, gen)  # the global batch: the same draws on every rank
-        y = model.y_embedder.token_drop(labels, generator=gen)
+        x0, cond = conditions.draw(cfg.batch_size, gen, model)
         t = process.sample_train_t(cfg.batch_size, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         x_t = process.q_sample(x0, t, eps).float()
         target = process.training_target(x0, eps, t).float()
-        inputs = (x_t, process.model_time(t), y)
+        inputs = (x_t, process.model_time(t), *cond)
         if world > 1:
             inputs, target = tuple(v[rows] for v in inputs), target[rows]
         inputs = tuple(v.to(device) for v in inputs)
@@ -222,7 +249,7 @@ def _train_teacher(cfg: TeacherTrainConfig, out_dir: Path, resume: bool, progres
             bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
             window = []
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _save(out_dir, cfg, mcfg, model, ema, opt, gen, done, losses, time.time() - t0, ckpt)
+            _save(out_dir, cfg, mcfg, model, ema, opt, gen, done, losses, time.time() - t0, ckpt, conditions)
     return out_dir / TEACHER_FILE
 
 
@@ -306,6 +333,7 @@ def optimizer_step(cfg, step: int, loss: torch.Tensor, model, opt, ema) -> None:
     opt.step()
     ema.update(model)
 
+
 def _resume_key(cfg: TeacherTrainConfig) -> dict:
     """Fields that must match to resume; logging and checkpoint cadence and ``steps`` may change.
 
@@ -319,18 +347,20 @@ def _resume_key(cfg: TeacherTrainConfig) -> dict:
 
 
 def _save(out_dir: Path, cfg, mcfg, model, ema, opt, gen, step: int, losses: list, elapsed: float,
-          ckpt: Checkpointer | None = None) -> None:
+          ckpt: Checkpointer | None, conditions: ConditionSource) -> None:
     """Write the EMA checkpoint, then the resume state (each atomically); every rank calls it.
 
     ``ckpt`` (parallel "fsdp"): the resume state is a numbered sharded checkpoint there (each rank writes
-    its shards) instead of ``train_state.pt``; the EMA file is gathered to rank 0 either way.
+    its shards) instead of ``train_state.pt``; the EMA file is gathered to rank 0 either way. The file's
+    kind and extra metadata are the ``conditions``' (the text teacher's carries its encoder).
     """
     from ardistill.io.checkpoints import save_model
 
     ema_sd = full_state_dict(ema.module)  # a collective under fsdp
     if dist.is_main():
-        save_model(ema.module, mcfg.to_dict(), out_dir / TEACHER_FILE, kind="teacher",
-                   extra_metadata={"train_config": cfg.to_dict(), "step": step, "weights": "ema"}, state_dict=ema_sd)
+        save_model(ema.module, mcfg.to_dict(), out_dir / TEACHER_FILE, kind=conditions.kind,
+                   extra_metadata={"train_config": cfg.to_dict(), "step": step, "weights": "ema",
+                                   **conditions.file_metadata}, state_dict=ema_sd)
     common = {"generator": gen.get_state(), "step": step, "losses": losses, "elapsed_s": elapsed,
               "train_config": cfg.to_dict()}
     if ckpt is not None:
