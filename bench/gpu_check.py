@@ -52,7 +52,7 @@ from ardistill.models.naive_student import NaiveARDStudent  # noqa: E402
 from ardistill.sampling.ode import solve  # noqa: E402
 from ardistill.models.student import ARDStudent, StudentConfig  # noqa: E402
 from ardistill.models.text_dit import TextDiT, TextDiTConfig, text_dit_config  # noqa: E402
-from ardistill.models.text_student import TextARDStudent, TextStudentConfig  # noqa: E402
+from ardistill.models.student import TextARDStudent, TextStudentConfig  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's spec sheets, FLOP/s; matched on the device name.
 SPEC_PEAK_BF16 = [

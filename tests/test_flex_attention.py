@@ -136,7 +136,7 @@ def test_flex_equals_sdpa_forward_two_blocks_and_cached_sampler_unchanged():
 @torch.no_grad()
 def test_text_student_flex_equals_sdpa():
     from ardistill.models.text_dit import TextDiT, text_dit_config
-    from ardistill.models.text_student import build_text_student
+    from ardistill.models.student import build_student
     torch.manual_seed(0)
     teacher = TextDiT(text_dit_config("TextDiT-T", depth=3)).eval()
     for p in teacher.parameters():
@@ -148,7 +148,7 @@ def test_text_student_flex_equals_sdpa():
         x = torch.randn(3, S, 1, 8, 16, generator=g)
         for kind in ("M2", "M3", "M4"):
             for Nh in (1, 3):
-                s = build_text_student(teacher, num_steps=S, history_layers=Nh, mask=kind,
+                s = build_student(teacher, num_steps=S, history_layers=Nh, mask=kind,
                                        block_times=[999 * (S - k) / S for k in range(S)]).eval()
                 s.attention = "sdpa"
                 ref = s(x, text, text_mask)

@@ -18,7 +18,7 @@ from t2i_tiny import tiny_pixart, write_tiny_clip, write_tiny_pixart_pipeline, w
 from ardistill.cli import main  # noqa: E402
 from ardistill.io.pixart import load_pixart_diffusers  # noqa: E402
 from ardistill.io.student_io import save_student  # noqa: E402
-from ardistill.models.text_student import build_text_student  # noqa: E402
+from ardistill.models.student import build_student  # noqa: E402
 from ardistill.pipeline import ARDPipeline  # noqa: E402
 from tolerances import assert_paths_agree  # noqa: E402
 
@@ -28,7 +28,7 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     pixart = write_tiny_pixart_pipeline(root / "pixart")
     teacher = load_pixart_diffusers(pixart)
-    student = build_text_student(teacher, num_steps=3, history_layers=1, block_times=[999.0, 666.0, 333.0])
+    student = build_student(teacher, num_steps=3, history_layers=1, block_times=[999.0, 666.0, 333.0])
     save_student(root / "student.safetensors", student)
     return root
 
@@ -93,7 +93,7 @@ def test_micro_conditioned_teacher_in_a_pipeline(tmp_path):
     tiny_pixart(micro=True, seed=3).save_pretrained(tmp_path / "t")
     teacher = load_pixart_diffusers(tmp_path / "t")
     assert teacher.cfg.use_additional_conditions and teacher.cfg.micro_resolution == (64, 64)
-    student = build_text_student(teacher, num_steps=2, history_layers=1, block_times=[999.0, 500.0])
+    student = build_student(teacher, num_steps=2, history_layers=1, block_times=[999.0, 500.0])
     save_student(tmp_path / "s.safetensors", student)
     t5 = write_tiny_t5(tmp_path / "t5")
     pipe = ARDPipeline.from_parts(tmp_path / "s.safetensors", t5, max_length=8, device="cpu")

@@ -11,7 +11,7 @@ from ardistill.io.checkpoints import CheckpointError
 from ardistill.io.pixart import (diffusers_to_pixart_pth_state, load_any_text_teacher, load_pixart_diffusers,
                                  load_pixart_pth, pixart_pth_null_caption, save_pixart_diffusers, save_pixart_pth)
 from ardistill.models.text_dit import TextDiT, TextDiTConfig
-from ardistill.models.text_student import build_text_student
+from ardistill.models.student import build_student
 from tolerances import assert_paths_agree
 
 diffusers = pytest.importorskip("diffusers")
@@ -164,7 +164,7 @@ def test_student_of_a_micro_conditioned_teacher_caches_exactly(tmp_path):
     ref = _diffusers_pixart(True, seed=7)
     ref.save_pretrained(tmp_path / "d")
     teacher = load_pixart_diffusers(tmp_path / "d")
-    student = build_text_student(teacher, num_steps=3, history_layers=1, block_times=[999.0, 666.0, 333.0]).eval()
+    student = build_student(teacher, num_steps=3, history_layers=1, block_times=[999.0, 666.0, 333.0]).eval()
     # the student carries the teacher's micro-condition embedders (they are part of its time embedding)
     assert torch.equal(student.adaln_single.emb.resolution_embedder.linear_1.weight,
                        teacher.adaln_single.emb.resolution_embedder.linear_1.weight)

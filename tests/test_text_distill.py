@@ -13,7 +13,7 @@ from ardistill.data.record import TextRecordConfig, record_text
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
 from ardistill.io.student_io import load_student, read_student_file
 from ardistill.models.text_dit import TextDiT, text_dit_config
-from ardistill.models.text_student import TextARDStudent, TextStudentConfig
+from ardistill.models.student import TextARDStudent, TextStudentConfig
 from ardistill.training.distill import DistillConfig, distill, on_policy_inputs
 
 C = 32
@@ -62,7 +62,7 @@ def test_text_distillation_learns_saves_and_resumes_exactly(rec, tmp_path):
     cfg, _, meta = read_student_file(full.ema_path)
     assert isinstance(cfg, TextStudentConfig) and meta["kind"] == "ard-text-student"
     student = load_student(tmp_path / "full")
-    assert isinstance(student, TextARDStudent) and student.cfg.history_layers == 1
+    assert student.arch.conditioning == "text" and student.cfg.history_layers == 1
 
     part = _cfg(rec, tmp_path / "part", **kw)
     distill(replace(part, steps=3))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ardistill.models.text_dit import TextDiT, pad_text, text_dit_config
-from ardistill.models.text_student import TextARDStudent, TextStudentConfig, build_text_student
+from ardistill.models.student import TextARDStudent, TextStudentConfig, build_student
 from tolerances import assert_paths_agree
 
 
@@ -51,7 +51,7 @@ CASES = [  # (S, history_layers, mask, heads)
 @pytest.mark.numerics
 @pytest.mark.parametrize("S,Nh,mask,heads", CASES)
 def test_cached_sampler_equals_teacher_forced_with_padded_text(S, Nh, mask, heads):
-    student = build_text_student(_teacher(), num_steps=S, history_layers=Nh, mask=mask, heads=heads,
+    student = build_student(_teacher(), num_steps=S, history_layers=Nh, mask=mask, heads=heads,
                                  block_times=_times(S)).eval()
     if heads == "per_step":  # heads that differ, so a wrong head index would show
         for i, h in enumerate(student.heads):
@@ -70,7 +70,7 @@ def test_cached_sampler_equals_teacher_forced_with_padded_text(S, Nh, mask, head
 
 @pytest.mark.numerics
 def test_padding_invariance():
-    student = build_text_student(_teacher(), num_steps=3, history_layers=2, block_times=_times(3)).eval()
+    student = build_student(_teacher(), num_steps=3, history_layers=2, block_times=_times(3)).eval()
     text, tmask = _captions()
     long_text, long_mask = pad_text(text, tmask, 12)
     long_text = long_text + torch.randn_like(long_text) * (~long_mask).unsqueeze(-1)  # garbage padding values
@@ -90,7 +90,7 @@ def test_padding_invariance():
 
 
 def test_text_changes_the_output_and_history_does_not_leak_across_samples():
-    student = build_text_student(_teacher(), num_steps=3, history_layers=2, block_times=_times(3)).eval()
+    student = build_student(_teacher(), num_steps=3, history_layers=2, block_times=_times(3)).eval()
     text, tmask = _captions()
     noise = _noise()
     a = student.sample(noise, text, tmask)
@@ -102,7 +102,7 @@ def test_text_changes_the_output_and_history_does_not_leak_across_samples():
 
 
 def test_text_keys_values_are_computed_once_per_sample():
-    student = build_text_student(_teacher(), num_steps=4, history_layers=2, block_times=_times(4)).eval()
+    student = build_student(_teacher(), num_steps=4, history_layers=2, block_times=_times(4)).eval()
     calls = {"proj": 0, "kv": 0}
     proj = student.caption_projection.forward
     student.caption_projection.forward = lambda t: (calls.__setitem__("proj", calls["proj"] + 1), proj(t))[1]
@@ -121,7 +121,7 @@ def test_text_keys_values_are_computed_once_per_sample():
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_one_block_of_the_initialised_student_is_the_teacher(learn_sigma):
     teacher = _teacher(learn_sigma=learn_sigma)
-    student = build_text_student(teacher, num_steps=1, history_layers=1, block_times=[624.0]).eval()
+    student = build_student(teacher, num_steps=1, history_layers=1, block_times=[624.0]).eval()
     tsd = teacher.state_dict()
     for k, v in student.state_dict().items():
         if not k.startswith("heads."):
@@ -137,7 +137,7 @@ def test_one_block_of_the_initialised_student_is_the_teacher(learn_sigma):
 @pytest.mark.parametrize("mask", ["M1", "M2", "M3", "M4"])
 def test_causality(mask):
     S = 4
-    student = build_text_student(_teacher(), num_steps=S, history_layers=2, mask=mask, block_times=_times(S)).eval()
+    student = build_student(_teacher(), num_steps=S, history_layers=2, mask=mask, block_times=_times(S)).eval()
     text, tmask = _captions()
     x = torch.randn(3, S, 1, 8, 16)
     with torch.no_grad():

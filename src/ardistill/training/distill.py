@@ -45,7 +45,7 @@ from ardistill.training.relabel import RELABEL_TARGETS, TeacherRelabeler
 from ardistill.io.fileio import read_json
 from ardistill.models.masks import check_mask
 from ardistill.models.student import HEADS, OUTPUTS, TARGETS, TIME_LABELS, ARDStudent, StudentConfig, block_times_for, ode_step_coeffs
-from ardistill.models.text_student import TextARDStudent, TextStudentConfig
+from ardistill.models.student import TextARDStudent, TextStudentConfig
 from ardistill.data.record import weights_sha256
 from ardistill.training.lr_schedule import lr_at
 from ardistill.training.nan_guard import check_finite

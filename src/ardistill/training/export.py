@@ -66,7 +66,7 @@ def _export_student(folder: Path, state: dict, out: Path, meta: dict) -> list[Pa
     from ardistill.io.checkpoints import save_model
     from ardistill.io.student_io import save_student
     from ardistill.models.student import ARDStudent, StudentConfig
-    from ardistill.models.text_student import TextARDStudent, TextStudentConfig
+    from ardistill.models.student import TextARDStudent, TextStudentConfig
 
     sc = state["student_config"]
     text = sc.get("teacher", {}).get("caption_channels") is not None  # a TextDiTConfig
