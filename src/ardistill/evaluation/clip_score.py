@@ -19,17 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ardistill.data.t5 import require_transformers
 from ardistill.io import distributed as dist
-
-
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("CLIP score needs the 'transformers' package: pip install 'ardistill[t5]' "
-                          f"(or pip install transformers) ({e})") from e
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 def _as_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
@@ -60,7 +51,7 @@ class CLIPScorer:
                                     "weights, tokenizer and preprocessor files)")
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"CLIP folder {folder} has no config.json")
-        transformers = _require_transformers()
+        transformers = require_transformers()
         self.folder = folder
         self.device = torch.device(device or "cpu")
         self.model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ardistill.models.configs import strict_from_dict
 from ardistill.models.dit import DiT
 
 DISC_HEADS_KIND = "ard-disc-heads"  # checkpoints.save_model kind of a heads file
@@ -69,10 +70,7 @@ class DiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiscriminatorConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"DiscriminatorConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 class TeacherFeatures(nn.Module):

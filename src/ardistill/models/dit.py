@@ -8,13 +8,14 @@ conditioning is pluggable (models/conditioning.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
 from ardistill.sampling.diffusion import PROCESS_NAMES
 from ardistill.models.conditioning import conditioning_for
+from ardistill.models.configs import registered_config, strict_from_dict
 from ardistill.models.layers import unpatchify
 
 
@@ -87,11 +88,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"DiTConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 class DiT(nn.Module):
@@ -184,9 +181,7 @@ DiT_models["DiT-photos-T"] = dict(DiT_models["DiT-photos-S"], depth=2, hidden_si
 
 def dit_config(name: str, **overrides) -> DiTConfig:
     """Config of a registered size, with overrides (input_size, in_channels, num_classes, ...)."""
-    if name not in DiT_models:
-        raise KeyError(f"unknown DiT size {name!r}; choose from {sorted(DiT_models)}")
-    return replace(DiTConfig(**DiT_models[name]), **overrides)
+    return registered_config(DiTConfig, DiT_models, "DiT", name, **overrides)
 
 
 def build_dit(name: str, **overrides) -> DiT:

@@ -18,7 +18,6 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ardistill.models.attention import attend
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ardistill.models.layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
+from ardistill.models.layers import Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
 from ardistill.models.masks import token_mask
 from ardistill.models.student import StudentConfig
 
@@ -42,20 +42,6 @@ class NaiveBlock(nn.Module):
         return x
 
 
-class NaiveFinalLayer(nn.Module):
-    """Final adaLN + linear with per-token conditioning."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
-
-
 class NaiveARDStudent(nn.Module):
     """Teacher-forced ARD student, public-code style (per-token adaLN, full-sequence masked attention)."""
 
@@ -71,7 +57,8 @@ class NaiveARDStudent(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, tc.num_patches, D), requires_grad=False)
         self.blocks = nn.ModuleList([NaiveBlock(D, tc.num_heads, tc.mlp_ratio) for _ in range(tc.depth)])
         num_heads = cfg.num_steps if cfg.heads == "per_step" else 1
-        self.heads = nn.ModuleList([NaiveFinalLayer(D, tc.patch_size, tc.in_channels) for _ in range(num_heads)])
+        # DiT's FinalLayer with per-token conditioning c (B, L, D): L blocks of one token each
+        self.heads = nn.ModuleList([FinalLayer(D, tc.patch_size, tc.in_channels) for _ in range(num_heads)])
         self.register_buffer("block_times", torch.tensor(cfg.block_times, dtype=torch.float32), persistent=False)
         coeffs = cfg.step_coeffs or ((1.0, 1.0),) * cfg.num_steps
         self.register_buffer("step_coeffs", torch.tensor(coeffs, dtype=torch.float32), persistent=False)

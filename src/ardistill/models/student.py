@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ardistill.models.configs import strict_from_dict
 from ardistill.models.attention import HistoryAttention, default_backend, needs_grad
 from ardistill.models.conditioning import conditioning_for
 from ardistill.models.dit import DiT, DiTConfig
@@ -87,10 +88,7 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudentConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"StudentConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 @dataclass(frozen=True, eq=True)

@@ -11,8 +11,9 @@ text model is meant.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
+from ardistill.models.configs import registered_config, strict_from_dict
 from ardistill.models.dit import DiT
 from ardistill.models.pixart_layers import TextKV, pad_text  # noqa: F401  (the text API's names)
 
@@ -125,10 +126,7 @@ class TextDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextDiTConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"TextDiTConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 # Sizes: PixArt's XL/2 (the public text-to-image teachers; issue 15 loads them), a tiny test size, and the
@@ -145,9 +143,7 @@ TextDiT_models: dict[str, dict] = {
 
 def text_dit_config(name: str, **overrides) -> TextDiTConfig:
     """Config of a registered size, with overrides (input_size, caption_channels, ...)."""
-    if name not in TextDiT_models:
-        raise KeyError(f"unknown text DiT size {name!r}; choose from {sorted(TextDiT_models)}")
-    return replace(TextDiTConfig(**TextDiT_models[name]), **overrides)
+    return registered_config(TextDiTConfig, TextDiT_models, "text DiT", name, **overrides)
 
 
 def build_text_dit(name: str, **overrides) -> TextDiT:
