@@ -24,7 +24,7 @@ from ardistill.training.export import export_checkpoint
 from ardistill.training.loop import Checkpointer
 from ardistill.training.parallel import DCP_DIR, DCP_FORMAT
 from ardistill.data.trajectories import load_manifest
-from tiny_teachers import DIGITS, TINY_DIT, random_dit, record_tiny
+from tiny_teachers import DIGITS, TINY_DIT, random_dit, record_tiny, tiny_distill_config
 
 # width 32, depth 2 (4 heads of 8), 8x8 latents with 4 channels: 16 tokens
 TINY = dict(TINY_DIT, hidden_size=32)
@@ -275,9 +275,7 @@ def test_two_process_fsdp_teacher_training_resumes_exactly_and_matches_one_proce
 
 
 def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=4, batch_size=4,
-                grad_accum=2, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1, tensorboard=False, progress=False)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(rec, run_dir, **{"steps": 4, "grad_accum": 2, "ckpt_every": 2, **kw})
 
 
 def test_one_process_fsdp_is_the_plain_run_with_dcp_checkpoints(rec, tmp_path):

@@ -19,7 +19,7 @@ from ardistill.sampling.diffusion import FlowProcess, VPProcess, named_process
 from ardistill.sampling.ode import solve, solve_segment
 from ardistill.training.distill import DistillConfig, distill
 from ardistill.training.relabel import TeacherRelabeler
-from tiny_teachers import ToyPromptEncoder, random_dit, randomize_weights, record_tiny
+from tiny_teachers import ToyPromptEncoder, random_dit, randomize_weights, record_tiny, tiny_distill_config
 from tolerances import assert_paths_agree
 
 
@@ -122,10 +122,7 @@ def test_relabel_of_a_text_recording_uses_the_captions_and_the_null_text(tmp_pat
 
 
 def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
-                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False,
-                history_layers=1, on_policy_prob=1.0, on_policy_start=2)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(rec, run_dir, **{"history_layers": 1, "on_policy_prob": 1.0, "on_policy_start": 2, **kw})
 
 
 def test_training_with_relabelled_targets_resumes_exactly_and_differs_from_recorded_targets(rec, tmp_path):

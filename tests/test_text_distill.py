@@ -13,8 +13,8 @@ from ardistill.data.record import TextRecordConfig, record_text
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
 from ardistill.io.student_io import load_student, read_student_file
 from ardistill.models.text_student import TextARDStudent, TextStudentConfig
-from ardistill.training.distill import DistillConfig, distill, on_policy_inputs
-from tiny_teachers import ToyPromptEncoder, flow_text_teacher
+from ardistill.training.distill import distill, on_policy_inputs
+from tiny_teachers import ToyPromptEncoder, flow_text_teacher, tiny_distill_config
 
 C = 32
 encoder = ToyPromptEncoder(width=C)  # 5 tokens: "<s>" and up to 4 words
@@ -33,10 +33,7 @@ def rec(tmp_path_factory) -> dict:
     return {"recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors"), "root": root}
 
 
-def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
-                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False)
-    return DistillConfig(**{**base, **kw})
+_cfg = tiny_distill_config  # (rec, run_dir, **overrides) -> DistillConfig
 
 
 def test_text_distillation_learns_saves_and_resumes_exactly(rec, tmp_path):

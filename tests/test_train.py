@@ -20,7 +20,7 @@ from ardistill.training.ema import EMA
 from ardistill.io.student_io import load_student, read_student_file
 from ardistill.training.distill import DistillConfig, distill, distill_loss, on_policy_inputs
 from ardistill.training.loop import Checkpointer, EpochBatches, NonFiniteLossError, RunLogger, lr_at
-from tiny_teachers import random_dit, record_tiny
+from tiny_teachers import random_dit, record_tiny, tiny_distill_config
 from tolerances import assert_paths_agree
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -32,10 +32,7 @@ def rec(tmp_path_factory) -> dict:
     return record_tiny(tmp_path_factory.mktemp("distill"), random_dit(std=0.05, seed_torch=True))
 
 
-def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
-                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False)
-    return DistillConfig(**{**base, **kw})
+_cfg = tiny_distill_config  # (rec, run_dir, **overrides) -> DistillConfig
 
 
 def _weights(path) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Tiny random teachers and what the tests make from them: DiT configs, models with every weight random, a toy
-prompt encoder, a tiny recording of a teacher.
+prompt encoder, a tiny recording of a teacher and the config of a short distillation run on one.
 
 Test files import these directly (``from tiny_teachers import ...``; pytest puts tests/ on sys.path, as for
 tolerances.py); tests/conftest.py wraps some as fixtures. Two ways of drawing the weights are kept apart, since
@@ -25,6 +25,9 @@ TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth
 DIGITS = dict(in_channels=1, learn_sigma=False)
 # a 16-trajectory recording in two shards: S = 4 student steps on T = 8 teacher steps, no guidance
 TINY_RECORD = dict(count=16, num_steps=4, teacher_steps=8, cfg_scale=1.0, shard_size=8, batch_size=8, dtype="float32")
+# a short distillation run on it: 6 steps of batch 4, a checkpoint every 3, no tensorboard or progress bar
+TINY_DISTILL = dict(steps=6, batch_size=4, lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False,
+                    progress=False)
 
 
 def tiny_dit_config(**overrides) -> DiTConfig:
@@ -125,3 +128,10 @@ def record_tiny(root: Path, teacher: DiT, **record_overrides) -> dict:
     return {"root": root, "recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors"),
             "teacher_model": teacher}
 
+
+def tiny_distill_config(rec: Mapping, run_dir, **overrides):
+    """``DistillConfig`` of ``TINY_DISTILL`` with ``overrides`` on ``rec``'s recording and teacher (the paths in a
+    ``record_tiny`` result), writing to ``run_dir``."""
+    from ardistill.training.distill import DistillConfig
+    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), **TINY_DISTILL)
+    return DistillConfig(**{**base, **overrides})
