@@ -1,37 +1,26 @@
-"""Shared fixtures: a tiny DiT config, DiTs with every weight random, and matching inputs."""
+"""Shared fixtures: a tiny DiT config, DiTs with every weight random, and matching inputs (built by
+tests/tiny_teachers.py, which test files also import directly)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ardistill.models.dit import DiT, DiTConfig
-
-# depth 2, width 64, 8x8 latents with 4 channels: 16 tokens, fast on CPU.
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-
-
-@torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
-    # adaLN-Zero zeroes the modulation and the output layer, which would make any comparison trivial.
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name != "pos_embed":  # fixed sin-cos embedding, part of the architecture
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+from ardistill.models.dit import DiTConfig
+from tiny_teachers import random_dit as _random_dit
+from tiny_teachers import tiny_dit_config
 
 
 @pytest.fixture
 def tiny_cfg() -> DiTConfig:
-    return DiTConfig(**TINY)
+    return tiny_dit_config()
 
 
 @pytest.fixture
 def random_dit():
-    """Factory ``random_dit(seed=0, **config_overrides) -> DiT`` in eval mode, all weights random."""
-    def make(seed: int = 0, **overrides) -> DiT:
-        return _randomize(DiT(DiTConfig(**{**TINY, **overrides})), seed).eval()
-    return make
+    """Factory ``random_dit(seed=0, **config_overrides) -> DiT`` of ``TINY_DIT``, in eval mode, all weights random
+    (std 0.1): tiny_teachers.random_dit."""
+    return _random_dit
 
 
 @pytest.fixture

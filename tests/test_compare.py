@@ -10,15 +10,13 @@ from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.compare import CompareConfig, compare, comparison_variants, summarize, sweep_variants
 from ardistill.models.dit import build_dit
 from ardistill.evaluation.evaluate import fd_degradation_ratio
+from tiny_teachers import random_from_global_rng
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    t = build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
-    for p in t.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)
+    t = random_from_global_rng(lambda: build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10,
+                                                 learn_sigma=False), std=0.02)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_checkpoint_safetensors(t, path)
     return path
@@ -224,11 +222,8 @@ def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
     from dataclasses import replace
 
     from ardistill.compare import PHOTOS_PRESETS
-    torch.manual_seed(0)
-    t = build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10, learn_sigma=False)
-    for prm in t.parameters():
-        if prm.requires_grad:
-            torch.nn.init.normal_(prm, std=0.02)
+    t = random_from_global_rng(lambda: build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10,
+                                                 learn_sigma=False), std=0.02)
     save_checkpoint_safetensors(t, tmp_path / "teacher.safetensors")
     cfg = replace(CompareConfig(**PHOTOS_PRESETS["quick"]), out=str(tmp_path / "demo"),
                   teacher=str(tmp_path / "teacher.safetensors"), train_count=24, eval_count=20, teacher_steps=10,

@@ -5,25 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
+import pytest
 from PIL import Image
 
 from ardistill.compare_t2i import T2IConfig, compare_t2i, t2i_variants
 from ardistill.data.text_encoder import digits_text_encoder
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
 from ardistill.io.images import save_captioned_grid
-from ardistill.models.text_dit import TextDiT, text_dit_config
+from tiny_teachers import flow_text_teacher
 
 
 def _teacher_file(path):
-    torch.manual_seed(0)
     enc = digits_text_encoder(width=32)
-    # a flow teacher with small random weights: velocities of order one keep every state finite
-    t = TextDiT(text_dit_config("TextDiT-T", caption_channels=enc.width, prediction="velocity"))
-    with torch.no_grad():
-        for p in t.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+    t = flow_text_teacher(caption_channels=enc.width)
     save_model(t, t.cfg.to_dict(), path, kind=TEXT_TEACHER_KIND, extra_metadata={"text_encoder": enc.spec()})
     return path
 

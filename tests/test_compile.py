@@ -8,28 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ardistill.data.record import RecordConfig, record
-from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.models.dit import DiT, DiTConfig
 from ardistill.training.distill import RUNTIME_FIELDS, DistillConfig, distill
+from tiny_teachers import TINY_DIT, random_dit, random_from_global_rng, record_tiny
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+TINY = dict(TINY_DIT, hidden_size=32, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("compile")
-    torch.manual_seed(0)
-    teacher = DiT(DiTConfig(**TINY))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
-    record(teacher, root / "rec", RecordConfig(count=16, num_steps=4, teacher_steps=8, cfg_scale=1.0, shard_size=8,
-                                               batch_size=8, dtype="float32"), progress=False)
-    return {"recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors")}
+    return record_tiny(tmp_path_factory.mktemp("compile"), random_dit(TINY, std=0.05, seed_torch=True))
 
 
 def test_compile_is_a_runtime_setting():
@@ -65,12 +53,7 @@ def test_compiled_sampler_matches_eager(tmp_path):
     from ardistill.generate import sample_student
     from ardistill.models.student import build_student
     from tolerances import assert_paths_agree
-    torch.manual_seed(0)
-    teacher = DiT(DiTConfig(**TINY))
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":
-                p.normal_(std=0.1)
+    teacher = random_from_global_rng(lambda: DiT(DiTConfig(**TINY)), std=0.1)
     student = build_student(teacher, num_steps=4, history_layers=1, block_times=[999, 749, 499, 249]).eval()
     labels = torch.tensor([0, 3, 5, 9, 1, 2])
     eager = sample_student(student, list(range(6)), labels, batch_size=6)

@@ -26,6 +26,7 @@ from ardistill.models.attention import flex_cpu_supported
 from ardistill.models.dit import build_dit
 from ardistill.models.masks import MASKS, attended_pairs, token_mask
 from ardistill.models.student import StudentConfig, build_student
+from tiny_teachers import random_from_global_rng, random_text_dit
 
 ATOL = 1e-5  # see the module docstring
 DEPTH = 4
@@ -38,12 +39,9 @@ NEEDS_CPU_FLEX = pytest.mark.skipif(not flex_cpu_supported(),
 
 
 def _teacher(depth=DEPTH, seed=0):
-    torch.manual_seed(seed)
-    t = build_dit("DiT-T/2", patch_size=2, input_size=8, in_channels=4, num_classes=10, depth=depth).eval()
-    for p in t.parameters():  # adaLN-Zero init would make every output zero
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)
-    return t
+    # every weight random: adaLN-Zero init would make every output zero
+    return random_from_global_rng(lambda: build_dit("DiT-T/2", patch_size=2, input_size=8, in_channels=4,
+                                                    num_classes=10, depth=depth).eval(), std=0.1, seed=seed)
 
 
 def _student(S, Nh, mask, attention=None):
@@ -135,12 +133,8 @@ def test_flex_equals_sdpa_forward_two_blocks_and_cached_sampler_unchanged():
 @pytest.mark.slow
 @torch.no_grad()
 def test_text_student_flex_equals_sdpa():
-    from ardistill.models.text_dit import TextDiT, text_dit_config
     from ardistill.models.student import build_student
-    torch.manual_seed(0)
-    teacher = TextDiT(text_dit_config("TextDiT-T", depth=3)).eval()
-    for p in teacher.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    teacher = random_text_dit(depth=3)
     g = torch.Generator().manual_seed(3)
     text = torch.randn(3, 7, 32, generator=g)
     text_mask = torch.arange(7)[None, :] < torch.tensor([2, 7, 4])[:, None]

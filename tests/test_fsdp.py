@@ -18,41 +18,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ardistill.data.record import RecordConfig, record
-from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.io.student_io import load_student, resolve_student_path, save_student
-from ardistill.models.dit import DiT, DiTConfig
 from ardistill.training.distill import DistillConfig, build_distill_student, distill
 from ardistill.training.export import export_checkpoint
 from ardistill.training.checkpointer import Checkpointer
 from ardistill.training.parallel import DCP_DIR, DCP_FORMAT
 from ardistill.data.trajectories import load_manifest
+from tiny_teachers import DIGITS, TINY_DIT, random_dit, record_tiny, tiny_distill_config
 
 # width 32, depth 2 (4 heads of 8), 8x8 latents with 4 channels: 16 tokens
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+TINY = dict(TINY_DIT, hidden_size=32)
 # the digits' shape, so that a GAN run's real data is the embedded digits
-TINY_DIGITS = dict(TINY, in_channels=1, learn_sigma=False)
+TINY_DIGITS = dict(TINY, **DIGITS)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _teacher(cfg: dict, std: float = 0.05) -> DiT:
-    torch.manual_seed(0)
-    teacher = DiT(DiTConfig(**cfg))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero init would make the teacher trivial
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return teacher.eval()
-
-
 def _recording(root: Path, cfg: dict, std: float = 0.05) -> dict:
-    teacher = _teacher(cfg, std)
-    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
-    record(teacher, root / "rec", RecordConfig(count=16, num_steps=4, teacher_steps=8, cfg_scale=1.0,
-                                               shard_size=8, batch_size=8, dtype="float32"), progress=False)
-    return {"root": root, "recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors"),
-            "teacher_model": teacher}
+    """A random teacher (seed 0, torch's global RNG seeded too) and its TINY_RECORD recording."""
+    return record_tiny(root, random_dit(cfg, std=std, seed_torch=True))
 
 
 @pytest.fixture(scope="module")
@@ -292,9 +275,7 @@ def test_two_process_fsdp_teacher_training_resumes_exactly_and_matches_one_proce
 
 
 def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=4, batch_size=4,
-                grad_accum=2, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1, tensorboard=False, progress=False)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(rec, run_dir, **{"steps": 4, "grad_accum": 2, "ckpt_every": 2, **kw})
 
 
 def test_one_process_fsdp_is_the_plain_run_with_dcp_checkpoints(rec, tmp_path):

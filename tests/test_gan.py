@@ -14,35 +14,24 @@ import torch
 from safetensors.torch import load_file
 
 import ardistill.training.finetune_gan as fg
-from ardistill.io.checkpoints import save_checkpoint_safetensors
-from ardistill.models.dit import DiT, DiTConfig
+from ardistill.models.dit import DiT
 from ardistill.training.finetune_gan import DiscriminatorCollapseError, GANConfig, LatentReal, finetune_gan
 from ardistill.models.discriminator import (Discriminator, adaptive_weight, adaptive_weight_from_grads, discriminator_config_for,
                            hinge_d_loss, hinge_g_loss, last_head_weight)
-from ardistill.data.record import RecordConfig, record
 from ardistill.io.student_io import load_student, save_student
 from ardistill.training.distill import DistillConfig, build_distill_student
 from ardistill.training.checkpointer import Checkpointer
 from ardistill.training.nan_guard import NonFiniteLossError
 from ardistill.data.trajectories import load_manifest
+from tiny_teachers import DIGITS, TINY_DIT, random_dit, record_tiny
 
 # the digits' shape (1 x 8 x 8, 10 classes) so that the real data is the embedded digits
-TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-            learn_sigma=False)
+TINY = dict(TINY_DIT, **DIGITS)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-
-
 def _teacher(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    teacher = DiT(DiTConfig(**TINY))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero init would make the teacher trivial
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return teacher.eval()
+    return random_dit(TINY, seed=seed, std=0.02, seed_torch=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +39,7 @@ def setup(tmp_path_factory) -> dict:
     """A tiny random teacher, a 16-trajectory recording (S = 4), and an ARD student saved as a weight file."""
     root = tmp_path_factory.mktemp("gan")
     teacher = _teacher()
-    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
-    record(teacher, root / "rec", RecordConfig(count=16, num_steps=4, teacher_steps=8, cfg_scale=1.0, shard_size=8,
-                                               batch_size=8, dtype="float32"), progress=False)
+    record_tiny(root, teacher)
     manifest = load_manifest(root / "rec")
     for name, kw in (("student", dict(history_layers=1)), ("x0", dict(history_layers=1, target="x0", heads="per_step"))):
         dc = DistillConfig(recording=str(root / "rec"), teacher=str(root / "teacher.safetensors"), run_dir="unused", **kw)

@@ -11,15 +11,13 @@ from ardistill.evaluation.features import FunctionFeatures
 from ardistill.generate import balanced_labels, generate, sample_student, student_grid_png
 from ardistill.models.student import build_student
 from ardistill.io.student_io import save_student
+from tiny_teachers import random_from_global_rng
 
 
 @pytest.fixture(scope="module")
 def student_file(tmp_path_factory):
-    torch.manual_seed(0)
-    t = build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
-    for p in t.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
+    t = random_from_global_rng(lambda: build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10,
+                                                 learn_sigma=False), std=0.05)
     st = build_student(t, num_steps=3, history_layers=1, block_times=[999.0, 666.0, 333.0])
     path = tmp_path_factory.mktemp("student") / "ema.safetensors"
     save_student(path, st)

@@ -31,45 +31,35 @@ from ardistill.cli import build_parser, main
 from ardistill.data.record import RecordConfig, record
 from ardistill.data.trajectories import (CorruptRecordingError, Layout, TrajectoryDataset, load_manifest,
                                          pack_records, verify)
-from ardistill.io.checkpoints import CheckpointError, load_any_teacher, save_checkpoint_safetensors
+from ardistill.io.checkpoints import CheckpointError, load_any_teacher
 from ardistill.io.fileio import DiskFullError, atomic_write, atomic_write_json, sha256_file
 from ardistill.io.student_io import save_student
-from ardistill.models.dit import DiT, DiTConfig
+from ardistill.models.dit import DiT
 from ardistill.training.distill import DistillConfig, build_distill_student, distill, distill_command
 from ardistill.training.finetune_gan import GANConfig, finetune_gan
 from ardistill.training.checkpointer import Checkpointer, CheckpointReadError
 from ardistill.training.nan_guard import NonFiniteLossError
 from ardistill.training.run_logger import RunLogger
+from tiny_teachers import DIGITS, TINY_DIT, TINY_RECORD, random_dit, record_tiny
 
 # the digits' shape (1 x 8 x 8, 10 classes), so finetune-gan can use the embedded digits as real data
-TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-            learn_sigma=False)
-REC = dict(count=16, num_steps=4, teacher_steps=8, cfg_scale=1.0, shard_size=8, batch_size=8, dtype="float32")
+TINY = dict(TINY_DIT, **DIGITS)
+REC = dict(TINY_RECORD)
 
 
 def _teacher() -> DiT:
-    torch.manual_seed(0)
-    teacher = DiT(DiTConfig(**TINY))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero init would make the teacher trivial
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return teacher.eval()
+    return random_dit(TINY, std=0.05, seed_torch=True)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """A tiny teacher, a 16-trajectory recording in two shards, and a student built from them."""
     root = tmp_path_factory.mktemp("integrity")
-    teacher = _teacher()
-    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
-    record(teacher, root / "rec", RecordConfig(**REC), progress=False)
-    dc = DistillConfig(recording=str(root / "rec"), teacher=str(root / "teacher.safetensors"), run_dir="unused",
-                       history_layers=1)
-    save_student(root / "student.safetensors", build_distill_student(dc, teacher, load_manifest(root / "rec")))
-    return {"root": root, "teacher_model": teacher, "recording": str(root / "rec"),
-            "teacher": str(root / "teacher.safetensors"), "student": str(root / "student.safetensors")}
+    s = record_tiny(root, _teacher())
+    dc = DistillConfig(recording=s["recording"], teacher=s["teacher"], run_dir="unused", history_layers=1)
+    student = build_distill_student(dc, s["teacher_model"], load_manifest(s["recording"]))
+    save_student(root / "student.safetensors", student)
+    return {**s, "student": str(root / "student.safetensors")}
 
 
 def _copy_rec(setup, dst: Path) -> Path:

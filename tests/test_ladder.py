@@ -16,16 +16,14 @@ from ardistill.io.student_io import read_student_file
 from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, ladder_rows, ladder_runs,
                               prepare, ratio_table, read_csv, run_rung, teacher_row, train_to, write_csv)
 from ardistill.models.dit import build_dit
+from tiny_teachers import random_from_global_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _teacher(path: Path) -> Path:
-    torch.manual_seed(0)
-    t = build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10, learn_sigma=False)
-    for prm in t.parameters():
-        if prm.requires_grad:
-            torch.nn.init.normal_(prm, std=0.02)
+    t = random_from_global_rng(lambda: build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10,
+                                                 learn_sigma=False), std=0.02)
     save_checkpoint_safetensors(t, path)
     return path
 

@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw
 pytest.importorskip("diffusers")
 
 from ardistill.io.checkpoints import save_checkpoint_safetensors  # noqa: E402
-from ardistill.models.dit import DiT, DiTConfig  # noqa: E402
 from ardistill.evaluation.features import FunctionFeatures  # noqa: E402
 from ardistill.data.image_folder import ImageFolder, LatentStore, encode_latents  # noqa: E402
 from ardistill.evaluation.metrics import FeatureStats, frechet_distance, precision_recall  # noqa: E402
@@ -27,6 +26,7 @@ from ardistill.io.student_io import load_student  # noqa: E402
 from ardistill.training.distill import DistillConfig, distill  # noqa: E402
 from ardistill.data.trajectories import TrajectoryDataset  # noqa: E402
 from ardistill.data.vae import TINY_VAE_CONFIG, LatentCodec  # noqa: E402
+from tiny_teachers import random_dit, tiny_dit_config  # noqa: E402
 from tolerances import assert_paths_agree  # noqa: E402
 
 
@@ -64,13 +64,8 @@ def test_latent_pipeline_end_to_end(tmp_path):
     assert labels.tolist() == [0] * 4 + [1] * 4
 
     # a latent DiT teacher (random weights; DiT's zero init would make it trivial)
-    tcfg = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=2)
-    teacher = DiT(tcfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tcfg = tiny_dit_config(num_classes=2)
+    teacher = random_dit(tcfg, std=0.05)
     save_checkpoint_safetensors(teacher, tmp_path / "teacher.safetensors")
 
     # record in latent space (legacy 3-channel guidance, as the ImageNet preset does)

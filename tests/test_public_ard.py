@@ -14,9 +14,10 @@ from ardistill.io.student_io import import_public_ard, load_student, public_ard_
 from ardistill.models.dit import DiT, DiTConfig, dit_config
 from ardistill.models.student import STUDENT_RECIPES, public_ard_student, recipe_student_config
 from reference_impl import Ref, ard_forward, ard_infer
+from tiny_teachers import TINY_DIT
 from tolerances import assert_paths_agree
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+TINY = dict(TINY_DIT, depth=3)
 HEADS = ("final_layer", "final_layer2", "final_layer3", "final_layer4")
 
 

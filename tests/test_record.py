@@ -17,9 +17,9 @@ import torch
 import ardistill.data.shard_runs as shard_runs
 import ardistill.data.trajectories as traj
 from ardistill.io.checkpoints import save_checkpoint_safetensors
-from ardistill.models.dit import DiT, DiTConfig
 from ardistill.data.record import RecordConfig, build_plan, record, weights_sha256
 from ardistill.data.trajectories import MANIFEST, PLAN, PROGRESS_DIR, TrajectoryDataset, load_manifest, shard_name, verify
+from tiny_teachers import random_dit
 from tolerances import assert_paths_agree
 
 SMALL = dict(count=21, num_steps=3, teacher_steps=6, shard_size=8, batch_size=4, cfg_scale=1.5)
@@ -188,14 +188,7 @@ CLI = dict(count=96, num_steps=4, teacher_steps=20, shard_size=8, batch_size=4, 
 def reference(tmp_path_factory):
     """An uninterrupted single-process recording of a saved tiny teacher; returns (teacher path, folder)."""
     tmp = tmp_path_factory.mktemp("record_cli")
-    teacher = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                            num_classes=10))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # adaLN-Zero would make every trajectory trivial
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    teacher.eval()
+    teacher = random_dit(seed=3)  # all weights random: adaLN-Zero would make every trajectory trivial
     path = save_checkpoint_safetensors(teacher, tmp / "teacher.safetensors")
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,36 +13,20 @@ from safetensors.torch import load_file
 from ardistill.data.prompts import Prompt, TextTrajectoryDataset, write_prompt_store
 from ardistill.data.record import RecordConfig, TextRecordConfig, record, record_text
 from ardistill.data.trajectories import TrajectoryDataset
-from ardistill.io.checkpoints import TEXT_TEACHER_KIND, load_any_teacher, save_checkpoint_safetensors, save_model
-from ardistill.models.dit import DiT, DiTConfig
+from ardistill.io.checkpoints import TEXT_TEACHER_KIND, load_any_teacher, save_model
 from ardistill.models.text_dit import TextDiT, text_dit_config
 from ardistill.sampling.diffusion import FlowProcess, VPProcess, named_process
 from ardistill.sampling.ode import solve, solve_segment
 from ardistill.training.distill import DistillConfig, distill
 from ardistill.training.relabel import TeacherRelabeler
+from tiny_teachers import ToyPromptEncoder, random_dit, randomize_weights, record_tiny, tiny_distill_config
 from tolerances import assert_paths_agree
-
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-
-
-def _randomize(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero init would make the teacher trivial
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory) -> dict:
     """A tiny guided VP teacher and a 16-trajectory recording (S = 4 on 8 teacher steps, Heun: uneven segments)."""
-    root = tmp_path_factory.mktemp("relabel")
-    teacher = _randomize(DiT(DiTConfig(**TINY)))
-    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
-    record(teacher, root / "rec", RecordConfig(count=16, num_steps=4, teacher_steps=8, cfg_scale=2.0, solver="heun",
-                                               shard_size=8, batch_size=8, dtype="float32"), progress=False)
-    return {"recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors")}
+    return record_tiny(tmp_path_factory.mktemp("relabel"), random_dit(std=0.05), cfg_scale=2.0, solver="heun")
 
 
 def _manifest(recording) -> dict:
@@ -97,7 +81,7 @@ def test_relabel_keeps_block_0_and_follows_the_teacher_from_the_given_states(rec
 def test_relabel_follows_the_recorded_heun_last_step(tmp_path):
     """A SiT Heun recording corrects its last interval (SiT's heun2); the relabeler reads that from the
     manifest, and a manifest without the field (older recordings) means the Euler last step."""
-    teacher = _randomize(DiT(DiTConfig(**TINY, prediction="velocity", process="sit")), std=0.1).eval()
+    teacher = random_dit(prediction="velocity", process="sit")
     record(teacher, tmp_path / "rec", RecordConfig(count=4, num_steps=2, teacher_steps=4, cfg_scale=1.5, solver="heun",
                                                    shard_size=4, batch_size=4, dtype="float32"), progress=False)
     manifest = _manifest(tmp_path / "rec")
@@ -116,24 +100,10 @@ def test_relabel_follows_the_recorded_heun_last_step(tmp_path):
 
 @pytest.mark.numerics
 def test_relabel_of_a_text_recording_uses_the_captions_and_the_null_text(tmp_path):
-    C = 32
-
-    def encoder(prompts):
-        tokens, mask = torch.zeros(len(prompts), 5, C), torch.zeros(len(prompts), 5, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            words = ["<s>"] + p.split()[:4]
-            for j, w in enumerate(words):
-                tokens[i, j] = torch.randn(C, generator=torch.Generator().manual_seed(sum(map(ord, w)) + 13 * j))
-            mask[i, :len(words)] = True
-        return tokens, mask
-
-    teacher = TextDiT(text_dit_config("TextDiT-T", prediction="velocity"))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for p in teacher.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    encoder = ToyPromptEncoder(width=32)
+    teacher = randomize_weights(TextDiT(text_dit_config("TextDiT-T", prediction="velocity")), seed=0, std=0.05)
     items = [Prompt(str(i), p) for i, p in enumerate(["a 1 and a 2", "three then four", "five", "six left seven"])]
-    write_prompt_store(tmp_path / "prompts", items, encoder, {"name": "toy", "sha256": "0" * 64, "width": C, "max_length": 5})
+    write_prompt_store(tmp_path / "prompts", items, encoder, encoder.identity())
     record_text(teacher, tmp_path / "prompts", tmp_path / "rec", TextRecordConfig(
         count=8, num_steps=3, teacher_steps=6, solver="euler", cfg_scale=2.0, shard_size=8, batch_size=8,
         dtype="float32"), progress=False)
@@ -152,10 +122,7 @@ def test_relabel_of_a_text_recording_uses_the_captions_and_the_null_text(tmp_pat
 
 
 def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
-                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False,
-                history_layers=1, on_policy_prob=1.0, on_policy_start=2)
-    return DistillConfig(**{**base, **kw})
+    return tiny_distill_config(rec, run_dir, **{"history_layers": 1, "on_policy_prob": 1.0, "on_policy_start": 2, **kw})
 
 
 def test_training_with_relabelled_targets_resumes_exactly_and_differs_from_recorded_targets(rec, tmp_path):

@@ -12,17 +12,13 @@ from ardistill.io.checkpoints import load_teacher, save_checkpoint_safetensors
 from ardistill.sampling.diffusion import VPProcess
 from ardistill.io.images import make_grid, save_image_grid
 from ardistill.sample import parse_int_list, resolve_labels, sample_teacher
+from tiny_teachers import DIGITS
 from tolerances import assert_paths_agree
-
-DIGITS_TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                   learn_sigma=False)
-
-
 
 
 @pytest.fixture
 def tiny_teacher(random_dit):
-    return random_dit(seed=1, **DIGITS_TINY)
+    return random_dit(seed=1, **DIGITS)
 
 
 def test_parse_seeds_and_labels():

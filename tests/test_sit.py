@@ -19,8 +19,7 @@ from ardistill.sampling.diffusion import (FLOW_CONVENTIONS, FlowProcess, VPProce
 from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import grid_times, randn_from_seeds, resolve_heun_last_step, solve
 from reference_impl import Ref, repa_euler, sit_heun_euler_last, sit_ode
-
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+from tiny_teachers import TINY_DIT as TINY
 
 
 def _random_state(learn_sigma: bool, seed: int = 0, projectors: bool = False) -> dict[str, torch.Tensor]:

@@ -10,17 +10,15 @@ from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import grid_times, solve
 from ardistill.models.student import (ARDStudent, StudentConfig, block_times_for, build_student,
                                ode_step_coeffs)
+from tiny_teachers import random_from_global_rng
 from tolerances import assert_paths_agree
 
 
 def _teacher(patch=2, depth=4, learn_sigma=True, prediction="eps", seed=0):
-    torch.manual_seed(seed)
-    t = build_dit("DiT-T/2", patch_size=patch, input_size=8, in_channels=4, num_classes=10, depth=depth,
-                  learn_sigma=learn_sigma, prediction=prediction).eval()
-    for p in t.parameters():  # adaLN-Zero init would make every output zero
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)
-    return t
+    # every weight random: adaLN-Zero init would make every output zero
+    return random_from_global_rng(lambda: build_dit("DiT-T/2", patch_size=patch, input_size=8, in_channels=4,
+                                                    num_classes=10, depth=depth, learn_sigma=learn_sigma,
+                                                    prediction=prediction).eval(), std=0.1, seed=seed)
 
 
 def _uniform_times(S):

@@ -8,17 +8,15 @@ from tolerances import assert_paths_agree
 from ardistill.models.dit import build_dit
 from ardistill.models.naive_student import NaiveARDStudent, additive_mask
 from ardistill.models.student import build_student
+from tiny_teachers import random_from_global_rng
 
 pytestmark = pytest.mark.numerics  # two implementations of one function: agreement to float32 rounding
 
 
 def _teacher(patch=2, depth=3):
-    torch.manual_seed(0)
-    t = build_dit("DiT-T/2", patch_size=patch, input_size=8, in_channels=4, num_classes=10, depth=depth)
-    for p in t.parameters():  # adaLN-Zero init would make every output zero
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)
-    return t
+    # every weight random: adaLN-Zero init would make every output zero
+    return random_from_global_rng(lambda: build_dit("DiT-T/2", patch_size=patch, input_size=8, in_channels=4,
+                                                    num_classes=10, depth=depth), std=0.1)
 
 
 CASES = [  # (S, history_layers, mask, patch, heads, output)

@@ -12,46 +12,28 @@ from ardistill.data.prompts import Prompt, TextTrajectoryDataset, write_prompt_s
 from ardistill.data.record import TextRecordConfig, record_text
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
 from ardistill.io.student_io import load_student, read_student_file
-from ardistill.models.text_dit import TextDiT, text_dit_config
 from ardistill.models.student import TextARDStudent, TextStudentConfig
-from ardistill.training.distill import DistillConfig, distill, on_policy_inputs
+from ardistill.training.distill import distill, on_policy_inputs
+from tiny_teachers import ToyPromptEncoder, flow_text_teacher, tiny_distill_config
 
 C = 32
-
-
-def encoder(prompts):
-    L = 5
-    tokens, mask = torch.zeros(len(prompts), L, C), torch.zeros(len(prompts), L, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        words = ["<s>"] + p.split()[:L - 1]
-        for j, w in enumerate(words):
-            tokens[i, j] = torch.randn(C, generator=torch.Generator().manual_seed(sum(map(ord, w)) + 13 * j))
-        mask[i, :len(words)] = True
-    return tokens, mask
+encoder = ToyPromptEncoder(width=C)  # 5 tokens: "<s>" and up to 4 words
 
 
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("text_distill")
-    torch.manual_seed(0)
-    # a flow teacher: random weights give velocities of order one, so the states stay of order one
-    teacher = TextDiT(text_dit_config("TextDiT-T", prediction="velocity"))
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+    teacher = flow_text_teacher()
     save_model(teacher, teacher.cfg.to_dict(), root / "teacher.safetensors", kind=TEXT_TEACHER_KIND)
     items = [Prompt(str(i), p) for i, p in enumerate(["a 1 and a 2", "three then four", "five", "six left seven right"])]
-    write_prompt_store(root / "prompts", items, encoder, {"name": "toy", "sha256": "0" * 64, "width": C, "max_length": 5})
+    write_prompt_store(root / "prompts", items, encoder, encoder.identity())
     record_text(teacher, root / "prompts", root / "rec", TextRecordConfig(
         count=12, num_steps=3, teacher_steps=6, solver="euler", cfg_scale=2.0, shard_size=8, batch_size=4, dtype="float32"),
         progress=False)
     return {"recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors"), "root": root}
 
 
-def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
-                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False)
-    return DistillConfig(**{**base, **kw})
+_cfg = tiny_distill_config  # (rec, run_dir, **overrides) -> DistillConfig
 
 
 def test_text_distillation_learns_saves_and_resumes_exactly(rec, tmp_path):

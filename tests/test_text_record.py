@@ -10,40 +10,26 @@ from ardistill.data.prompts import Prompt, PromptStore, store_id, write_prompt_s
 from ardistill.data.prompts import trim_text
 from ardistill.data.record import TextRecordConfig, record_text
 from ardistill.data.trajectories import Layout, TrajectoryDataset, load_manifest, verify
-from ardistill.models.text_dit import TextDiT, text_dit_config
+from ardistill.models.text_dit import TextDiT
 from ardistill.sampling.diffusion import VPProcess
 from ardistill.sampling.guidance import make_text_model_fn
 from ardistill.sampling.ode import randn_from_seeds, solve
+from tiny_teachers import ToyPromptEncoder, random_text_dit
 
 L, C = 6, 32
 S, T = 2, 4
-
-
-def encoder(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic stand-in: a start token, then one hash-seeded token per word; padded with 9s to L."""
-    tokens = torch.full((len(prompts), L, C), 9.0)
-    mask = torch.zeros(len(prompts), L, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        words = ["<s>"] + p.split()[:L - 1]
-        for j, w in enumerate(words):
-            tokens[i, j] = torch.randn(C, generator=torch.Generator().manual_seed(sum(map(ord, w)) + 97 * j))
-        mask[i, :len(words)] = True
-    return tokens, mask
+# a start token, then one hash-seeded token per word; padded with 9s to L
+encoder = ToyPromptEncoder(width=C, length=L, pad=9.0, position_stride=97)
 
 
 def teacher() -> TextDiT:
-    torch.manual_seed(0)
-    t = TextDiT(text_dit_config("TextDiT-T")).eval()
-    for p in t.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return t
+    return random_text_dit(std=0.1)
 
 
 @pytest.fixture
 def store(tmp_path):
     items = [Prompt(f"p{i}", p) for i, p in enumerate(["a 3 and a 7", "seven then one", "two", "four on the left"])]
-    write_prompt_store(tmp_path / "prompts", items, encoder, {"name": "toy", "sha256": "0" * 64, "width": C,
-                                                              "max_length": L}, dtype="float32", shard_size=3)
+    write_prompt_store(tmp_path / "prompts", items, encoder, encoder.identity(), dtype="float32", shard_size=3)
     return tmp_path / "prompts"
 
 

@@ -9,15 +9,13 @@ import torch
 
 from ardistill.models.text_dit import TextDiT, pad_text, text_dit_config
 from ardistill.models.student import TextARDStudent, TextStudentConfig, build_student
+from tiny_teachers import random_text_dit
 from tolerances import assert_paths_agree
 
 
 def _teacher(depth=3, learn_sigma=False, seed=0) -> TextDiT:
-    torch.manual_seed(seed)
-    t = TextDiT(text_dit_config("TextDiT-T", depth=depth, learn_sigma=learn_sigma)).eval()
-    for p in t.parameters():  # PixArt's init zeroes cross-attention outputs and proj_out: randomise everything
-        torch.nn.init.normal_(p, std=0.1)
-    return t
+    # PixArt's init zeroes cross-attention outputs and proj_out: randomise everything
+    return random_text_dit(std=0.1, seed=seed, depth=depth, learn_sigma=learn_sigma)
 
 
 def _times(S):

@@ -16,10 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import ardistill.training.distill as train_mod
-from ardistill.io.checkpoints import save_checkpoint_safetensors
-from ardistill.models.dit import DiT, DiTConfig
 from ardistill.training.ema import EMA
-from ardistill.data.record import RecordConfig, record
 from ardistill.io.student_io import load_student, read_student_file
 from ardistill.training.distill import DistillConfig, distill, distill_loss, on_policy_inputs
 from ardistill.training.checkpointer import Checkpointer
@@ -27,35 +24,19 @@ from ardistill.training.data_order import EpochBatches
 from ardistill.training.lr_schedule import lr_at
 from ardistill.training.nan_guard import NonFiniteLossError
 from ardistill.training.run_logger import RunLogger
+from tiny_teachers import random_dit, record_tiny, tiny_distill_config
 from tolerances import assert_paths_agree
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
 
 
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory) -> dict:
-    """A tiny teacher (all weights random) and a 16-trajectory recording of it (S = 4, T = 8)."""
-    root = tmp_path_factory.mktemp("distill")
-    torch.manual_seed(0)
-    teacher = DiT(DiTConfig(**TINY))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero init would make the teacher trivial
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    save_checkpoint_safetensors(teacher, root / "teacher.safetensors")
-    record(teacher, root / "rec", RecordConfig(count=16, num_steps=4, teacher_steps=8, cfg_scale=1.0,
-                                               shard_size=8, batch_size=8, dtype="float32"), progress=False)
-    return {"root": root, "recording": str(root / "rec"), "teacher": str(root / "teacher.safetensors")}
+    """A tiny teacher (TINY_DIT, all weights random) and a 16-trajectory recording of it (S = 4, T = 8)."""
+    return record_tiny(tmp_path_factory.mktemp("distill"), random_dit(std=0.05, seed_torch=True))
 
 
-def _cfg(rec, run_dir, **kw) -> DistillConfig:
-    base = dict(recording=rec["recording"], teacher=rec["teacher"], run_dir=str(run_dir), steps=6, batch_size=4,
-                lr=1e-3, ema_decay=0.9, ckpt_every=3, log_every=1, tensorboard=False, progress=False)
-    return DistillConfig(**{**base, **kw})
+_cfg = tiny_distill_config  # (rec, run_dir, **overrides) -> DistillConfig
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
