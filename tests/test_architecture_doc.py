@@ -13,7 +13,8 @@ PKG = Path(ardistill.__file__).resolve().parent
 DOC = ROOT / "docs" / "architecture.md"
 
 _CODE = re.compile(r"`([^`]+)`")
-_PATH = re.compile(r"^[\w./-]+\.(py|md|sh|safetensors|json)$|^[\w-]+/$")  # a file, or a folder "name/"
+# a source file, a script, a file under a folder (assets/x.safetensors), or a folder "name/"
+_PATH = re.compile(r"^[\w./-]+\.(py|sh)$|^[\w.-]+/[\w./-]+\.(md|json|safetensors)$|^[\w-]+/$")
 _NAME = re.compile(r"^ardistill(\.\w+)+$")
 _FILE_ATTR = re.compile(r"^([\w/]+\.py): (\w+(\.\w+)*)$")  # "models/dit.py: DiT"
 
@@ -60,8 +61,13 @@ def missing_names(doc: str) -> list[str]:
     return bad
 
 
+def checked_part(doc: str) -> str:
+    """The doc without its section on old import paths (names that are gone by definition)."""
+    return doc.split("## Old import paths")[0]
+
+
 def test_architecture_doc_names_only_what_exists():
-    assert missing_names(DOC.read_text()) == []
+    assert missing_names(checked_part(DOC.read_text())) == []
 
 
 def test_the_doc_check_can_fail():
@@ -73,7 +79,7 @@ def test_the_doc_check_can_fail():
 
 def test_the_doc_cites_every_package_module():
     """Each module of the package appears in the doc by its file name, so a new module gets documented."""
-    doc = DOC.read_text()
+    doc = checked_part(DOC.read_text())
     modules = sorted(p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")
                      if p.name not in ("__init__.py", "__main__.py"))
     assert [m for m in modules if Path(m).name not in doc] == []

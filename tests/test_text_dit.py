@@ -188,5 +188,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert back.cfg == model.cfg
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
-    with pytest.raises(CheckpointError, match="text-teacher"):
-        load_teacher(path)
+    # load_teacher reads a teacher of either conditioning (the config in the file picks it) ...
+    assert load_teacher(path).cfg == model.cfg and load_teacher(path).conditioning.name == "text"
+    # ... and load_text_teacher still refuses a class-conditional one, naming the kinds
+    from ardistill.io.checkpoints import save_checkpoint_safetensors
+    from ardistill.models.dit import build_dit
+    class_file = save_checkpoint_safetensors(build_dit("DiT-T/2", input_size=8), tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="not a text-conditioned teacher .kind text-teacher"):
+        load_text_teacher(class_file)
