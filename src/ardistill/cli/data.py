@@ -81,7 +81,7 @@ def _record_config_fields(a) -> dict:
 
 def _record_fields(p, args) -> tuple[dict, dict]:
     """The flags over the preset (if any): the RecordConfig fields and the resolved configuration to show."""
-    from ardistill.presets import record_from_cli
+    from ardistill.cli.preset_options import record_from_cli
     if args.preset is None and args.count is None:
         raise ValueError("--count is required (or --preset NAME)")
     defaults = _record_config_fields(argparse.Namespace(**{k: p.get_default(k) for k in vars(args)}))

@@ -78,7 +78,7 @@ def add_distill(sub):
         if args.preset or args.dry_run:
             import json
 
-            from ardistill.presets import distill_from_cli
+            from ardistill.cli.preset_options import distill_from_cli
             options, resolved = distill_from_cli(args.preset, options)
             if args.dry_run:
                 print(json.dumps(resolved, indent=2, default=list))
