@@ -5,6 +5,24 @@ from __future__ import annotations
 from dataclasses import replace
 
 
+class BackboneConfig:
+    """What the configs of the DiT backbone (DiTConfig, TextDiTConfig) derive the same way; a mixin of dataclasses."""
+
+    @property
+    def out_channels(self) -> int:
+        """2 x in_channels with learned sigma (the ODE uses the first in_channels)."""
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return strict_from_dict(cls, d)
+
+
 def strict_from_dict(cls, d: dict):
     """``cls(**d)`` for a config dataclass, refusing fields it does not have (a file from another version)."""
     unknown = set(d) - set(cls.__dataclass_fields__)

@@ -15,12 +15,12 @@ import torch.nn as nn
 
 from ardistill.sampling.diffusion import PROCESS_NAMES
 from ardistill.models.conditioning import conditioning_for
-from ardistill.models.configs import registered_config, strict_from_dict
+from ardistill.models.configs import BackboneConfig, registered_config
 from ardistill.models.layers import unpatchify
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(BackboneConfig):
     """Architecture of a DiT; everything needed to rebuild the model from a file."""
 
     input_size: int = 32
@@ -60,10 +60,6 @@ class DiTConfig:
                                  f"('vp' predicts eps; the flow conventions predict a velocity)")
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
     def conditioning(self) -> str:
         """The backbone's conditioning (models/conditioning.py): class labels by adaLN-Zero."""
         return "class"
@@ -76,19 +72,12 @@ class DiTConfig:
     def grid_size(self) -> tuple[int, int]:
         return (self.input_size // self.patch_size,) * 2
 
-    @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["process"] is None:  # configs written before the field existed stay byte-identical
             del d["process"]
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
-        return strict_from_dict(cls, d)
 
 
 class DiT(nn.Module):

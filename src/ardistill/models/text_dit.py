@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ardistill.models.configs import registered_config, strict_from_dict
+from ardistill.models.configs import BackboneConfig, registered_config
 from ardistill.models.dit import DiT
 from ardistill.models.pixart_layers import TextKV, pad_text  # noqa: F401  (the text API's names)
 
@@ -23,7 +23,7 @@ PREDICTIONS = ("eps", "velocity")
 
 
 @dataclass(frozen=True)
-class TextDiTConfig:
+class TextDiTConfig(BackboneConfig):
     """Architecture of a text-conditioned DiT (PixArt form); everything needed to rebuild it from a file.
 
     ``sample_size`` and ``interpolation_scale`` are diffusers' names: the position embedding of an
@@ -86,10 +86,6 @@ class TextDiTConfig:
                              f"hidden_size {self.hidden_size} is not divisible by 3")
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
     def grid_size(self) -> tuple[int, int]:
         return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
 
@@ -101,11 +97,6 @@ class TextDiTConfig:
     @property
     def image_size(self) -> tuple[int, int]:
         return self.input_size
-
-    @property
-    def num_patches(self) -> int:
-        gh, gw = self.grid_size
-        return gh * gw
 
     @property
     def pos_interpolation_scale(self) -> float:
@@ -124,9 +115,6 @@ class TextDiTConfig:
             d["resolution"] = list(d["resolution"])
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextDiTConfig":
-        return strict_from_dict(cls, d)
 
 
 # Sizes: PixArt's XL/2 (the public text-to-image teachers; issue 15 loads them), a tiny test size, and the
