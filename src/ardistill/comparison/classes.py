@@ -17,9 +17,11 @@ import torch
 from ardistill.comparison.benchmarks import BENCHMARKS
 from ardistill.comparison.config import CompareConfig
 from ardistill.comparison.gan import GAN_CONTROL_ROW, GAN_ROW, gan_note, gan_rows
+from ardistill.comparison.report import write_class_report
 from ardistill.comparison.stages import (Clock, RecordingSpec, evaluate_variants, latency_ms, record_trajectories,
                                          train_variants)
 from ardistill.io.fileio import atomic_write_json
+
 
 def recording_specs(cfg: CompareConfig) -> list[RecordingSpec]:
     """The training and the evaluation recording (seeds from 0 and from 1e9)."""
@@ -79,7 +81,6 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
             None loads it here.
     Returns the path of report.md.
     """
-    from ardistill.comparison.report import write_class_report
     from ardistill.evaluation.evaluate import (ImageMetrics, ModelResult, history_dependence, image_features,
                                                image_metrics, run_sampler, trajectory_errors)
     from ardistill.evaluation.flops import sampling_flops

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ardistill.comparison.config import T2IConfig
+from ardistill.comparison.report import mean_sets, write_t2i_report
 from ardistill.comparison.stages import (Clock, RecordingSpec, evaluate_variants, latency_ms, record_trajectories,
                                          train_variants)
 from ardistill.comparison.variants import t2i_variants
@@ -64,7 +65,6 @@ def recording_specs(cfg: T2IConfig, stores: dict) -> list[RecordingSpec]:
 
 def compare_t2i(cfg: T2IConfig) -> Path:
     """Record, distil every variant for every seed, evaluate all from the same noise and captions; returns report.md."""
-    from ardistill.comparison.report import mean_sets, write_t2i_report
     from ardistill.data.text_encoder import load_text_teacher_and_encoder
     from ardistill.evaluation.adherence import prompt_adherence
     from ardistill.evaluation.evaluate import (evaluate_samples, load_text_eval_set, pair_features, pair_metrics,
