@@ -27,7 +27,7 @@ from pathlib import Path
 def _train(job):
     import torch
     torch.set_num_threads(1)
-    from ardistill.compare import train_variant
+    from ardistill.comparison import train_variant
     cfg, name, ov, seed, rec, teacher = job
     return str(train_variant(cfg, name, ov, seed, Path(rec), Path(teacher)))
 
@@ -38,7 +38,7 @@ def _record(job):
     from ardistill.data.record import RecordConfig, record
     from ardistill.io.checkpoints import load_any_teacher
     cfg, name, count, base_seed, teacher = job
-    # the settings of compare.record_sets, one recording per process
+    # the settings of comparison.record_sets, one recording per process
     rc = RecordConfig(count=count, base_seed=base_seed, shard_size=max(cfg.record_batch, 1024),
                       num_steps=cfg.num_steps, teacher_steps=cfg.teacher_steps, grid=cfg.grid, solver=cfg.solver,
                       cfg_scale=cfg.cfg_scale, batch_size=cfg.record_batch, dtype="float32")
@@ -48,7 +48,7 @@ def _record(job):
 def _finetune(job):
     import torch
     torch.set_num_threads(1)
-    from ardistill.compare import finetune_variant
+    from ardistill.comparison import finetune_variant
     cfg, run, seed, rec, teacher, control = job
     return str(finetune_variant(cfg, Path(run), seed, Path(rec), Path(teacher), control=control))
 
@@ -56,7 +56,7 @@ def _finetune(job):
 def main():
     import torch
 
-    from ardistill.compare import BENCHMARKS, CompareConfig, compare, comparison_variants, slug
+    from ardistill.comparison import BENCHMARKS, CompareConfig, compare, comparison_variants, slug
     from ardistill.io.checkpoints import load_any_teacher
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -69,7 +69,7 @@ def main():
     p.add_argument("--history-layers", default="0,1", help="--variants demo: N_h of each variant (0 = step distillation)")
     p.add_argument("--variants", choices=("demo", "comparison"), default="demo")
     p.add_argument("--only", default=None,
-                   help="comma-separated slugs (compare.slug of the report names, e.g. step-distillation,ard-n-h-1) "
+                   help="comma-separated slugs (comparison.slug of the report names, e.g. step-distillation,ard-n-h-1) "
                         "of the variants to run, in their report order; default: all of --variants")
     p.add_argument("--gan", action="store_true", help="also ARD (R+G) and its regression-only control")
     p.add_argument("--gan-factor", type=float, default=None, help="the GAN stage's factor (default 0.3, the digits')")

@@ -19,7 +19,7 @@ import torch
 
 from ardistill.assets import (PHOTOS_CLASSIFIER, PHOTOS_CLASSIFIER_CONFIG, PHOTOS_TEACHER,
                               PHOTOS_TEACHER_CONFIG)
-from ardistill.compare import BENCHMARKS
+from ardistill.comparison import BENCHMARKS
 from ardistill.evaluation.evaluate import image_metrics
 from ardistill.evaluation.features import get_feature_network
 from ardistill.io.checkpoints import load_teacher

@@ -183,12 +183,11 @@ def test_the_cycle_checker_sees_a_cycle():
 
 def test_every_module_sits_in_a_known_stage():
     top = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__", "_compat"}
-    apps = {"cli"}  # application packages (cli: one module per command group), not pipeline stages
+    apps = {"cli", "comparison"}  # application packages (cli: the commands; comparison: demo and sweep), not stages
     top |= {p.name for p in PKG.iterdir() if p.name in apps and (p / "__init__.py").exists()}
-    # compare_t2i: the text-to-image demo has its own data, metrics and report (compare.py is class-conditional)
     # pipeline: ARDPipeline, the diffusers-style text-to-image entry point (student + T5 + VAE from folders)
     # ladder: the convergence ladder (one long run per student, evaluated at increasing budgets)
-    assert top == {"cli", "compare", "compare_t2i", "ladder", "presets", "sample", "generate", "pipeline"}
+    assert top == {"cli", "comparison", "ladder", "presets", "sample", "generate", "pipeline"}
     folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert folders - apps == set(ORDER) - {"<app>"}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ardistill.io.checkpoints import save_checkpoint_safetensors
-from ardistill.compare import CompareConfig, compare, comparison_variants, summarize, sweep_variants
+from ardistill.comparison import CompareConfig, compare, comparison_variants, summarize, sweep_variants
 from ardistill.models.dit import build_dit
 from ardistill.evaluation.evaluate import fd_degradation_ratio
 from tiny_teachers import random_from_global_rng
@@ -150,7 +150,7 @@ def test_compare_gan_settings_are_validated_and_the_demo_flag_sets_the_factor():
 
 @pytest.mark.slow
 def test_sweep_trains_a_shared_variant_once_and_writes_one_table(tiny_teacher, tmp_path):
-    from ardistill.compare import sweep
+    from ardistill.comparison import sweep
     cfg = CompareConfig(out=str(tmp_path / "sweep"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
                         teacher_steps=6, steps=2, batch_size=8, record_batch=16, latency_batch=4, latency_repeats=1,
                         progress=False)
@@ -191,7 +191,7 @@ def test_demo_flags_reach_the_comparison_config():
     import argparse
 
     from ardistill.cli import _compare_args, _compare_config
-    from ardistill.compare import DEMO_PRESETS
+    from ardistill.comparison import DEMO_PRESETS
     p = argparse.ArgumentParser()
     _compare_args(p, "runs/demo")
     args = p.parse_args(["--seeds", "0,1,2", "--steps", "50", "--on-policy-prob", "0.5", "--on-policy-start", "25",
@@ -205,7 +205,7 @@ def test_benchmark_flag_picks_the_photos_presets():
     import argparse
 
     from ardistill.cli import _compare_args, _compare_config
-    from ardistill.compare import BENCHMARK_PRESETS, PHOTOS_PRESETS
+    from ardistill.comparison import BENCHMARK_PRESETS, PHOTOS_PRESETS
     p = argparse.ArgumentParser()
     _compare_args(p, "runs/demo")
     args = p.parse_args(["--benchmark", "photos"])
@@ -221,7 +221,7 @@ def test_photos_demo_end_to_end_on_a_tiny_setting(tmp_path):
     """The photos quick preset, shrunk: shipped photos classifier, held-out photo crops, a tiny RGB teacher."""
     from dataclasses import replace
 
-    from ardistill.compare import PHOTOS_PRESETS
+    from ardistill.comparison import PHOTOS_PRESETS
     t = random_from_global_rng(lambda: build_dit("DiT-T/2", input_size=16, in_channels=3, num_classes=10,
                                                  learn_sigma=False), std=0.02)
     save_checkpoint_safetensors(t, tmp_path / "teacher.safetensors")
@@ -241,7 +241,7 @@ def test_photos_gan_rows_use_the_photos_as_real_data(tmp_path, monkeypatch):
     from dataclasses import replace
 
     import ardistill.training.finetune_gan as fg
-    from ardistill.compare import PHOTOS_PRESETS
+    from ardistill.comparison import PHOTOS_PRESETS
     for k, v in dict(steps=3, gan_warmup=1, batch_size=8).items():
         monkeypatch.setitem(fg.DIGITS_GAN_SETTINGS, k, v)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 import pytest
 from PIL import Image
 
-from ardistill.compare_t2i import T2IConfig, compare_t2i, t2i_variants
+from ardistill.comparison import T2IConfig, compare_t2i, t2i_variants
 from ardistill.data.text_encoder import digits_text_encoder
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, save_model
 from ardistill.io.images import save_captioned_grid

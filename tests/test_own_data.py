@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ardistill.compare import CompareConfig, compare, get_benchmark
+from ardistill.comparison import CompareConfig, compare, get_benchmark
 from ardistill.data.sources import image_folder_splits, load_image_folder
 from ardistill.evaluation.classifier import ClassifierTrainConfig, load_digits_classifier, train_classifier
 

@@ -81,6 +81,6 @@ def test_demo_and_sweep_pass_no_verify_shards_to_their_stages(command):
 
 
 def test_the_opt_out_does_not_change_which_student_a_sweep_reuses(recording):
-    from ardistill.compare import training_key
+    from ardistill.comparison import training_key
     base = dict(recording=str(recording), teacher="t.safetensors", steps=5)
     assert training_key(base) == training_key({**base, "verify_shards": False}) == training_key({**base, "compile": True})

@@ -114,7 +114,7 @@ class LadderConfig:
     def teacher_path(self) -> Path:
         if self.teacher is not None:
             return Path(self.teacher).expanduser().resolve()
-        from ardistill.compare import BENCHMARKS
+        from ardistill.comparison.benchmarks import BENCHMARKS
         return BENCHMARKS[self.benchmark].teacher_path()
 
 
@@ -134,7 +134,7 @@ class LadderRun:
 
 
 def _slug(name: str) -> str:
-    from ardistill.compare import slug
+    from ardistill.comparison.variants import slug
     return slug(name)
 
 
@@ -251,7 +251,8 @@ class Evaluator:
     the benchmark's held-out images, the teacher's samples, and the first training trajectories."""
 
     def __init__(self, cfg: LadderConfig):
-        from ardistill.compare import BENCHMARKS, load_eval_set
+        from ardistill.comparison.benchmarks import BENCHMARKS
+        from ardistill.comparison.classes import load_eval_set
         from ardistill.evaluation.evaluate import image_features
         train_rec, eval_rec = recordings(cfg)
         self.cfg = cfg

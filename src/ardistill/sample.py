@@ -121,7 +121,7 @@ def teacher_metrics(teacher: nn.Module, benchmark: str = "digits", num_samples: 
     seeds are first_seed .. first_seed + num_samples - 1 and labels cycle through the classes;
     samples are clamped to [-1, 1]. Returns ``evaluate.ImageMetrics``.
     """
-    from ardistill.compare import BENCHMARKS
+    from ardistill.comparison.benchmarks import BENCHMARKS
     from ardistill.evaluation.evaluate import image_metrics
     from ardistill.evaluation.features import get_feature_network
 

@@ -64,7 +64,7 @@ def benchmark(args) -> str:
 
 def compare_config(args, preset: dict, default_out: str):
     """The CompareConfig of ``preset`` with the flags given over it."""
-    from ardistill.compare import CompareConfig
+    from ardistill.comparison import CompareConfig
     kw = dict(preset)
     for k in ("teacher", *_RUN_FLAGS, "device", *_OWN_DATA):
         if getattr(args, k, None) is not None:
@@ -87,7 +87,7 @@ def compare_config(args, preset: dict, default_out: str):
 
 def _t2i_config(args):
     """``demo --task t2i``: its configuration from the preset and the flags (the digits-only flags exit)."""
-    from ardistill.compare_t2i import t2i_config
+    from ardistill.comparison import t2i_config
     if args.gan:
         raise SystemExit("demo --task t2i: --gan is for the class-conditional digits task")
     if args.benchmark not in (None, "digits"):
@@ -117,16 +117,15 @@ def add_demo(sub):
 
     def run(args):
         if args.task == "t2i":
-            from ardistill.compare_t2i import compare_t2i
+            from ardistill.comparison import compare_t2i
             print(compare_t2i(_t2i_config(args)))
             return
-        from ardistill.compare import BENCHMARK_PRESETS, compare, demo_variants, get_benchmark
+        from ardistill.comparison import BENCHMARK_PRESETS, compare, demo_variants
         from ardistill.io.checkpoints import load_any_teacher
         set_threads(args.threads)
         cfg = compare_config(args, BENCHMARK_PRESETS[benchmark(args)][args.preset], "runs/demo")
-        depth = load_any_teacher(cfg.teacher or get_benchmark(cfg).teacher_path()).cfg.depth
-        variants = demo_variants(depth, args.history_layers)
-        print(compare(cfg, variants, gan=args.gan))
+        teacher = load_any_teacher(cfg.teacher_path)  # loaded once: its depth sizes ARD, then the demo runs it
+        print(compare(cfg, demo_variants(teacher.cfg.depth, args.history_layers), gan=args.gan, teacher=teacher))
     p.set_defaults(func=run)
 
 
@@ -139,7 +138,7 @@ def add_sweep(sub):
     compare_args(p, "runs/sweep")
 
     def run(args):
-        from ardistill.compare import sweep
+        from ardistill.comparison import sweep
         set_threads(args.threads)
         cfg = compare_config(args, {}, "runs/sweep")
         print(sweep(cfg, tuple(a for a in args.axes.split(",") if a)))
