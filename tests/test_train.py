@@ -345,3 +345,19 @@ def test_killed_run_resumes_to_the_same_weights(rec, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("student", "ema"):  # two single-process runs of the same steps on one machine: exact
         _assert_same(_weights(full / f"{name}.safetensors"), _weights(killed / f"{name}.safetensors"))
+
+
+def test_a_given_teacher_trains_the_same_student_and_a_wrong_one_is_refused(rec, tmp_path):
+    """``distill(cfg, teacher=model)`` (a demo's one loaded copy) equals loading it from ``cfg.teacher``; a model
+    that is not the recording's teacher is refused by the recording's sha256 check."""
+    from ardistill.io.checkpoints import load_any_teacher
+    loaded = distill(tiny_distill_config(rec, tmp_path / "loaded", steps=3))
+    given = distill(tiny_distill_config(rec, tmp_path / "given", steps=3), teacher=load_any_teacher(rec["teacher"]))
+    assert given.loss == loaded.loss
+    for name in ("student", "ema"):
+        _assert_same(_weights(tmp_path / "loaded" / f"{name}.safetensors"), _weights(tmp_path / "given" / f"{name}.safetensors"))
+    other = load_any_teacher(rec["teacher"])
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.requires_grad).add_(1e-3)
+    with pytest.raises(ValueError, match="teacher_sha256"):
+        distill(tiny_distill_config(rec, tmp_path / "wrong", steps=3), teacher=other)

@@ -103,7 +103,7 @@ def compare(cfg: CompareConfig, variants: dict[str, dict], title: str = "Teacher
     recordings = record_trajectories(cfg, teacher, recording_specs(cfg))
     train_rec, eval_rec = recordings[("train", cfg.num_steps)], recordings[("eval", cfg.num_steps)]
     clock.lap("record")
-    runs = train_variants(cfg, variants, recordings, teacher_path)
+    runs = train_variants(cfg, variants, recordings, teacher_path, teacher)
     extra_rows = [GAN_CONTROL_ROW, GAN_ROW] if gan else []
     if gan:
         ard_name = list(variants)[-1] if gan_variant is None else gan_variant

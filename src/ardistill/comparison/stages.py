@@ -57,11 +57,13 @@ def record_trajectories(cfg, teacher, specs: list[RecordingSpec]) -> dict[tuple[
     return paths
 
 
-def train_variant(cfg, name: str, overrides: dict, seed: int, recording: Path, teacher_path: Path) -> Path:
+def train_variant(cfg, name: str, overrides: dict, seed: int, recording: Path, teacher_path: Path,
+                  teacher=None) -> Path:
     """Distil one variant with one training seed (resumes an interrupted run, skips a finished one).
 
     ``overrides``: the variant's DistillConfig fields over ``cfg.student``; its ``num_steps`` (the
-    recording's S) is not one. Returns the run folder.
+    recording's S) is not one. ``teacher``: the model at ``teacher_path``, already loaded (the demo's one
+    copy), else each run loads it. Returns the run folder.
     """
     from ardistill.training.distill import DistillConfig, distill
 
@@ -77,7 +79,7 @@ def train_variant(cfg, name: str, overrides: dict, seed: int, recording: Path, t
         run_dir = Path(cfg.student_cache) / f"{training_key(opts)}-seed{seed}"
     opts["run_dir"] = str(run_dir)
     t0 = time.perf_counter()
-    result = distill(DistillConfig(**opts), resume=True)
+    result = distill(DistillConfig(**opts), resume=True, teacher=teacher)
     done = "already finished" if math.isnan(result.loss) else f"loss {result.loss:.4g}"
     print(f"[distill {name} seed {seed}] {result.step} steps, {done}, {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
@@ -96,10 +98,10 @@ def training_key(opts: dict) -> str:
 
 
 def train_variants(cfg, variants: dict[str, dict], recordings: dict[tuple[str, int], Path],
-                   teacher_path: Path) -> dict[tuple[str, int], Path]:
+                   teacher_path: Path, teacher=None) -> dict[tuple[str, int], Path]:
     """Every variant for every training seed on the 'train' recording of its S: (name, seed) -> run folder."""
     return {(name, seed): train_variant(cfg, name, ov, seed, recordings[("train", ov.get("num_steps", cfg.num_steps))],
-                                        teacher_path)
+                                        teacher_path, teacher)
             for name, ov in variants.items() for seed in cfg.seeds}
 
 

@@ -85,7 +85,7 @@ def compare_t2i(cfg: T2IConfig) -> Path:
     stores = write_stores(cfg, encoder)
     recs = record_trajectories(cfg, teacher, recording_specs(cfg, stores))
     clock.lap("record")
-    runs = train_variants(cfg, variants, recs, teacher_path)
+    runs = train_variants(cfg, variants, recs, teacher_path, teacher)
     clock.lap("train")
 
     # ---- evaluation: the same noise and captions for every model

@@ -268,7 +268,7 @@ def load_run_config(run_dir: str | Path) -> DistillConfig:
     return _load_run_config(DistillConfig, run_dir, "distill")
 
 
-def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
+def distill(cfg: DistillConfig, resume: bool = False, teacher=None) -> DistillResult:
     """Train a student as ``cfg`` says; with ``resume``, continue the run in ``cfg.run_dir`` exactly.
 
     A text recording (``record_text``) trains a TextARDStudent on its captions; a class recording an ARDStudent.
@@ -276,10 +276,12 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     Args:
         cfg: the run's settings. On resume they must equal the saved ones except RUNTIME_FIELDS.
         resume: continue from the latest checkpoint of ``cfg.run_dir`` (a fresh start if it has none).
+        teacher: the model at ``cfg.teacher``, already loaded (a demo loads it once for all its runs); None
+            loads it. Either way its weights are checked against the recording's teacher (sha256).
     Works in one process or under torchrun (the process group is started here if needed).
     """
     cfg = replace(cfg, **{k: resolve_path(getattr(cfg, k)) for k in PATH_FIELDS})
-    return run_in_process_group(_Distiller, cfg, resume)
+    return run_in_process_group(_Distiller, cfg, resume, teacher)
 
 
 def distill_command(options: dict, resume: bool = False) -> DistillResult:
@@ -303,7 +305,7 @@ class _Distiller(Trainer):
     def _build(self, state: dict | None) -> None:
         cfg, device = self.cfg, self.device
         manifest = load_manifest(cfg.recording)
-        teacher = load_distill_teacher(cfg.teacher, manifest)
+        teacher = self.given_teacher if self.given_teacher is not None else load_distill_teacher(cfg.teacher, manifest)
         self.data = _open_data(cfg, teacher, manifest)
         student = build_distill_student(cfg, teacher, manifest)
         self.relabel = None
@@ -311,6 +313,7 @@ class _Distiller(Trainer):
             null = self.data.null_text() if is_text_recording(manifest) else None
             self.relabel = TeacherRelabeler(teacher.to(device), manifest, null)
         del teacher
+        self.given_teacher = None  # the trainer keeps no reference to the caller's teacher
         self.manifest = manifest
         self.scfg, self.recording_id = student.cfg, recording_id(manifest)
         # a text student's files carry its encoder's spec (when the prompt store recorded one), so that

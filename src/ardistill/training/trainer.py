@@ -96,13 +96,13 @@ def resolve_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def run_in_process_group(trainer_cls: type["Trainer"], cfg, resume: bool):
-    """``trainer_cls(cfg, device, resume).run()`` in one process or under torchrun (the process group is
-    started here if needed, and ended again)."""
+def run_in_process_group(trainer_cls: type["Trainer"], cfg, resume: bool, teacher=None):
+    """``trainer_cls(cfg, device, resume, teacher).run()`` in one process or under torchrun (the process group
+    is started here if needed, and ended again)."""
     owns_group = not dist.is_distributed()
     device = dist.init(cfg.device)
     try:
-        return trainer_cls(cfg, device, resume).run()
+        return trainer_cls(cfg, device, resume, teacher).run()
     finally:
         if owns_group:
             dist.cleanup()
@@ -145,8 +145,9 @@ class Trainer:
     RUNTIME_FIELDS: tuple[str, ...] = ()  # config fields that may change when a run is resumed
     file_meta: dict = {}  # metadata of every weight file the run writes, besides the step
 
-    def __init__(self, cfg, device: torch.device, resume: bool):
+    def __init__(self, cfg, device: torch.device, resume: bool, teacher=None):
         self.device = device
+        self.given_teacher = teacher  # the model at cfg.teacher, already loaded by the caller (None: load it)
         self.run_dir = Path(cfg.run_dir)
         run = start_run(cfg, resume, device, self.RUNTIME_FIELDS)
         self.cfg, self.ckpt, self.last_ckpt, self.precision = run.cfg, run.ckpt, run.latest, run.precision
