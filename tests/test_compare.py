@@ -23,12 +23,17 @@ def tiny_teacher(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_compare_writes_a_parseable_report(tiny_teacher, tmp_path):
+def test_compare_writes_a_parseable_report(tiny_teacher, tmp_path, monkeypatch):
     cfg = CompareConfig(out=str(tmp_path / "demo"), teacher=str(tiny_teacher), train_count=40, eval_count=30,
                         teacher_steps=6, steps=3, batch_size=8, record_batch=16, latency_batch=4, latency_repeats=1,
                         seeds=(0, 1), progress=False)
     variants = {"step distillation": {"history_layers": 0}, "ARD": {"history_layers": 1}}
+    import ardistill.io.weights as weights
+    built, new_dit = [], weights._new_dit  # every teacher file read goes through _new_dit
+    monkeypatch.setattr(weights, "_new_dit", lambda c: (built.append(c), new_dit(c))[1])
     report = compare(cfg, variants)
+    assert len(built) == 1  # the teacher is loaded once: recording, 4 training runs, evaluation share it
+    monkeypatch.setattr(weights, "_new_dit", new_dit)
     out = report.parent
     for name in ("report.md", "metrics.json", "grid.png", "trajectory_errors.png"):
         assert (out / name).is_file(), name
