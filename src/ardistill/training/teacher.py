@@ -55,15 +55,11 @@ CHECKPOINTS = "checkpoints"  # sharded (fsdp) training states, numbered (checkpo
 PREDICTIONS = ("eps", "velocity")  # eps on DiT's VP process, velocity on rectified flow
 
 
-@dataclass(frozen=True)
-class TeacherTrainConfig(ConfigDict):
-    """Everything that determines a teacher training run (saved as config.json beside it)."""
+@dataclass(frozen=True, kw_only=True)
+class TeacherRecipe(ConfigDict):
+    """The optimisation of a teacher training run, the same for every conditioning (class and text teachers):
+    AdamW with a linear warm-up, then a constant or cosine learning rate, gradient clipping and an EMA."""
 
-    model: str = "DiT-digits-S"  # a key of dit.DiT_models (its width and depth; the data sets the shape)
-    data: str = "digits"  # 'digits', 'photos', an image folder (ImageNet layout) or a latent store
-    image_size: int = 32  # ADM centre crop of an image folder (other data have their own size)
-    hflip: bool = False  # mirror half of an image folder's draws
-    prediction: str = "eps"  # 'eps' (VP) or 'velocity' (rectified flow)
     steps: int = 14000
     batch_size: int = 32
     lr: float = 1e-3
@@ -73,6 +69,17 @@ class TeacherTrainConfig(ConfigDict):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig(TeacherRecipe):
+    """Everything that determines a teacher training run (saved as config.json beside it)."""
+
+    model: str = "DiT-digits-S"  # a key of dit.DiT_models (its width and depth; the data sets the shape)
+    data: str = "digits"  # 'digits', 'photos', an image folder (ImageNet layout) or a latent store
+    image_size: int = 32  # ADM centre crop of an image folder (other data have their own size)
+    hflip: bool = False  # mirror half of an image folder's draws
+    prediction: str = "eps"  # 'eps' (VP) or 'velocity' (rectified flow)
     class_dropout_prob: float = 0.1
     augment_shift: int = 0  # random translation by up to this many pixels (0 = none)
     seed: int = 0

@@ -18,7 +18,7 @@ checkpointed, so a resumed run is bit-identical to an uninterrupted one. Files i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,24 +30,17 @@ from ardistill.io.checkpoints import TEXT_TEACHER_KIND
 from ardistill.io.fileio import read_json
 from ardistill.models.text_dit import TextDiT, TextDiT_models, text_dit_config
 from ardistill.sampling.diffusion import VPProcess
-from ardistill.training.config_checks import ConfigDict, check_at_least, check_fraction
-from ardistill.training.teacher import check_recipe, run_teacher_training
+from ardistill.training.config_checks import check_at_least, check_fraction
+from ardistill.training.teacher import TeacherRecipe, check_recipe, run_teacher_training
 
 
 @dataclass(frozen=True)
-class TextTeacherTrainConfig(ConfigDict):
-    """Everything that determines a text-teacher training run (saved as config.json beside it)."""
+class TextTeacherTrainConfig(TeacherRecipe):
+    """Everything that determines a text-teacher training run (saved as config.json beside it); the optimisation
+    is the class teacher's (``TeacherRecipe``), with its own default length."""
 
     model: str = "TextDiT-digits"  # a key of text_dit.TextDiT_models (width, depth); the data set the shape
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    steps: int = field(default=6000, kw_only=True)
     caption_dropout_prob: float = 0.1
     train_pairs: int = 30000  # examples drawn once (seen pairs, training digits)
     encoder_width: int = 32
