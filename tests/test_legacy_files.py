@@ -24,11 +24,13 @@ def expected() -> dict[str, torch.Tensor]:
     return load_file(str(LEGACY / "expected.safetensors"))
 
 
-def _agree(actual: torch.Tensor, want: torch.Tensor):
+def _agree(actual: torch.Tensor, want: torch.Tensor, gain: float = 1.0):
+    """Within float32 rounding: the old outputs were computed on another code path (and maybe another CPU)."""
     assert actual.shape == want.shape
-    assert_paths_agree(actual, want, gain=1.0)
+    assert_paths_agree(actual, want, gain=gain)
 
 
+@pytest.mark.numerics
 def test_class_teacher_loads_and_computes_the_same(expected):
     from ardistill.io.checkpoints import load_any_teacher
     teacher = load_any_teacher(LEGACY / "class" / "teacher.safetensors").eval()
@@ -38,6 +40,7 @@ def test_class_teacher_loads_and_computes_the_same(expected):
         _agree(teacher(x, t, y), expected["class.teacher.out"])
 
 
+@pytest.mark.numerics
 def test_text_teacher_loads_and_computes_the_same(expected):
     from ardistill.io.pixart import load_any_text_teacher
     teacher = load_any_text_teacher(LEGACY / "text" / "teacher.safetensors").eval()
@@ -60,6 +63,7 @@ def test_recordings_read_the_same(task, expected):
         assert torch.equal(item[k], expected[f"{task}.rec.item5.{k}"]), k  # stored data: bit for bit
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("task", ["class", "text"])
 def test_students_load_and_sample_the_same(task, expected):
     from ardistill.io.student_io import load_student
@@ -67,7 +71,8 @@ def test_students_load_and_sample_the_same(task, expected):
     noise = expected[f"{task}.student.noise"]
     cond = ((expected["class.student.y"],) if task == "class"
             else (expected["text.student.text"], expected["text.student.mask"]))
-    _agree(student.sample(noise, *cond, return_all=True), expected[f"{task}.student.sample"])
+    # S = 2 sampling steps: the rounding of two forward passes (tests/tolerances.py, gain)
+    _agree(student.sample(noise, *cond, return_all=True), expected[f"{task}.student.sample"], gain=2.0)
 
 
 @pytest.mark.parametrize("task", ["class", "text"])
