@@ -41,7 +41,8 @@ from ardistill.models.dit import DiT, dit_config
 from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import grid_times, randn_from_seeds, solve
 from ardistill.data.record import RecordConfig, record
-from ardistill.data.trajectories import labels_for, load_manifest, num_shards, seeds_for, shard_range
+from ardistill.data.shard_files import num_shards, shard_range
+from ardistill.data.trajectory_format import labels_for, load_manifest, seeds_for
 
 ASSET = Path(__file__).resolve().parents[1] / "src" / "ardistill" / "assets" / "digits_teacher.safetensors"
 
@@ -120,7 +121,9 @@ def ode_only(teacher: DiT, cfg: RecordConfig, classes: list[int]) -> None:
 def storage_alone(teacher: DiT, cfg: RecordConfig, classes: list[int], rec_root: Path, out: Path) -> float:
     """(d): everything (a) adds to (c), timed alone: weights hash, noise from seeds, fp16 cast, pack, sha256, write."""
     from ardistill.data.record import weights_sha256
-    from ardistill.data.trajectories import Layout, TrajectoryDataset, pack_records, write_shard
+    from ardistill.data.shard_files import write_shard
+    from ardistill.data.trajectory_dataset import TrajectoryDataset
+    from ardistill.data.trajectory_format import Layout, pack_records
 
     m = load_manifest(rec_root)
     layout = Layout.from_dict(m["layout"])
@@ -143,7 +146,7 @@ def storage_alone(teacher: DiT, cfg: RecordConfig, classes: list[int], rec_root:
 def npz_layout(root: Path, rec_root: Path, n: int) -> dict:
     """Write n recorded trajectories as the public code does (np.savez per sample per step, fp32); measure."""
     m = load_manifest(rec_root)
-    from ardistill.data.trajectories import TrajectoryDataset
+    from ardistill.data.trajectory_dataset import TrajectoryDataset
     r = TrajectoryDataset(rec_root).records(range(n))
     positions, S = m["grid"]["positions"], m["layout"]["num_steps"]
     files = 0

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ardistill.data.trajectories import FORMAT, MANIFEST, VERSION, Layout, TrajectoryDataset, pack_records, write_shard
+from ardistill.data.shard_files import MANIFEST, write_shard
+from ardistill.data.trajectory_dataset import TrajectoryDataset
+from ardistill.data.trajectory_format import FORMAT, VERSION, Layout, pack_records
 from ardistill.io.fileio import atomic_write_json, sha256_file
 
 

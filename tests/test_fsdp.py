@@ -23,7 +23,7 @@ from ardistill.training.distill import DistillConfig, build_distill_student, dis
 from ardistill.training.export import export_checkpoint
 from ardistill.training.checkpointer import Checkpointer
 from ardistill.training.parallel import DCP_DIR, DCP_FORMAT
-from ardistill.data.trajectories import load_manifest
+from ardistill.data.trajectory_format import load_manifest
 from tiny_teachers import DIGITS, TINY_DIT, random_dit, record_tiny, tiny_distill_config
 
 # width 32, depth 2 (4 heads of 8), 8x8 latents with 4 channels: 16 tokens

@@ -22,7 +22,7 @@ from ardistill.io.student_io import load_student, save_student
 from ardistill.training.distill import DistillConfig, build_distill_student
 from ardistill.training.checkpointer import Checkpointer
 from ardistill.training.nan_guard import NonFiniteLossError
-from ardistill.data.trajectories import load_manifest
+from ardistill.data.trajectory_format import load_manifest
 from tiny_teachers import DIGITS, TINY_DIT, random_dit, record_tiny
 
 # the digits' shape (1 x 8 x 8, 10 classes) so that the real data is the embedded digits

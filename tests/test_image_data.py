@@ -12,7 +12,7 @@ from PIL import Image
 
 from ardistill.data.image_folder import (ImageFolder, LatentStore, center_crop_arr, encode_latents, list_image_folder,
                                   load_latent_manifest)
-from ardistill.data.trajectories import CorruptRecordingError
+from ardistill.data.shard_files import CorruptRecordingError
 from ardistill.data.vae import IdentityCodec
 
 

@@ -29,8 +29,9 @@ import ardistill.io.fileio as fileio
 import ardistill.training.checkpointer as checkpointer_mod
 from ardistill.cli import build_parser, main
 from ardistill.data.record import RecordConfig, record
-from ardistill.data.trajectories import (CorruptRecordingError, Layout, TrajectoryDataset, load_manifest,
-                                         pack_records, verify)
+from ardistill.data.shard_files import CorruptRecordingError
+from ardistill.data.trajectory_dataset import TrajectoryDataset
+from ardistill.data.trajectory_format import Layout, load_manifest, pack_records, verify
 from ardistill.io.checkpoints import CheckpointError, load_any_teacher
 from ardistill.io.fileio import DiskFullError, atomic_write, atomic_write_json, sha256_file
 from ardistill.io.student_io import save_student

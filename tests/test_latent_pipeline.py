@@ -24,7 +24,7 @@ from ardistill.sampling.ode import randn_from_seeds  # noqa: E402
 from ardistill.data.record import RecordConfig, record  # noqa: E402
 from ardistill.io.student_io import load_student  # noqa: E402
 from ardistill.training.distill import DistillConfig, distill  # noqa: E402
-from ardistill.data.trajectories import TrajectoryDataset  # noqa: E402
+from ardistill.data.trajectory_dataset import TrajectoryDataset  # noqa: E402
 from ardistill.data.vae import TINY_VAE_CONFIG, LatentCodec  # noqa: E402
 from tiny_teachers import random_dit, tiny_dit_config  # noqa: E402
 from tolerances import assert_paths_agree  # noqa: E402

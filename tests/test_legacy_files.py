@@ -54,7 +54,7 @@ def test_text_teacher_loads_and_computes_the_same(expected):
 @pytest.mark.parametrize("task", ["class", "text"])
 def test_recordings_read_the_same(task, expected):
     from ardistill.data.prompts import TextTrajectoryDataset
-    from ardistill.data.trajectories import TrajectoryDataset
+    from ardistill.data.trajectory_dataset import TrajectoryDataset
     ds = (TrajectoryDataset if task == "class" else TextTrajectoryDataset)(LEGACY / task / "rec")
     item = ds[5]
     keys = sorted(k.split(".", 3)[3] for k in expected if k.startswith(f"{task}.rec.item5."))

@@ -10,7 +10,7 @@ import torch
 
 from ardistill.data.prompts import (NULL_ID, CorruptPromptStoreError, Prompt, PromptStore, read_prompts,
                                     verify_prompt_store, write_prompt_store)
-from ardistill.data.trajectories import shard_name
+from ardistill.data.shard_files import shard_name
 
 L, C = 6, 8
 

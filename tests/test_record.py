@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import ardistill.data.shard_runs as shard_runs
-import ardistill.data.trajectories as traj
+import ardistill.data.shard_runs as shard_runs
 from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.data.record import RecordConfig, build_plan, record, weights_sha256
-from ardistill.data.trajectories import MANIFEST, PLAN, PROGRESS_DIR, TrajectoryDataset, load_manifest, shard_name, verify
+from ardistill.data.shard_files import MANIFEST, PLAN, PROGRESS_DIR, shard_name
+from ardistill.data.trajectory_dataset import TrajectoryDataset
+from ardistill.data.trajectory_format import load_manifest, verify
 from tiny_teachers import random_dit
 from tolerances import assert_paths_agree
 
@@ -110,7 +112,7 @@ def test_crash_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path, ran
     monkeypatch.setattr(shard_runs, "write_shard", real_write)
     run = tmp_path / "run"
     assert not (run / MANIFEST).exists() and (run / PLAN).exists()
-    assert len(traj.read_progress(run)) == 2
+    assert len(shard_runs.read_progress(run)) == 2
     with pytest.raises(FileNotFoundError, match="unfinished"):
         TrajectoryDataset(run)
     # a kill between a shard's rename and its listing leaves an unlisted shard: it is recorded again
@@ -243,7 +245,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(reference, tmp_path):
     proc.stdout.close()
     proc.stderr.close()
     assert not (out / MANIFEST).exists(), "the run finished before the kill; the test needs a longer recording"
-    listed = len(traj.read_progress(out))
+    listed = len(shard_runs.read_progress(out))
     assert 1 <= listed < 12
 
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)

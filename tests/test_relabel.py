@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from ardistill.data.prompts import Prompt, TextTrajectoryDataset, write_prompt_store
 from ardistill.data.record import RecordConfig, TextRecordConfig, record, record_text
-from ardistill.data.trajectories import TrajectoryDataset
+from ardistill.data.trajectory_dataset import TrajectoryDataset
 from ardistill.io.checkpoints import TEXT_TEACHER_KIND, load_any_teacher, save_model
 from ardistill.models.text_dit import TextDiT, text_dit_config
 from ardistill.sampling.diffusion import FlowProcess, VPProcess, named_process

@@ -8,7 +8,9 @@ import pytest
 
 import ardistill.data.sharded_records as sharded_records
 from ardistill.data.record import RecordConfig, record
-from ardistill.data.trajectories import CorruptRecordingError, TrajectoryDataset, shard_name, verify_split
+from ardistill.data.shard_files import CorruptRecordingError, shard_name
+from ardistill.data.sharded_records import verify_split
+from ardistill.data.trajectory_dataset import TrajectoryDataset
 
 
 @pytest.fixture

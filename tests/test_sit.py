@@ -284,7 +284,7 @@ def test_repa_euler_matches_reference(tmp_path, heun):
 
 def test_record_and_student_from_a_sit_teacher(tmp_path, sit_pt):
     from ardistill.data.record import RecordConfig, record
-    from ardistill.data.trajectories import load_manifest
+    from ardistill.data.trajectory_format import load_manifest
     from ardistill.training.distill import DistillConfig, build_distill_student
     teacher = load_sit_pt(sit_pt[0])
     rec = RecordConfig(count=4, num_steps=2, teacher_steps=4, solver="heun", cfg_scale=1.5, guidance_channels=3,

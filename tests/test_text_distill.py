@@ -67,7 +67,7 @@ def test_on_policy_inputs_roll_out_with_the_caption(rec):
 
 
 def load_student_from_teacher(rec) -> TextARDStudent:
-    from ardistill.data.trajectories import load_manifest
+    from ardistill.data.trajectory_format import load_manifest
     from ardistill.training.distill import build_distill_student, load_distill_teacher
     m = load_manifest(rec["recording"])
     return build_distill_student(_cfg(rec, "unused"), load_distill_teacher(rec["teacher"], m), m).eval()
@@ -88,7 +88,7 @@ def test_a_damaged_prompt_shard_is_named_at_open(rec, tmp_path):
     import shutil
 
     from ardistill.data.prompts import CorruptPromptStoreError
-    from ardistill.data.trajectories import shard_name
+    from ardistill.data.shard_files import shard_name
     store = tmp_path / "prompts"
     shutil.copytree(rec["root"] / "prompts", store)
     p = store / shard_name(0)

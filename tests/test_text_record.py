@@ -9,7 +9,8 @@ import torch
 from ardistill.data.prompts import Prompt, PromptStore, store_id, write_prompt_store
 from ardistill.data.prompts import trim_text
 from ardistill.data.record import TextRecordConfig, record_text
-from ardistill.data.trajectories import Layout, TrajectoryDataset, load_manifest, verify
+from ardistill.data.trajectory_dataset import TrajectoryDataset
+from ardistill.data.trajectory_format import Layout, load_manifest, verify
 from ardistill.models.text_dit import TextDiT
 from ardistill.sampling.diffusion import VPProcess
 from ardistill.sampling.guidance import make_text_model_fn

@@ -14,8 +14,9 @@ from ardistill.sampling.diffusion import VPProcess
 from ardistill.sampling.guidance import make_model_fn
 from ardistill.sampling.ode import randn_from_seeds, solve
 from ardistill.data.record import RecordConfig, record
-from ardistill.data.trajectories import (MANIFEST, CorruptRecordingError, Layout, StudentDataSpec, TrajectoryDataset,
-                                    load_manifest, shard_name, verify)
+from ardistill.data.shard_files import MANIFEST, CorruptRecordingError, shard_name
+from ardistill.data.trajectory_dataset import StudentDataSpec, TrajectoryDataset
+from ardistill.data.trajectory_format import Layout, load_manifest, verify
 
 S, T = 3, 6  # student steps, teacher steps: tiny and fast
 

@@ -129,7 +129,7 @@ def _drop_stale_rank_file(part: Path, settings: dict) -> None:
     """Delete a rank file (left by a killed run) that was made with other settings, saying so."""
     import sys
 
-    from ardistill.data.trajectories import plan_differences
+    from ardistill.data.shard_runs import plan_differences
     meta = _settings_path(part)
     if not part.exists():
         meta.unlink(missing_ok=True)

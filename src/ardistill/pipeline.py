@@ -33,7 +33,7 @@ _STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": tor
 def prompt_settings_of_run(student: str | os.PathLike) -> dict:
     """max_length and storage dtype of the prompts a student was distilled on, read through its run folder
     (config.json -> recording manifest -> prompt store); {} when the run or its recording is not found."""
-    from ardistill.data.trajectories import load_manifest
+    from ardistill.data.trajectory_format import load_manifest
     p = Path(student)
     for run in (p, *p.parents[:3]):
         if (run / "config.json").is_file():

@@ -229,7 +229,7 @@ def _resolve(raw: dict, where: str, world_size: int | None) -> Preset:
     from ardistill.sampling.ode import grid_times
     from ardistill.data.record import RecordConfig
     from ardistill.training.distill import DistillConfig
-    from ardistill.data.trajectories import Layout
+    from ardistill.data.trajectory_format import Layout
 
     name = raw.get("name") or Path(where.removeprefix("preset ")).stem
     teacher, codec, data, rec = (_need(raw, s, where) for s in ("teacher", "codec", "data", "record"))

@@ -129,7 +129,7 @@ def add_verify_trajectories(sub):
     p.add_argument("--quick", action="store_true", help="sizes and headers only, no checksums")
 
     def run(args):
-        from ardistill.data.trajectories import describe, verify
+        from ardistill.data.trajectory_format import describe, verify
         print(describe(verify(args.root, checksums=not args.quick)))
         print("ok" if not args.quick else "ok (sizes and headers; checksums not checked)")
     p.set_defaults(func=run)

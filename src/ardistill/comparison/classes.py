@@ -38,7 +38,7 @@ def record_sets(cfg: CompareConfig, teacher) -> tuple[Path, Path]:
 
 def load_eval_set(path: Path, count: int | None = None, verify_shards: bool = True):
     """The evaluation recording (or its first ``count`` records) as EvalTrajectories (S + 1 points)."""
-    from ardistill.data.trajectories import TrajectoryDataset
+    from ardistill.data.trajectory_dataset import TrajectoryDataset
     from ardistill.evaluation.evaluate import EvalTrajectories
 
     ds = TrajectoryDataset(path, verify_shards=verify_shards)

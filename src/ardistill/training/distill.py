@@ -53,7 +53,9 @@ from ardistill.training.parallel import check_parallel, full, sync_gradients
 from ardistill.training.precision import PRECISIONS, autocast
 from ardistill.training.trainer import (Trainer, command_config, load_run_config as _load_run_config, resolve_path,
                                        run_in_process_group)
-from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest, verify_split
+from ardistill.data.sharded_records import verify_split
+from ardistill.data.trajectory_dataset import StudentDataSpec, TrajectoryDataset
+from ardistill.data.trajectory_format import load_manifest
 
 ROLLOUT_MODELS = ("student", "ema")
 # Fields that may change when a run is resumed. Most decide where and how long or loudly it runs, not

@@ -125,7 +125,8 @@ class _GANTrainer(Trainer):
     def _build(self, state: dict | None) -> None:
         from ardistill.io.checkpoints import load_any_teacher
         from ardistill.data.record import weights_sha256
-        from ardistill.data.trajectories import StudentDataSpec, TrajectoryDataset, load_manifest
+        from ardistill.data.trajectory_dataset import StudentDataSpec, TrajectoryDataset
+        from ardistill.data.trajectory_format import load_manifest
 
         cfg, device = self.cfg, self.device
         # the student: its starting weights, or (resume) its config from the checkpoint
@@ -156,7 +157,7 @@ class _GANTrainer(Trainer):
         self.recording_id = recording_id(manifest)
         self.real = open_real(cfg.real, cfg.verify_shards, image_size=spec.shape[-1])
         if cfg.verify_shards and dist.world_size() > 1:  # torchrun: the ranks hash the shards once between them
-            from ardistill.data.trajectories import verify_split
+            from ardistill.data.sharded_records import verify_split
             stores = [self.data] + ([self.real.store] if isinstance(self.real, LatentReal) else [])
             verify_split(stores, dist.rank(), dist.world_size(), dist.all_gather_object)
         if self.real.shape != spec.shape or self.real.num_classes != tc.num_classes:

@@ -90,7 +90,7 @@ class FolderReal(_InMemoryReal):
 def open_real(spec: str, verify_shards: bool = True, image_size: int | None = None) -> RealData:
     """"digits" or "photos" -> that embedded data set's train split; a folder with a trajectory-store
     manifest -> a latent store; any other folder -> an image folder (centre-cropped to ``image_size``)."""
-    from ardistill.data.trajectories import MANIFEST
+    from ardistill.data.shard_files import MANIFEST
     if spec in EMBEDDED:
         return EmbeddedReal(spec)
     if Path(spec).is_dir() and not (Path(spec) / MANIFEST).exists():
