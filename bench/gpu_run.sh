@@ -13,7 +13,9 @@
 #   5. parallel     a 1-GPU torchrun distill step with DDP and with FSDP2 (--parallel), on a small recording
 #   6. ladder       scripts/photos_ladder.py on the GPU: step distillation and ARD (N_h = 1) on the shipped photos
 #                   teacher to --ladder-steps (30000), evaluated at 1k, 3k, 10k and the last rung as on the CPU;
-#                   two jobs share the GPU. Resumable: run the same command again to continue where it stopped.
+#                   two jobs share the GPU; then the GAN stage from the last rung (factors 0.3, 1, 3, 10 and the
+#                   regression-only control, --ladder-steps / 10 steps each, ardistill/ladder/gan.py).
+#                   Resumable: run the same command again to continue where it stopped.
 # Stages 1-5 take a few minutes on an H100; the ladder takes what is left (--skip-ladder leaves it out).
 set -euo pipefail
 
@@ -51,7 +53,7 @@ if [ "$tiny" = 1 ]; then
   rec_args=(--count 16 --teacher-steps 10 --batch-size 16)
   distill_steps=2
   ladder_args=(--ladder "DiT-photos-S:2,4" --train-count 32 --eval-count 16 --train-eval-count 8 --batch-size 8
-               --teacher-steps 10 --warmup-steps 1 --ckpt-every 2)
+               --teacher-steps 10 --warmup-steps 1 --ckpt-every 2 --gan-factors 1 --gan-steps 2)
 else
   dev=cuda
   check_args=(--device cuda --markdown none)
@@ -59,7 +61,8 @@ else
   step_args=(--batch 64 --reps 20 --warmup 3 --device cuda)
   rec_args=(--count 256 --teacher-steps 25 --batch-size 256)
   distill_steps=20
-  ladder_args=(--ladder "DiT-photos-S:1000,3000,10000,$ladder_steps" --compile)
+  ladder_args=(--ladder "DiT-photos-S:1000,3000,10000,$ladder_steps" --compile --gan-factors 0.3,1,3,10
+               --gan-steps $(( ladder_steps / 10 )))
 fi
 
 stage() { echo; echo "=== [gpu_run] $1 ($(date -u +%H:%M:%S))"; }

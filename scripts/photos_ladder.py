@@ -12,8 +12,13 @@ resumes from its latest checkpoint, recordings resume).
       --jobs 2 --csv docs/data/photos_ladder.csv --figure docs/img/photos_ladder.png
 
 ``--ladder NAME[=TEACHER]:RUNGS``: NAME is the CSV's teacher column and the ladder's folder under
-``--out``; without ``=TEACHER`` the shipped photos teacher is used. ``--report`` prints the ratio table
-from the CSV (and with ``--figure`` draws the figure from it) and exits. Run it from a worktree pinned at one commit (the rows carry that commit).
+``--out``; without ``=TEACHER`` the shipped photos teacher is used; an item ``S=n`` among the rungs
+samples that ladder's students in n steps instead of ``--num-steps`` (e.g. ``DiT-photos-T-S2=...:300,1000,S=2``).
+``--gan-factors 0.3,1,3,10`` adds the GAN stage (ardistill/ladder/gan.py) at the last rung: each run of
+``--gan-seeds`` fine-tuned ``--gan-steps`` more steps per factor and once as its regression-only control;
+its jobs start as soon as their base rung is evaluated. ``--report`` prints the ratio tables from the
+CSV (and with ``--figure`` draws the figure from it) and exits. Run it from a worktree pinned at one
+commit (the rows carry that commit).
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from pathlib import Path
 def _job(kind: str, cfg_dict: dict, run: tuple | None, steps: int | None):
     import torch
     torch.set_num_threads(1)
-    from ardistill.ladder import LadderConfig, LadderRun, prepare, run_rung, teacher_row
+    from ardistill.ladder import LadderConfig, LadderRun, gan_arms, prepare, run_arm, run_rung, teacher_row
     cfg = LadderConfig(**cfg_dict)
     t0 = time.perf_counter()
+    if kind == "gan":
+        (arm,) = [a for a in gan_arms(cfg) if str(a.run_dir) == run[2]]
+        run_arm(cfg, arm)
+        return kind, cfg.teacher_name, run, steps, time.perf_counter() - t0
     if kind == "record":
         prepare(cfg, run[0])
         return kind, cfg.teacher_name, run, steps, time.perf_counter() - t0
@@ -49,8 +58,19 @@ def parse_ladder(spec: str, out: Path, **common):
     if not head or not rungs:
         raise SystemExit(f"--ladder {spec!r}: expected NAME[=TEACHER]:RUNG,RUNG,...")
     name, _, teacher = head.partition("=")
-    return LadderConfig(out=str(out / name), teacher_name=name, teacher=teacher or None,
-                        rungs=tuple(int(r) for r in rungs.split(",")), **common)
+    items = rungs.split(",")
+    sizes = [i for i in items if i.startswith("S=")]
+    if sizes:
+        common = dict(common, num_steps=int(sizes[-1][2:]))
+    try:
+        steps = tuple(int(r) for r in items if not r.startswith("S="))
+    except ValueError:
+        raise SystemExit(f"--ladder {spec!r}: rungs must be step counts (and an optional S=n)") from None
+    return LadderConfig(out=str(out / name), teacher_name=name, teacher=teacher or None, rungs=steps, **common)
+
+
+def _students(spec: str) -> dict:
+    return {k.strip(): [int(s) for s in v.split(",")] for k, _, v in (item.rpartition("=") for item in spec.split(";"))}
 
 
 def main(argv=None):
@@ -75,15 +95,26 @@ def main(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where recording, training and sampling run (cuda: several jobs share the GPU)")
     p.add_argument("--max-rung", type=int, default=None, help="only rungs up to this many steps in this invocation")
+    p.add_argument("--gan-factors", default=None, help="the GAN stage's factors, e.g. 0.3,1,3,10 (default: no GAN stage)")
+    p.add_argument("--gan-seeds", default=None,
+                   help="STUDENT=SEEDS;... the runs the GAN stage starts from (default: seed 0 of the main pair)")
+    p.add_argument("--gan-from", type=int, default=0, help="the rung the GAN stage starts from (default: the last)")
+    p.add_argument("--gan-steps", type=int, default=1000, help="GAN fine-tuning steps (and the control's)")
+    p.add_argument("--gan-warmup", type=float, default=0.01,
+                   help="GAN-free warm-up, as a fraction of the base rung's steps (the paper: 0.01)")
     p.add_argument("--report", action="store_true", help="print the ratio table of --csv and exit")
     args = p.parse_args(argv)
-    from ardistill.ladder import ladder_rows, ladder_runs, plot_ladder, ratio_table, read_csv, write_csv
+    from ardistill.ladder import (gan_arms, gan_table, ladder_rows, ladder_runs, plot_ladder, ratio_table, read_csv,
+                                  write_csv)
 
     if args.report:
         if not args.csv:
             p.error("--report needs --csv")
         rows = read_csv(args.csv)
         print(ratio_table(rows))
+        if any(", GAN " in r["student"] for r in rows):
+            print()
+            print(gan_table(rows))
         if args.figure:
             plot_ladder(rows, args.figure)
         return
@@ -94,8 +125,12 @@ def main(argv=None):
                   lr=args.lr, warmup_steps=args.warmup_steps, ckpt_every=args.ckpt_every,
                   compile=args.compile, device=args.device)
     if args.seeds:
-        common["students"] = {k.strip(): [int(s) for s in v.split(",")]
-                              for k, _, v in (item.rpartition("=") for item in args.seeds.split(";"))}
+        common["students"] = _students(args.seeds)
+    if args.gan_factors:
+        common.update(gan_factors=tuple(float(f) for f in args.gan_factors.split(",")), gan_from=args.gan_from,
+                      gan_steps=args.gan_steps, gan_warmup=args.gan_warmup)
+        if args.gan_seeds:
+            common["gan_students"] = _students(args.gan_seeds)
     out = Path(args.out).resolve()
     ladders = [parse_ladder(s, out, **common) for s in args.ladder]
 
@@ -119,36 +154,67 @@ def main(argv=None):
             print(f"[{f.result()[1]}] teacher evaluated", flush=True)
         publish()
         # 2. the rungs: a run's next rung once its previous one is done; lowest rung index first, then the
-        #    cheaper ladder (listed last is assumed no cheaper: order by rung steps)
+        #    cheaper ladder (listed last is assumed no cheaper: order by rung steps); a GAN arm once its base
+        #    rung is evaluated, after the other ladders' rungs of the same index
         pending = {}
         for li, c in enumerate(ladders):
             for r in ladder_runs(c):
                 rungs = [n for n in c.rungs if args.max_rung is None or n <= args.max_rung]
                 todo = [n for n in rungs if not r.rung_json(n).is_file()]
                 if todo:
-                    pending[(li, r.student, r.seed)] = (c, r, todo)
+                    pending[("rung", li, r.student, r.seed)] = (c, r, todo)
+            for arm in gan_arms(c):
+                if (args.max_rung is None or arm.start <= args.max_rung) and \
+                        not arm.as_run(c).rung_json(arm.total_steps).is_file():
+                    pending[("gan", li, arm.run_dir.name)] = (c, arm, None)
+
+        def ready(k):
+            c, r, todo = pending[k]
+            return k[0] == "rung" or r.base.rung_json(r.start).is_file()
+
+        def order(k):
+            c, r, todo = pending[k]
+            if k[0] == "rung":
+                return (c.rungs.index(todo[0]), todo[0], k)
+            return (c.rungs.index(r.start) + 0.5, r.start, k)
+
         running = {}
         while pending or running:
             free = args.jobs - len(running)
-            idle = [k for k in pending if k not in {v for v in running.values()}]
-            idle.sort(key=lambda k: (pending[k][0].rungs.index(pending[k][2][0]), pending[k][2][0], k))
+            idle = [k for k in pending if k not in set(running.values()) and ready(k)]
+            idle.sort(key=order)
             for k in idle[:free]:
                 c, r, todo = pending[k]
-                fut = pool.submit(_job, "rung", c.to_dict(), (r.student, r.seed, str(r.run_dir)), todo[0])
+                if k[0] == "rung":
+                    fut = pool.submit(_job, "rung", c.to_dict(), (r.student, r.seed, str(r.run_dir)), todo[0])
+                else:
+                    fut = pool.submit(_job, "gan", c.to_dict(), (r.base.student, r.base.seed, str(r.run_dir)),
+                                      r.total_steps)
                 running[fut] = k
+            if not running:
+                raise SystemExit(f"nothing can run: {sorted(pending)} wait for rungs this invocation does not train "
+                                 "(--max-rung?)")
             done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
             for f in done:
                 k = running.pop(f)
                 kind, t, run, steps, sec = f.result()
                 c, r, todo = pending[k]
-                todo.pop(0)
-                if not todo:
+                if kind == "gan":
                     del pending[k]
-                print(f"[{t}] {run[0]} seed {run[1]}: rung {steps} done ({sec:.0f} s)", flush=True)
+                    print(f"[{t}] {r.name(c)} seed {run[1]}: {steps} steps done ({sec:.0f} s)", flush=True)
+                else:
+                    todo.pop(0)
+                    if not todo:
+                        del pending[k]
+                    print(f"[{t}] {run[0]} seed {run[1]}: rung {steps} done ({sec:.0f} s)", flush=True)
                 publish()
     publish()
     if args.csv:
-        print(ratio_table(read_csv(args.csv)))
+        rows = read_csv(args.csv)
+        print(ratio_table(rows))
+        if any(", GAN " in r["student"] for r in rows):
+            print()
+            print(gan_table(rows))
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def test_the_cycle_checker_sees_a_cycle():
 
 def test_every_module_sits_in_a_known_stage():
     top = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__", "_compat"}
-    apps = {"cli", "comparison"}  # application packages (cli: the commands; comparison: demo and sweep), not stages
+    # application packages (cli: the commands; comparison: demo and sweep; ladder: the convergence ladder), not stages
+    apps = {"cli", "comparison", "ladder"}
     top |= {p.name for p in PKG.iterdir() if p.name in apps and (p / "__init__.py").exists()}
     # pipeline: ARDPipeline, the diffusers-style text-to-image entry point (student + T5 + VAE from folders)
     # ladder: the convergence ladder (one long run per student, evaluated at increasing budgets)

@@ -29,6 +29,8 @@ def test_gpu_run_tiny_end_to_end(tmp_path):
     par = (out / "parallel.md").read_text()
     assert "| ddp |" in par and "| fsdp |" in par
     rows = list(csv.DictReader(open(out / "photos_ladder_gpu.csv")))
-    assert {(r["student"], r["steps"]) for r in rows} >= {("step distillation", "4"), ("ARD (N_h = 1)", "4")}
+    assert {(r["student"], r["steps"]) for r in rows} >= {("step distillation", "4"), ("ARD (N_h = 1)", "4"),
+                                                          ("ARD (N_h = 1), GAN control", "6"),
+                                                          ("ARD (N_h = 1), GAN (factor 1)", "6")}
     md = (out / "gpu_run.md").read_text()
     assert "## attention" in md and "## ladder" in md and "FD-degradation ratio" in md

@@ -13,8 +13,9 @@ import torch
 
 from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.io.student_io import read_student_file
-from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, ladder_rows, ladder_runs,
-                              prepare, ratio_table, read_csv, run_rung, teacher_row, train_to, write_csv)
+from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, gan_arms, gan_table, ladder_rows,
+                              ladder_runs, prepare, ratio_table, read_csv, row_order, run_arm, run_rung, teacher_row,
+                              train_to, write_csv)
 from ardistill.models.dit import build_dit
 from tiny_teachers import random_from_global_rng
 
@@ -45,6 +46,99 @@ def test_config_is_validated(tmp_path):
         LadderConfig(out="x", teacher_name="t", rungs=(50, 100), warmup_steps=100)
     with pytest.raises(ValueError, match="train_eval_count"):
         LadderConfig(out="x", teacher_name="t", train_count=10, train_eval_count=20)
+    with pytest.raises(ValueError, match="gan_factors"):
+        LadderConfig(out="x", teacher_name="t", gan_factors=(0.0, 1.0))  # the control is always run
+    with pytest.raises(ValueError, match="gan_students"):
+        LadderConfig(out="x", teacher_name="t", gan_factors=(1.0,), gan_students={"ARD (N_h = 1)": [5]})
+    with pytest.raises(ValueError, match="gan_from"):
+        LadderConfig(out="x", teacher_name="t", rungs=(300, 1000), gan_factors=(1.0,), gan_from=500)
+    # without a GAN stage the GAN students need not be among the ladder's
+    LadderConfig(out="x", teacher_name="t", students={"ARD (N_h = 1)": [3]})
+
+
+def test_gan_arms_start_from_the_base_rung_with_the_papers_proportions(tmp_path):
+    cfg = LadderConfig(out=str(tmp_path), teacher_name="t", teacher=str(tmp_path / "t.safetensors"),
+                       rungs=(300, 1000, 10000), gan_factors=(0.3, 10.0), gan_steps=500)
+    arms = gan_arms(cfg)
+    assert [(a.base.student, a.factor) for a in arms] == [("step distillation", 0.0), ("step distillation", 0.3),
+                                                         ("step distillation", 10.0), ("ARD (N_h = 1)", 0.0),
+                                                         ("ARD (N_h = 1)", 0.3), ("ARD (N_h = 1)", 10.0)]
+    assert [a.run_dir.name for a in arms[3:]] == ["ard-n-h-1-seed0-from10000-control", "ard-n-h-1-seed0-from10000-gan0p3",
+                                                  "ard-n-h-1-seed0-from10000-gan10"]
+    assert [a.name(cfg) for a in arms[3:]] == ["ARD (N_h = 1), GAN control", "ARD (N_h = 1), GAN (factor 0.3)",
+                                               "ARD (N_h = 1), GAN (factor 10)"]
+    from ardistill.ladder import gan_config
+    g, c = gan_config(cfg, arms[5]), gan_config(cfg, arms[3])
+    assert Path(g.student) == arms[5].base.rung_weights(10000) and arms[5].total_steps == 10500
+    assert (g.gan_factor, g.gan_warmup, g.steps, g.lr, g.d_lr, g.seed) == (10.0, 100, 500, 1e-4, 1e-3, 0)
+    # the control differs from a GAN arm in the factor alone
+    assert {k for k, v in c.to_dict().items() if g.to_dict()[k] != v} == {"gan_factor", "run_dir"}
+    assert LadderConfig(out="x", teacher_name="t", rungs=(300, 1000), gan_factors=(1.0,), gan_from=300).gan_base_steps == 300
+
+
+def test_rows_are_ordered_with_the_gan_stage_after_its_base():
+    names = ["ARD (N_h = 1), GAN (factor 10)", "step distillation, GAN control", "ARD (N_h = 1)",
+             "ARD (N_h = 1), GAN (factor 3)", "teacher", "step distillation", "ARD (N_h = 1), GAN control",
+             "step distillation, per-step heads", "step distillation, S=2"]
+    rows = [{"teacher": "t", "student": n, "seed": 0, "steps": 1} for n in names]
+    assert [r["student"] for r in sorted(rows, key=row_order)] == [
+        "teacher", "step distillation", "step distillation, GAN control", "ARD (N_h = 1)",
+        "ARD (N_h = 1), GAN control", "ARD (N_h = 1), GAN (factor 3)", "ARD (N_h = 1), GAN (factor 10)",
+        "step distillation, per-step heads", "step distillation, S=2"]
+
+
+def test_gan_table_compares_each_arm_with_its_control_and_with_step_distillation():
+    rows = [{"teacher": "t", "student": "teacher", "seed": "", "steps": 0, "fd": 100.0, "fd_to_teacher": 0.0}]
+    for name, fds in (("step distillation, GAN control", (150.0, 170.0)), ("ARD (N_h = 1), GAN control", (140.0, 140.0)),
+                      ("ARD (N_h = 1), GAN (factor 3)", (110.0, 114.0))):
+        rows += [{"teacher": "t", "student": name, "seed": s, "steps": 1100, "fd": fd, "fd_to_teacher": fd - 90}
+                 for s, fd in enumerate(fds)]
+    table = gan_table(rows)
+    assert "| t | step distillation, GAN control | 1100 | 2 | 160.0 | 70.0 | - | 1.00 |" in table
+    assert "| t | ARD (N_h = 1), GAN control | 1100 | 2 | 140.0 | 50.0 | - | 1.50 |" in table
+    assert "| t | ARD (N_h = 1), GAN (factor 3) | 1100 | 2 | 112.0 | 22.0 | -28.0 | 5.00 |" in table
+
+
+@pytest.mark.slow
+def test_gan_stage_runs_from_the_last_rung_resumes_and_refuses_other_settings(tmp_path):
+    cfg = _cfg(tmp_path, rungs=(3,), train_count=16, eval_count=8, train_eval_count=4, gan_factors=(1.0,),
+               gan_students={"ARD (N_h = 1)": [0]}, gan_steps=2, gan_warmup=0.0)
+    prepare(cfg, "eval")
+    prepare(cfg, "train")
+    teacher_row(cfg)
+    control, arm = gan_arms(cfg)
+    with pytest.raises(ValueError, match="has not reached rung 3"):
+        run_arm(cfg, arm)
+    base = ladder_runs(cfg)[1]
+    run_rung(cfg, base, 3)
+    rows = {a.factor: run_arm(cfg, a) for a in (control, arm)}
+    for f, row in rows.items():
+        assert row["steps"] == 5 and math.isfinite(row["fd"]) and row["student"] == ("ARD (N_h = 1), GAN control" if f == 0
+                                                                                      else "ARD (N_h = 1), GAN (factor 1)")
+        assert row["wall_s"] > read_json_row(base.rung_json(3))["wall_s"]  # the base run's time is included
+    # the GAN arm and its control start from the same weights and differ only by the GAN
+    saved = {a.factor: json.loads((a.run_dir / "arm.json").read_text()) for a in (control, arm)}
+    assert saved[0.0]["student"] == saved[1.0]["student"] == str(base.rung_weights(3))
+    assert saved[1.0]["gan_factor"] == 1.0 and saved[0.0]["gan_factor"] == 0.0
+    a = read_student_file(arm.as_run(cfg).rung_weights(5))[1]
+    c = read_student_file(control.as_run(cfg).rung_weights(5))[1]
+    s = read_student_file(base.rung_weights(3))[1]
+    assert any(not torch.equal(a[k], c[k]) for k in a) and any(not torch.equal(c[k], s[k]) for k in c)
+    # finished arms are kept; rows join the table after their base run's
+    assert run_arm(cfg, arm) == rows[1.0]
+    names = [r["student"] for r in ladder_rows([cfg])]
+    assert names == ["teacher", "ARD (N_h = 1)", "ARD (N_h = 1), GAN control", "ARD (N_h = 1), GAN (factor 1)"]
+    # another GAN recipe in the same folders is refused, not mixed in
+    arm.as_run(cfg).rung_json(5).unlink()
+    arm.as_run(cfg).rung_weights(5).unlink()
+    other = _cfg(tmp_path, rungs=(3,), train_count=16, eval_count=8, train_eval_count=4, gan_factors=(1.0,),
+                 gan_students={"ARD (N_h = 1)": [0]}, gan_steps=2, gan_warmup=0.0, gan_lr=3e-4)
+    with pytest.raises(ValueError, match="other settings.*'lr'"):
+        run_arm(other, gan_arms(other)[1])
+
+
+def read_json_row(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 @pytest.mark.slow
@@ -135,9 +229,14 @@ def test_script_runs_the_ladder_and_continues(tmp_path):
            "--max-rung", "3", "--batch-size", "8", "--teacher-steps", "6"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert {int(r["steps"]) for r in read_csv(tmp_path / "l.csv")} == {0, 3}
-    out = subprocess.run(cmd[:-6] + ["--batch-size", "8", "--teacher-steps", "6"], check=True, capture_output=True,
-                         text=True, timeout=600).stdout
+    # continued to the last rung, with the GAN stage there (one factor and the control, from ARD's run)
+    gan = ["--gan-factors", "1", "--gan-seeds", "ARD (N_h = 1)=0", "--gan-steps", "2"]
+    out = subprocess.run(cmd[:-6] + ["--batch-size", "8", "--teacher-steps", "6"] + gan, check=True,
+                         capture_output=True, text=True, timeout=600).stdout
     rows = read_csv(tmp_path / "l.csv")
-    assert sorted(int(r["steps"]) for r in rows) == [0, 3, 3, 6, 6]
+    assert sorted(int(r["steps"]) for r in rows) == [0, 3, 3, 6, 6, 8, 8]
+    assert [r["student"] for r in rows if int(r["steps"]) == 8] == ["ARD (N_h = 1), GAN control",
+                                                                   "ARD (N_h = 1), GAN (factor 1)"]
     assert "rung 3 done" not in out  # the finished rungs were kept
-    assert "FD-degradation ratio" in out and (tmp_path / "l.png").stat().st_size > 0
+    assert "FD-degradation ratio" in out and "FD-degradation ratio vs SD control" in out
+    assert (tmp_path / "l.png").stat().st_size > 0

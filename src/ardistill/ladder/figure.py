@@ -1,0 +1,90 @@
+"""The ladder's figure: FD to the teacher against training steps."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ardistill.io.fileio import atomic_write_bytes
+from ardistill.ladder.config import TEACHER_ROW
+
+
+def plot_ladder(rows: list[dict], path: str | Path) -> Path:
+    """FD to teacher vs training steps (log x), one panel per teacher, one line per student: the seed
+    mean, with the seeds' range shaded (students with one seed show their points only). With GAN-stage
+    rows, a second row of panels: FD to teacher vs the GAN factor, each base student's control dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    teachers = sorted({r["teacher"] for r in rows})
+    is_gan = lambda name: ", GAN " in name
+    has_gan = any(is_gan(r["student"]) for r in rows)
+    fig, axes = plt.subplots(2 if has_gan else 1, len(teachers), figsize=(5.2 * len(teachers), 8 if has_gan else 4),
+                             squeeze=False)
+    for ax, t in zip(axes[0], teachers):
+        students = [s for s in dict.fromkeys(r["student"] for r in rows if r["teacher"] == t)
+                    if s != TEACHER_ROW and not is_gan(s)]
+        for s in students:
+            rs = [r for r in rows if r["teacher"] == t and r["student"] == s]
+            steps = sorted({int(r["steps"]) for r in rs})
+            vals = [[float(r["fd_to_teacher"]) for r in rs if int(r["steps"]) == n] for n in steps]
+            mean = [float(np.mean(v)) for v in vals]
+            color, ls = _style(s)
+            n = max(len(v) for v in vals)
+            ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=f"{s} ({n} seed{'s' if n > 1 else ''})")
+            if n > 1:  # the seeds' range: a band between rungs, a bar at each rung
+                lo, hi = [min(v) for v in vals], [max(v) for v in vals]
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+                ax.errorbar(steps, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
+                            fmt="none", ecolor=color, capsize=3, lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training steps (batch 64)")
+        ax.set_ylabel("FD to the teacher's samples (same noise)")
+        sizes = {s.rpartition(", S=")[2] for s in students if ", S=" in s}
+        ax.set_title(f"teacher {t}, S = {', '.join(sorted(sizes)) or 4}")
+        ax.grid(True, which="both", alpha=0.3)
+        if students:
+            ax.legend(fontsize=7)
+    if has_gan:
+        for ax, t in zip(axes[1], teachers):
+            _plot_gan(ax, [r for r in rows if r["teacher"] == t and is_gan(r["student"])], t)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _style(student: str) -> tuple:
+    color = "tab:red" if student.startswith("ARD") else "tab:blue" if student.startswith("step") else None
+    return color, "--" if "per-step" in student else "-"
+
+
+def _plot_gan(ax, rows: list[dict], teacher: str) -> None:
+    """The GAN stage of one teacher: FD to teacher (seed mean, seeds as dots) vs factor, controls dashed."""
+    bases = dict.fromkeys(r["student"].partition(", GAN ")[0] for r in rows)
+    for base in bases:
+        color = _style(base)[0]
+        control = [float(r["fd_to_teacher"]) for r in rows if r["student"] == f"{base}, GAN control"]
+        arms = [r for r in rows if r["student"].startswith(f"{base}, GAN (factor ")]
+        factors = sorted({float(r["student"].rpartition("factor ")[2].rstrip(")")) for r in arms})
+        vals = [[float(r["fd_to_teacher"]) for r in arms if float(r["student"].rpartition("factor ")[2].rstrip(")")) == f]
+                for f in factors]
+        if factors:
+            ax.plot(factors, [np.mean(v) for v in vals], "-", marker="o", ms=4, color=color, label=f"{base} + GAN")
+            for f, v in zip(factors, vals):
+                ax.plot([f] * len(v), v, ".", color=color, alpha=0.5)
+        if control:
+            ax.axhline(float(np.mean(control)), ls="--", color=color, lw=1,
+                       label=f"{base}, regression-only control ({len(control)} seed{'s' if len(control) > 1 else ''})")
+    steps = sorted({int(r["steps"]) for r in rows})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("GAN factor (adaptive weight x factor)")
+    ax.set_ylabel("FD to the teacher's samples")
+    ax.set_title(f"teacher {teacher}: GAN stage, {', '.join(map(str, steps))} steps in all")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
