@@ -90,9 +90,20 @@ def test_fd_singular_fallback_and_imaginary_parts(monkeypatch):
     # round-off imaginary parts are dropped; a large one on the diagonal is an error
     monkeypatch.setattr(m, "_sqrtm", lambda a: real_sqrtm(a) + 1e-9j)
     assert frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2)) == pytest.approx(0.0, abs=1e-8)
+    # a large one: for covariances, the symmetric form gives the same distance (pytorch-fid raises here)
     monkeypatch.setattr(m, "_sqrtm", lambda a: real_sqrtm(a) + 0.5j)
-    with pytest.raises(ValueError, match="imaginary component 0.5"):
-        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(5, 3)), rng.normal(size=(7, 3)) * 2  # few samples: rank-deficient covariances
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    s1[:, 2] = s1[2, :] = 0.0  # and a singular one
+    with pytest.warns(UserWarning, match="symmetric form"):
+        fd = frechet_distance(np.ones(3), s1, np.zeros(3), s2)
+    monkeypatch.setattr(m, "_sqrtm", real_sqrtm)
+    assert fd == pytest.approx(frechet_distance(np.ones(3), s1, np.zeros(3), s2), rel=1e-6)
+    # inputs that are not covariances still raise
+    monkeypatch.setattr(m, "_sqrtm", lambda a: real_sqrtm(a) + 0.5j)
+    with pytest.raises(ValueError, match="imaginary component"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
 
 
 def test_fd_shape_errors():

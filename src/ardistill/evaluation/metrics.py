@@ -146,7 +146,14 @@ def gather_features(features: ArrayLike) -> torch.Tensor:
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike,
                      eps: float = 1e-6) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as in the TTUR / ADM / pytorch-fid code."""
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as in the TTUR / ADM / pytorch-fid code.
+
+    Where that code raises (scipy's square root of the non-symmetric product sigma1 @ sigma2 has a large
+    imaginary part, as it can for the near-singular covariances of a collapsed generator or of few
+    samples) and both inputs are covariances (symmetric, positive semi-definite to round-off), the trace
+    term is computed in the symmetric form tr sqrt(A^1/2 B A^1/2) = tr sqrt(A B) by eigendecomposition
+    instead, with a warning; inputs that are not covariances still raise.
+    """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape:
@@ -164,9 +171,30 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     if np.iscomplexobj(covmean):
         # Round-off gives a small imaginary part; a large one means the inputs are not covariances.
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Fréchet distance: sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
+            imag = np.abs(covmean.imag).max()
+            if not (_is_covariance(sigma1) and _is_covariance(sigma2)):
+                raise ValueError(f"Fréchet distance: sqrtm has an imaginary component {imag:.3g}")
+            warnings.warn(f"Fréchet distance: sqrtm has an imaginary component {imag:.3g} (near-singular "
+                          "covariances); the trace term is computed in the symmetric form instead")
+            return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2))
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _is_covariance(s: np.ndarray) -> bool:
+    """Symmetric and positive semi-definite up to round-off (relative to its largest eigenvalue)."""
+    if not np.allclose(s, s.T, rtol=1e-6, atol=1e-9 * max(np.abs(s).max(), 1e-300)):
+        return False
+    w = np.linalg.eigvalsh((s + s.T) / 2)
+    return bool(w.min() >= -1e-6 * max(w.max(), 0.0))
+
+
+def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
+    """tr sqrt(a b) for covariances a, b: the eigenvalues of a^1/2 b a^1/2 (symmetric PSD) are those of a b."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    ra = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = ra @ ((b + b.T) / 2) @ ra
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
