@@ -14,7 +14,9 @@ from ardistill.ladder.config import TEACHER_ROW
 def plot_ladder(rows: list[dict], path: str | Path) -> Path:
     """FD to teacher vs training steps (log x), one panel per teacher, one line per student: the seed
     mean, with the seeds' range shaded (students with one seed show their points only). With GAN-stage
-    rows, a second row of panels: FD to teacher vs the GAN factor, each base student's control dashed."""
+    rows, a second row of panels: FD (to real held-out images, the paper's measure: a GAN pulls the student
+    towards the real data, away from the teacher's samples) vs the GAN factor, each base student's control
+    dashed, the teacher's FD dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -50,7 +52,9 @@ def plot_ladder(rows: list[dict], path: str | Path) -> Path:
             ax.legend(fontsize=7)
     if has_gan:
         for ax, t in zip(axes[1], teachers):
-            _plot_gan(ax, [r for r in rows if r["teacher"] == t and is_gan(r["student"])], t)
+            trow = [r for r in rows if r["teacher"] == t and r["student"] == TEACHER_ROW]
+            _plot_gan(ax, [r for r in rows if r["teacher"] == t and is_gan(r["student"])], t,
+                      float(trow[0]["fd"]) if trow else None)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -63,15 +67,15 @@ def _style(student: str) -> tuple:
     return color, "--" if "per-step" in student else "-"
 
 
-def _plot_gan(ax, rows: list[dict], teacher: str) -> None:
-    """The GAN stage of one teacher: FD to teacher (seed mean, seeds as dots) vs factor, controls dashed."""
+def _plot_gan(ax, rows: list[dict], teacher: str, teacher_fd: float | None) -> None:
+    """The GAN stage of one teacher: FD (seed mean, seeds as dots) vs factor, controls dashed."""
     bases = dict.fromkeys(r["student"].partition(", GAN ")[0] for r in rows)
     for base in bases:
         color = _style(base)[0]
-        control = [float(r["fd_to_teacher"]) for r in rows if r["student"] == f"{base}, GAN control"]
+        control = [float(r["fd"]) for r in rows if r["student"] == f"{base}, GAN control"]
         arms = [r for r in rows if r["student"].startswith(f"{base}, GAN (factor ")]
         factors = sorted({float(r["student"].rpartition("factor ")[2].rstrip(")")) for r in arms})
-        vals = [[float(r["fd_to_teacher"]) for r in arms if float(r["student"].rpartition("factor ")[2].rstrip(")")) == f]
+        vals = [[float(r["fd"]) for r in arms if float(r["student"].rpartition("factor ")[2].rstrip(")")) == f]
                 for f in factors]
         if factors:
             ax.plot(factors, [np.mean(v) for v in vals], "-", marker="o", ms=4, color=color, label=f"{base} + GAN")
@@ -80,11 +84,13 @@ def _plot_gan(ax, rows: list[dict], teacher: str) -> None:
         if control:
             ax.axhline(float(np.mean(control)), ls="--", color=color, lw=1,
                        label=f"{base}, regression-only control ({len(control)} seed{'s' if len(control) > 1 else ''})")
+    if teacher_fd is not None:
+        ax.axhline(teacher_fd, ls=":", color="black", lw=1, label="teacher")
     steps = sorted({int(r["steps"]) for r in rows})
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("GAN factor (adaptive weight x factor)")
-    ax.set_ylabel("FD to the teacher's samples")
+    ax.set_ylabel("FD (held-out real images)")
     ax.set_title(f"teacher {teacher}: GAN stage, {', '.join(map(str, steps))} steps in all")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
