@@ -257,3 +257,21 @@ def test_figure_draws_the_gan_stage_beside_the_ladder(tmp_path):
     plot_ladder(rows[:3] + rows[-1:], tmp_path / "g.png")
     h, w = mpimg.imread(tmp_path / "g.png").shape[:2]
     assert h < w  # no GAN rows: one row
+
+
+def test_a_ladder_spec_can_sample_in_other_step_counts(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("photos_ladder", ROOT / "scripts" / "photos_ladder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.parse_ladder("T-S2=/t.safetensors:300,1000,S=2", tmp_path, num_steps=4)
+    assert (cfg.teacher_name, cfg.teacher, cfg.rungs, cfg.num_steps) == ("T-S2", "/t.safetensors", (300, 1000), 2)
+    assert cfg.row_name("ARD (N_h = 1)") == "ARD (N_h = 1), S=2"
+    assert mod.parse_ladder("T:300", tmp_path, num_steps=4).row_name("ARD (N_h = 1)") == "ARD (N_h = 1)"
+    with pytest.raises(SystemExit, match="rungs must be step counts"):
+        mod.parse_ladder("T:300,S2", tmp_path, num_steps=4)
+    # the S = 2 pair has its own rows in the ratio table
+    rows = [{"teacher": "T-S2", "student": "teacher", "seed": "", "steps": 0, "fd": 100.0, "fd_to_teacher": 0.0}]
+    rows += [{"teacher": "T-S2", "student": f"{n}, S=2", "seed": 0, "steps": 300, "fd": fd, "fd_to_teacher": fd - 90}
+             for n, fd in (("step distillation", 160.0), ("ARD (N_h = 1)", 120.0))]
+    assert "| T-S2 | shared, S = 2 | 300 | 100.0 | 160.0 ± 0.0 | 120.0 ± 0.0 |" in ratio_table(rows)
