@@ -31,10 +31,14 @@ torch.set_num_threads(1)
 from ardistill.ladder import LadderConfig, LadderRun, distill_config
 from ardistill.training.distill import distill
 saved, run_dir, student, steps = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+import ardistill
+if not Path(ardistill.__file__).resolve().is_relative_to(Path(sys.argv[5]).resolve()):
+    sys.exit(f"imported ardistill from {ardistill.__file__}, not from {sys.argv[5]}")
 known = set(LadderConfig.__dataclass_fields__)
 cfg = LadderConfig(**{k: v for k, v in saved.items() if k in known})
 start = int(json.loads((run_dir / "checkpoints" / "latest.json").read_text())["dir"].rpartition("_")[2])
-distill(replace(distill_config(cfg, LadderRun(student, 0, run_dir), start + steps), ckpt_every=10 ** 9), resume=True)
+seed = int(json.loads((run_dir / "config.json").read_text())["distill"]["seed"])  # the run's own training seed
+distill(replace(distill_config(cfg, LadderRun(student, seed, run_dir), start + steps), ckpt_every=10 ** 9), resume=True)
 """
 
 
@@ -56,11 +60,14 @@ def main(argv=None):
     weights = {}
     try:
         for name, src in (("old", args.old_src), ("new", args.new_src)):
+            if not (Path(src) / "ardistill" / "__init__.py").is_file():
+                print(f"the {name} code: {src} has no ardistill package (pass a checkout's src folder)")
+                return 1
             d = tmp / name
             shutil.copytree(src_run, d, ignore=shutil.ignore_patterns("rungs"))
             env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()), OMP_NUM_THREADS="1")
             res = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(saved), str(d), args.student,
-                                  str(args.steps)], env=env, capture_output=True, text=True)
+                                  str(args.steps), str(Path(src).resolve())], env=env, capture_output=True, text=True)
             if res.returncode != 0:
                 print(f"the {name} code ({src}) failed:\n{res.stderr[-3000:]}")
                 return 1

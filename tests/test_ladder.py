@@ -275,3 +275,24 @@ def test_a_ladder_spec_can_sample_in_other_step_counts(tmp_path):
     rows += [{"teacher": "T-S2", "student": f"{n}, S=2", "seed": 0, "steps": 300, "fd": fd, "fd_to_teacher": fd - 90}
              for n, fd in (("step distillation", 160.0), ("ARD (N_h = 1)", 120.0))]
     assert "| T-S2 | shared, S = 2 | 300 | 100.0 | 160.0 ± 0.0 | 120.0 ± 0.0 |" in ratio_table(rows)
+
+
+@pytest.mark.slow
+def test_resume_check_compares_two_codes_continuing_a_run(tmp_path):
+    cfg = _cfg(tmp_path, rungs=(3,), train_count=16, eval_count=8, train_eval_count=4,
+               students={"ARD (N_h = 1)": [0]})
+    prepare(cfg, "eval")
+    prepare(cfg, "train")
+    run = ladder_runs(cfg)[0]
+    train_to(cfg, run, 3)
+    cmd = [sys.executable, str(ROOT / "scripts" / "ladder_resume_check.py"), "--ladder-out", cfg.out, "--run",
+           run.run_dir.name, "--student", "ARD (N_h = 1)", "--steps", "2", "--old-src", str(ROOT / "src"),
+           "--new-src", str(ROOT / "src")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 resumed steps" in res.stdout and "bit-identical: True" in res.stdout
+    # the run itself is untouched (the check works on copies)
+    assert json.loads((run.run_dir / "checkpoints" / "latest.json").read_text())["dir"].endswith("3")
+    # a path without the package is refused (an installed ardistill would otherwise be compared with itself)
+    res = subprocess.run(cmd[:-1] + [str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and "the new code" in res.stdout and "no ardistill package" in res.stdout
