@@ -69,6 +69,15 @@ def parse_ladder(spec: str, out: Path, **common):
     return LadderConfig(out=str(out / name), teacher_name=name, teacher=teacher or None, rungs=steps, **common)
 
 
+def print_tables(rows: list[dict]) -> None:
+    """The ratio table, and the GAN stage's table when the rows have one."""
+    from ardistill.ladder import gan_table, parse_row_name, ratio_table
+    print(ratio_table(rows))
+    if any(parse_row_name(r["student"]).gan for r in rows):
+        print()
+        print(gan_table(rows))
+
+
 def _students(spec: str) -> dict:
     return {k.strip(): [int(s) for s in v.split(",")] for k, _, v in (item.rpartition("=") for item in spec.split(";"))}
 
@@ -104,17 +113,13 @@ def main(argv=None):
                    help="GAN-free warm-up, as a fraction of the base rung's steps (the paper: 0.01)")
     p.add_argument("--report", action="store_true", help="print the ratio table of --csv and exit")
     args = p.parse_args(argv)
-    from ardistill.ladder import (gan_arms, gan_table, ladder_rows, ladder_runs, plot_ladder, ratio_table, read_csv,
-                                  write_csv)
+    from ardistill.ladder import gan_arms, ladder_rows, ladder_runs, plot_ladder, read_csv, write_csv
 
     if args.report:
         if not args.csv:
             p.error("--report needs --csv")
         rows = read_csv(args.csv)
-        print(ratio_table(rows))
-        if any(", GAN " in r["student"] for r in rows):
-            print()
-            print(gan_table(rows))
+        print_tables(rows)
         if args.figure:
             plot_ladder(rows, args.figure)
         return
@@ -210,11 +215,7 @@ def main(argv=None):
                 publish()
     publish()
     if args.csv:
-        rows = read_csv(args.csv)
-        print(ratio_table(rows))
-        if any(", GAN " in r["student"] for r in rows):
-            print()
-            print(gan_table(rows))
+        print_tables(read_csv(args.csv))
 
 
 if __name__ == "__main__":

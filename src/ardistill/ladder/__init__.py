@@ -29,12 +29,12 @@ row per rung), ``gan`` (the GAN stage), ``table`` (CSV, degradation ratios), ``f
 from ardistill.ladder.config import CSV_FIELDS, LADDER_STUDENTS, TEACHER_ROW, LadderConfig
 from ardistill.ladder.evaluation import Evaluator, code_commit, run_rung, teacher_row, training_seconds
 from ardistill.ladder.figure import plot_ladder
-from ardistill.ladder.gan import GANArm, gan_arms, gan_config, run_arm, train_arm
+from ardistill.ladder.gan import GANArm, gan_arms, gan_config, parse_row_name, run_arm, train_arm
 from ardistill.ladder.runs import LadderRun, distill_config, ladder_runs, prepare, recordings, train_to
 from ardistill.ladder.table import (PAIRS, degradation_ratios, gan_table, ladder_rows, ratio_table, read_csv, row_order,
                                     write_csv)
 
 __all__ = ["CSV_FIELDS", "LADDER_STUDENTS", "TEACHER_ROW", "LadderConfig", "Evaluator", "code_commit", "run_rung",
-           "teacher_row", "training_seconds", "plot_ladder", "GANArm", "gan_arms", "gan_config", "run_arm", "train_arm",
+           "teacher_row", "training_seconds", "plot_ladder", "GANArm", "gan_arms", "gan_config", "parse_row_name", "run_arm", "train_arm",
            "LadderRun", "distill_config", "ladder_runs", "prepare", "recordings", "train_to", "PAIRS",
            "degradation_ratios", "gan_table", "ladder_rows", "ratio_table", "read_csv", "row_order", "write_csv"]

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from ardistill.io.fileio import atomic_write_json, read_json
-from ardistill.ladder.config import LADDER_STUDENTS, TEACHER_ROW, LadderConfig
+from ardistill.ladder.config import TEACHER_ROW, LadderConfig
 from ardistill.ladder.runs import LadderRun, recordings, train_to
 
 
@@ -69,8 +69,9 @@ class Evaluator:
                 "fd_to_teacher": 0.0, "precision": m.precision, "recall": m.recall, "mse_free": "", "mse_forced": "",
                 "mse_free_train": "", "mse_forced_train": "", "wall_s": "", "commit": code_commit()}
 
-    def student_row(self, run: LadderRun, steps: int, wall_s: float | None = None) -> dict:
-        """The row of ``run``'s weights at ``steps``; ``wall_s`` defaults to the run's training time to there."""
+    def student_row(self, run: LadderRun, steps: int, wall_s: float | None = None, name: str | None = None) -> dict:
+        """The row of ``run``'s weights at ``steps``; ``wall_s`` defaults to the run's training time to there,
+        ``name`` to the student's table name (``LadderConfig.row_name``)."""
         from ardistill.evaluation.evaluate import image_metrics, run_sampler, trajectory_errors
         from ardistill.io.student_io import load_student
         dev = self.cfg.device  # the student samples there; features and metrics stay on the CPU
@@ -82,7 +83,7 @@ class Evaluator:
         fmt = lambda v: " ".join(f"{x:.6g}" for x in v)
         if wall_s is None:
             wall_s = training_seconds(run.run_dir, steps, self.cfg.batch_size)
-        name = run.student if run.student not in LADDER_STUDENTS else self.cfg.row_name(run.student)
+        name = name or self.cfg.row_name(run.student)
         return {"teacher": self.cfg.teacher_name, "student": name, "seed": run.seed, "steps": steps,
                 "fd": m.fd, "fd_to_teacher": m.fd_teacher, "precision": m.precision, "recall": m.recall,
                 "mse_free": fmt(held["free_running"]), "mse_forced": fmt(held["teacher_forced"]),

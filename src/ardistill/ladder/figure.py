@@ -9,6 +9,7 @@ import numpy as np
 
 from ardistill.io.fileio import atomic_write_bytes
 from ardistill.ladder.config import TEACHER_ROW
+from ardistill.ladder.gan import parse_row_name
 
 
 def plot_ladder(rows: list[dict], path: str | Path) -> Path:
@@ -21,7 +22,7 @@ def plot_ladder(rows: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     teachers = sorted({r["teacher"] for r in rows})
-    is_gan = lambda name: ", GAN " in name
+    is_gan = lambda name: parse_row_name(name).gan
     has_gan = any(is_gan(r["student"]) for r in rows)
     fig, axes = plt.subplots(2 if has_gan else 1, len(teachers), figsize=(5.2 * len(teachers), 8 if has_gan else 4),
                              squeeze=False)
@@ -69,14 +70,13 @@ def _style(student: str) -> tuple:
 
 def _plot_gan(ax, rows: list[dict], teacher: str, teacher_fd: float | None) -> None:
     """The GAN stage of one teacher: FD (seed mean, seeds as dots) vs factor, controls dashed."""
-    bases = dict.fromkeys(r["student"].partition(", GAN ")[0] for r in rows)
-    for base in bases:
+    names = {r["student"]: parse_row_name(r["student"]) for r in rows}
+    for base in dict.fromkeys(n.base + n.sizes for n in names.values()):
         color = _style(base)[0]
-        control = [float(r["fd"]) for r in rows if r["student"] == f"{base}, GAN control"]
-        arms = [r for r in rows if r["student"].startswith(f"{base}, GAN (factor ")]
-        factors = sorted({float(r["student"].rpartition("factor ")[2].rstrip(")")) for r in arms})
-        vals = [[float(r["fd"]) for r in arms if float(r["student"].rpartition("factor ")[2].rstrip(")")) == f]
-                for f in factors]
+        mine = [(names[r["student"]], r) for r in rows if names[r["student"]].base + names[r["student"]].sizes == base]
+        control = [float(r["fd"]) for n, r in mine if n.is_control]
+        factors = sorted({n.factor for n, _ in mine if n.factor is not None})
+        vals = [[float(r["fd"]) for n, r in mine if n.factor == f] for f in factors]
         if factors:
             ax.plot(factors, [np.mean(v) for v in vals], "-", marker="o", ms=4, color=color, label=f"{base} + GAN")
             for f, v in zip(factors, vals):

@@ -19,19 +19,45 @@ An arm's folder (``runs/<student>-seed<s>-from<R>-gan<f>`` or ``...-control``) k
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ardistill.io.fileio import atomic_write_bytes, atomic_write_json, read_json
 from ardistill.ladder.config import LadderConfig
 from ardistill.ladder.evaluation import Evaluator, training_seconds
-from ardistill.ladder.runs import LadderRun, recordings, slug
+from ardistill.comparison.variants import slug
+from ardistill.ladder.runs import LadderRun, recordings
 
 CONTROL_FACTOR = 0.0
 # what is discriminated and how the discriminator sees it (docs/gan.md's photos and digits settings)
 GAN_DESIGN = dict(fakes="forced", gan_steps="last", feature_noise=(0.0, 0.25))
 # arm.json keys that may differ between invocations (where it runs, how often it saves)
 _ARM_RUNTIME = ("device", "ckpt_every", "progress", "tensorboard", "log_every", "verify_shards")
+
+
+# a table row's student name: base student, optional ``, S=n`` (ladder config row_name), optional GAN arm
+_ROW_NAME = re.compile(r"(?P<base>.*?)(?P<s>, S=\d+)?(?P<gan>, GAN control|, GAN \(factor (?P<factor>[^)]+)\))?")
+
+
+@dataclass(frozen=True)
+class RowName:
+    """A row's student name taken apart: ``<base>[, S=n][, GAN control | , GAN (factor f)]``."""
+
+    base: str
+    sizes: str  # ", S=n" or ""
+    gan: bool
+    factor: float | None  # None: a regression row or a control
+
+    @property
+    def is_control(self) -> bool:
+        return self.gan and self.factor is None
+
+
+def parse_row_name(name: str) -> RowName:
+    """Inverse of ``GANArm.name`` / ``LadderConfig.row_name`` for the table's readers."""
+    m = _ROW_NAME.fullmatch(name)
+    return RowName(m["base"], m["s"] or "", bool(m["gan"]), None if m["factor"] is None else float(m["factor"]))
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,6 @@ def run_arm(cfg: LadderConfig, arm: GANArm, evaluator: Evaluator | None = None) 
     train_arm(cfg, arm)
     wall = training_seconds(arm.base.run_dir, arm.start, cfg.batch_size) + \
         training_seconds(arm.run_dir, arm.steps, cfg.batch_size)
-    row = (evaluator or Evaluator(cfg)).student_row(run, arm.total_steps, wall_s=wall)
+    row = (evaluator or Evaluator(cfg)).student_row(run, arm.total_steps, wall_s=wall, name=arm.name(cfg))
     atomic_write_json(path, row)
     return row

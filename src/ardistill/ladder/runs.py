@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from ardistill.comparison.variants import slug
 from ardistill.io.fileio import atomic_write_bytes, atomic_write_json, read_json
 from ardistill.ladder.config import LADDER_STUDENTS, RUNTIME_SETTINGS, LadderConfig
 
@@ -22,12 +23,6 @@ class LadderRun:
 
     def rung_weights(self, steps: int) -> Path:
         return self.run_dir / "rungs" / f"step_{steps:08d}.safetensors"
-
-
-def slug(name: str) -> str:
-    """A student's name as a folder name."""
-    from ardistill.comparison.variants import slug as _slug
-    return _slug(name)
 
 
 def ladder_runs(cfg: LadderConfig) -> list[LadderRun]:

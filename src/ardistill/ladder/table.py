@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
 from ardistill.io.fileio import atomic_write_bytes, read_json
 from ardistill.ladder.config import CSV_FIELDS, LADDER_STUDENTS, TEACHER_ROW, LadderConfig
-from ardistill.ladder.gan import gan_arms
+from ardistill.ladder.gan import gan_arms, parse_row_name
 from ardistill.ladder.runs import ladder_runs
 
 
@@ -30,17 +29,16 @@ def ladder_rows(cfgs: list[LadderConfig]) -> list[dict]:
     return rows
 
 
-_NAME = re.compile(r"(?P<base>.*?)(?P<s>, S=\d+)?(?P<gan>, GAN control|, GAN \(factor (?P<factor>[^)]+)\))?")
 _BASE_ORDER = {name: i for i, name in enumerate([TEACHER_ROW, *LADDER_STUDENTS])}
 
 
 def row_order(r: dict) -> tuple:
     """The table's order: teacher; student as LADDER_STUDENTS lists them, S=n arms after, each one's GAN
     control and GAN factors (ascending) after its regression rows; seed; steps."""
-    m = _NAME.fullmatch(r["student"])
-    gan = 0 if not m["gan"] else 1 if m["factor"] is None else 2
-    return (r["teacher"], m["s"] or "", _BASE_ORDER.get(m["base"], 99), m["base"], gan,
-            float(m["factor"] or 0), str(r["seed"]), int(r["steps"]))
+    n = parse_row_name(r["student"])
+    gan = 0 if not n.gan else 1 if n.is_control else 2
+    return (r["teacher"], n.sizes, _BASE_ORDER.get(n.base, 99), n.base, gan, n.factor or 0.0, str(r["seed"]),
+            int(r["steps"]))
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
@@ -132,7 +130,7 @@ def gan_table(rows: list[dict], sd_control: str = "step distillation, GAN contro
     (FD_SD control - FD_teacher) / (FD_row - FD_teacher): the paper's aim is a ratio of 5 or more."""
     lines = ["| teacher | student | steps | seeds | FD | FD to teacher | FD - its control's | "
              "FD-degradation ratio vs SD control |", "|---|---|---|---|---|---|---|---|"]
-    gan_rows = [r for r in rows if _NAME.fullmatch(r["student"])["gan"]]
+    gan_rows = [r for r in rows if parse_row_name(r["student"]).gan]
     for t in sorted({r["teacher"] for r in gan_rows}):
         trow = [r for r in rows if r["teacher"] == t and r["student"] == TEACHER_ROW]
         tfd = float(trow[0]["fd"]) if trow else math.nan
@@ -142,12 +140,12 @@ def gan_table(rows: list[dict], sd_control: str = "step distillation, GAN contro
             groups.setdefault((r["student"], int(r["steps"])), []).append(r)
         mean = {k: float(np.mean([float(r["fd"]) for r in v])) for k, v in groups.items()}
         for (name, n), rs in groups.items():
-            m = _NAME.fullmatch(name)
-            control = mean.get((f"{m['base']}{m['s'] or ''}, GAN control", n), math.nan)
-            sd = mean.get((sd_control.replace(", GAN", f"{m['s'] or ''}, GAN"), n), math.nan)
+            m = parse_row_name(name)
+            control = mean.get((f"{m.base}{m.sizes}, GAN control", n), math.nan)
+            sd = mean.get((sd_control.replace(", GAN", f"{m.sizes}, GAN"), n), math.nan)
             fd = mean[(name, n)]
             ftt = float(np.mean([float(r["fd_to_teacher"]) for r in rs]))
             ratio = (sd - tfd) / (fd - tfd) if fd > tfd else math.inf
-            delta = "-" if m["factor"] is None else f"{fd - control:+.1f}"
+            delta = "-" if m.factor is None else f"{fd - control:+.1f}"
             lines.append(f"| {t} | {name} | {n} | {len(rs)} | {fd:.1f} | {ftt:.1f} | {delta} | {ratio:.2f} |")
     return "\n".join(lines)
