@@ -168,17 +168,16 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         warnings.warn(f"Fréchet distance: singular covariance product; adding {eps} to the diagonals")
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # Round-off gives a small imaginary part; a large one means the inputs are not covariances.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            imag = np.abs(covmean.imag).max()
-            if not (_is_covariance(sigma1) and _is_covariance(sigma2)):
-                raise ValueError(f"Fréchet distance: sqrtm has an imaginary component {imag:.3g}")
-            warnings.warn(f"Fréchet distance: sqrtm has an imaginary component {imag:.3g} (near-singular "
-                          "covariances); the trace term is computed in the symmetric form instead")
-            return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2))
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    tr_covmean = np.trace(covmean.real)
+    # Round-off gives a small imaginary part; a large one means near-singular inputs or not covariances.
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        imag = np.abs(covmean.imag).max()
+        if not (_is_covariance(sigma1) and _is_covariance(sigma2)):
+            raise ValueError(f"Fréchet distance: sqrtm has an imaginary component {imag:.3g}")
+        warnings.warn(f"Fréchet distance: sqrtm has an imaginary component {imag:.3g} (near-singular "
+                      "covariances); the trace term is computed in the symmetric form instead")
+        tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def _is_covariance(s: np.ndarray) -> bool:
