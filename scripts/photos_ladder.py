@@ -70,9 +70,11 @@ def parse_ladder(spec: str, out: Path, **common):
 
 
 def print_tables(rows: list[dict]) -> None:
-    """The ratio table, and the GAN stage's table when the rows have one."""
-    from ardistill.ladder import gan_table, parse_row_name, ratio_table
+    """The ratio table, the error-accumulation table, and the GAN stage's table when the rows have one."""
+    from ardistill.ladder import error_table, gan_table, parse_row_name, ratio_table
     print(ratio_table(rows))
+    print()
+    print(error_table(rows))
     if any(parse_row_name(r["student"]).gan for r in rows):
         print()
         print(gan_table(rows))
@@ -111,7 +113,7 @@ def main(argv=None):
     p.add_argument("--gan-steps", type=int, default=1000, help="GAN fine-tuning steps (and the control's)")
     p.add_argument("--gan-warmup", type=float, default=0.01,
                    help="GAN-free warm-up, as a fraction of the base rung's steps (the paper: 0.01)")
-    p.add_argument("--report", action="store_true", help="print the ratio table of --csv and exit")
+    p.add_argument("--report", action="store_true", help="print the tables of --csv and exit")
     args = p.parse_args(argv)
     from ardistill.ladder import gan_arms, ladder_rows, ladder_runs, plot_ladder, read_csv, write_csv
 

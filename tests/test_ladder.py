@@ -13,8 +13,8 @@ import torch
 
 from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.io.student_io import read_student_file
-from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, gan_arms, gan_table, ladder_rows,
-                              ladder_runs, prepare, ratio_table, read_csv, row_order, run_arm, run_rung, teacher_row,
+from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, error_accumulation, error_table,
+                              gan_arms, gan_table, ladder_rows, ladder_runs, prepare, ratio_table, read_csv, row_order, run_arm, run_rung, teacher_row,
                               train_to, write_csv)
 from ardistill.models.dit import build_dit
 from tiny_teachers import random_from_global_rng
@@ -217,6 +217,25 @@ def test_degradation_ratio_is_the_papers():
     assert d["ratio"] == pytest.approx((160 - 100) / (115 - 100))
     assert d["ratio_range"] == pytest.approx((3.5, 5.0))
     assert d["ratio_to_teacher"] == pytest.approx(70 / 25)
+
+
+def test_error_accumulation_splits_the_final_error_into_training_and_sampling():
+    """Final step only; free / forced and held-out / train are averaged over seeds, per student and budget;
+    CSV strings and rung-json lists read the same; a budget with one student has no row."""
+    rows = [{"teacher": "t", "student": "teacher", "seed": "", "steps": 0, "mse_free": "", "mse_forced": ""}]
+    for seed, k in ((0, 1.0), (1, 2.0)):
+        rows.append({"teacher": "t", "student": "step distillation", "seed": seed, "steps": 10,
+                     "mse_free": f"0.5 {3 * k}", "mse_forced": f"0.5 {k}", "mse_free_train": f"0.5 {1.5 * k}"})
+        rows.append({"teacher": "t", "student": "ARD (N_h = 1)", "seed": seed, "steps": 10,
+                     "mse_free": [0.5, 2 * k], "mse_forced": [0.5, k], "mse_free_train": [0.5, 2 * k]})
+    rows.append({"teacher": "t", "student": "ARD (N_h = 1)", "seed": 0, "steps": 20, "mse_free": "1 1",
+                 "mse_forced": "1 1", "mse_free_train": "1 1"})
+    (d,) = error_accumulation(rows)
+    assert d["steps"] == 10 and d["sd_seeds"] == d["ard_seeds"] == 2
+    assert (d["sd_forced"], d["sd_free"], d["ard_free"]) == pytest.approx((1.5, 4.5, 3.0))
+    assert (d["sd_accumulation"], d["ard_accumulation"]) == pytest.approx((3.0, 2.0))
+    assert (d["sd_generalisation"], d["ard_generalisation"]) == pytest.approx((2.0, 1.0))
+    assert "| t | shared | 10 | 1.50000 | 1.50000 | 4.50000 | 3.00000 | 3.00 | 2.00 | 2.00 | 1.00 |" in error_table(rows)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ At the longest rung, the GAN stage (``gan.py``) fine-tunes chosen runs with regr
 factors, each against its regression-only control of the same length.
 
 Modules: ``config`` (LadderConfig), ``runs`` (recordings, training runs, rungs), ``evaluation`` (one
-row per rung), ``gan`` (the GAN stage), ``table`` (CSV, degradation ratios), ``figure``.
+row per rung), ``gan`` (the GAN stage), ``table`` (CSV, degradation ratios, error accumulation), ``figure``.
 """
 
 from ardistill.ladder.config import CSV_FIELDS, LADDER_STUDENTS, TEACHER_ROW, LadderConfig
@@ -31,10 +31,11 @@ from ardistill.ladder.evaluation import Evaluator, code_commit, run_rung, teache
 from ardistill.ladder.figure import plot_ladder
 from ardistill.ladder.gan import GANArm, gan_arms, gan_config, parse_row_name, run_arm, train_arm
 from ardistill.ladder.runs import LadderRun, distill_config, ladder_runs, prepare, recordings, train_to
-from ardistill.ladder.table import (PAIRS, degradation_ratios, gan_table, ladder_rows, ratio_table, read_csv, row_order,
-                                    write_csv)
+from ardistill.ladder.table import (PAIRS, degradation_ratios, error_accumulation, error_table, gan_table, ladder_rows,
+                                    ratio_table, read_csv, row_order, write_csv)
 
 __all__ = ["CSV_FIELDS", "LADDER_STUDENTS", "TEACHER_ROW", "LadderConfig", "Evaluator", "code_commit", "run_rung",
            "teacher_row", "training_seconds", "plot_ladder", "GANArm", "gan_arms", "gan_config", "parse_row_name", "run_arm", "train_arm",
            "LadderRun", "distill_config", "ladder_runs", "prepare", "recordings", "train_to", "PAIRS",
-           "degradation_ratios", "gan_table", "ladder_rows", "ratio_table", "read_csv", "row_order", "write_csv"]
+           "degradation_ratios", "error_accumulation", "error_table", "gan_table", "ladder_rows", "ratio_table", "read_csv",
+           "row_order", "write_csv"]

@@ -105,6 +105,11 @@ PAIRS = (("step distillation", "ARD (N_h = 1)"),
          ("step distillation, S=2", "ARD (N_h = 1), S=2"))
 
 
+def _pair_label(sd: str) -> str:
+    """The tables' ``heads`` column of a pair, from its step-distillation name."""
+    return "per-step" if "per-step" in sd else "shared, S = 2" if "S=2" in sd else "shared"
+
+
 def ratio_table(rows: list[dict]) -> str:
     """Markdown: per teacher, pair (shared heads; per-step heads) and budget, both students' FD and FD to
     teacher (mean ± seed std), the paper's FD-degradation ratio and the FD-to-teacher ratio (per-seed ranges)."""
@@ -112,7 +117,7 @@ def ratio_table(rows: list[dict]) -> str:
              "FD-degradation ratio (per-seed range) | FD-to-teacher ratio (range) | seeds | SD excess / SD std |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sd, ard in PAIRS:
-        heads = "per-step" if "per-step" in sd else "shared, S = 2" if "S=2" in sd else "shared"
+        heads = _pair_label(sd)
         for d in degradation_ratios(rows, sd, ard):
             lines.append(
                 f"| {d['teacher']} | {heads} | {d['steps']} | {d['teacher_fd']:.1f} | {d['sd_fd']:.1f} ± {d['sd_fd_std']:.1f} | "
@@ -148,4 +153,54 @@ def gan_table(rows: list[dict], sd_control: str = "step distillation, GAN contro
             ratio = (sd - tfd) / (fd - tfd) if fd > tfd else math.inf
             delta = "-" if m.factor is None else f"{fd - control:+.1f}"
             lines.append(f"| {t} | {name} | {n} | {len(rs)} | {fd:.1f} | {ftt:.1f} | {delta} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def _final(r: dict, key: str) -> float:
+    """The last step's value of a per-step MSE column (space-separated in the CSV, a list in a rung json)."""
+    v = r[key]
+    return float((v.split() if isinstance(v, str) else v)[-1])
+
+
+def error_accumulation(rows: list[dict], sd: str = "step distillation", ard: str = "ARD (N_h = 1)") -> list[dict]:
+    """Where each student's final-step error comes from, per teacher and budget (seed means).
+
+    ``forced``: the final step's MSE to the teacher when every input is the teacher's state (what training
+    minimises); ``free``: the same when the student samples from its own states (what it is used for);
+    ``accumulation`` = free / forced, the error the student's own earlier steps add (exposure bias, which
+    ARD's history is meant to reduce); ``generalisation`` = free-running MSE on held-out trajectories over
+    the same on training ones (1 = no overfitting)."""
+    out = []
+    for t in sorted({r["teacher"] for r in rows}):
+        steps = sorted({int(r["steps"]) for r in rows if r["teacher"] == t and r["student"] in (sd, ard)})
+        for n in steps:
+            d = {"teacher": t, "steps": n}
+            for key, name in (("sd", sd), ("ard", ard)):
+                mine = [r for r in rows if r["teacher"] == t and r["student"] == name and int(r["steps"]) == n]
+                if not mine:
+                    break
+                forced = np.array([_final(r, "mse_forced") for r in mine])
+                free = np.array([_final(r, "mse_free") for r in mine])
+                train = np.array([_final(r, "mse_free_train") for r in mine])
+                d.update({f"{key}_forced": forced.mean(), f"{key}_free": free.mean(),
+                          f"{key}_accumulation": float(np.mean(free / forced)),
+                          f"{key}_generalisation": float(np.mean(free / train)), f"{key}_seeds": len(mine)})
+            else:
+                out.append(d)
+    return out
+
+
+def error_table(rows: list[dict]) -> str:
+    """Markdown: per teacher, pair and budget, the final step's teacher-forced and free-running MSE of both
+    students, their ratio (the error added by sampling from the student's own states) and the held-out over
+    training free-running MSE (overfitting)."""
+    lines = ["| teacher | heads | steps | SD forced | ARD forced | SD free | ARD free | SD free / forced | "
+             "ARD free / forced | SD held-out / train | ARD held-out / train |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sd, ard in PAIRS:
+        heads = _pair_label(sd)
+        for d in error_accumulation(rows, sd, ard):
+            lines.append(f"| {d['teacher']} | {heads} | {d['steps']} | {d['sd_forced']:.5f} | {d['ard_forced']:.5f} | "
+                         f"{d['sd_free']:.5f} | {d['ard_free']:.5f} | {d['sd_accumulation']:.2f} | "
+                         f"{d['ard_accumulation']:.2f} | {d['sd_generalisation']:.2f} | {d['ard_generalisation']:.2f} |")
     return "\n".join(lines)
