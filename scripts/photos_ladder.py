@@ -17,7 +17,8 @@ samples that ladder's students in n steps instead of ``--num-steps`` (e.g. ``DiT
 ``--gan-factors 0.3,1,3,10`` adds the GAN stage (ardistill/ladder/gan.py) at the last rung: each run of
 ``--gan-seeds`` fine-tuned ``--gan-steps`` more steps per factor and once as its regression-only control;
 its jobs start as soon as their base rung is evaluated. ``--report`` prints the ratio tables from the
-CSV (and with ``--figure`` draws the figure from it) and exits. Run it from a worktree pinned at one
+CSV (and with ``--figure`` draws the figure from it) and exits. ``--history-cut CSV`` samples the ARD runs'
+evaluated rungs with their history cut (does the student use it?) and exits. Run it from a worktree pinned at one
 commit (the rows carry that commit).
 """
 
@@ -114,8 +115,13 @@ def main(argv=None):
     p.add_argument("--gan-warmup", type=float, default=0.01,
                    help="GAN-free warm-up, as a fraction of the base rung's steps (the paper: 0.01)")
     p.add_argument("--report", action="store_true", help="print the tables of --csv and exit")
+    p.add_argument("--history-cut", default=None, metavar="CSV",
+                   help="the history-cut ablation (ardistill/ladder/history.py): with --out and --ladder, sample every "
+                        "evaluated rung of the ARD runs with and without their history, write CSV, print its table "
+                        "and exit (trains nothing; can run beside the ladder); with --report, print CSV's table")
     args = p.parse_args(argv)
     from ardistill.ladder import gan_arms, ladder_rows, ladder_runs, plot_ladder, read_csv, write_csv
+    from ardistill.ladder.history import history_cut_rows, history_cut_table, write_history_csv
 
     if args.report:
         if not args.csv:
@@ -124,6 +130,9 @@ def main(argv=None):
         print_tables(rows)
         if args.figure:
             plot_ladder(rows, args.figure)
+        if args.history_cut:
+            print()
+            print(history_cut_table(read_csv(args.history_cut)))
         return
     if not args.out or not args.ladder:
         p.error("--out and --ladder are required (except with --report)")
@@ -140,6 +149,10 @@ def main(argv=None):
             common["gan_students"] = _students(args.gan_seeds)
     out = Path(args.out).resolve()
     ladders = [parse_ladder(s, out, **common) for s in args.ladder]
+    if args.history_cut:
+        write_history_csv(history_cut_rows(ladders), args.history_cut)
+        print(history_cut_table(read_csv(args.history_cut)))
+        return
 
     def publish():
         rows = ladder_rows(ladders)

@@ -16,6 +16,7 @@ from ardistill.io.student_io import read_student_file
 from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, error_accumulation, error_table,
                               gan_arms, gan_table, ladder_rows, ladder_runs, prepare, ratio_table, read_csv, row_order, run_arm, run_rung, teacher_row,
                               train_to, write_csv)
+from ardistill.ladder.history import history_cut_json, history_cut_rows, history_cut_table, write_history_csv
 from ardistill.models.dit import build_dit
 from tiny_teachers import random_from_global_rng
 
@@ -182,6 +183,21 @@ def test_ladder_rungs_equal_runs_stopped_there_and_rows_are_complete(tmp_path):
     d = degradation_ratios(back)
     assert [x["steps"] for x in d] == [6]  # the only budget both students have
     assert "| tiny | shared | 6 |" in ratio_table(back)
+
+    # the history-cut ablation: ARD's evaluated rungs only, its "with history" side is the rung's own
+    # sampling (same FD, same final-step MSE), cached beside the weights (that a cut history changes the
+    # samples of a student that uses it is tested in test_student.py; this random teacher's students do not)
+    cut = history_cut_rows([cfg], progress=None)
+    assert [(r["student"], r["steps"]) for r in cut] == [("ARD (N_h = 1)", 3), ("ARD (N_h = 1)", 6)]
+    for r in cut:
+        own = run_rung(cfg, runs[1], r["steps"])
+        assert r["fd"] == pytest.approx(own["fd"], rel=1e-4)
+        assert r["mse_to_teacher"] == pytest.approx(float(own["mse_free"].split()[-1]), rel=1e-4)
+        assert r["mse_with_vs_cut"] >= 0 and math.isfinite(r["fd_to_teacher_history_cut"])  # how much: test_student
+    stamp = history_cut_json(runs[1], 6).stat().st_mtime_ns
+    assert history_cut_rows([cfg], progress=None) == cut and history_cut_json(runs[1], 6).stat().st_mtime_ns == stamp
+    table = history_cut_table(read_csv(write_history_csv(cut, tmp_path / "cut.csv")))
+    assert "| tiny | ARD (N_h = 1) | 6 | 1 |" in table
 
 
 def test_a_changed_ladder_is_refused(tmp_path):
