@@ -13,15 +13,14 @@ rungs whose weights exist.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
-from ardistill.io.fileio import atomic_write_bytes, atomic_write_json, read_json
+from ardistill.io.fileio import atomic_write_json, read_json
 from ardistill.ladder.config import LADDER_STUDENTS, LadderConfig
 from ardistill.ladder.runs import LadderRun, ladder_runs
+from ardistill.ladder.table import write_csv
 
 HISTORY_CUT_FIELDS = ("teacher", "student", "seed", "steps", "mse_to_teacher", "mse_to_teacher_history_cut",
                       "mse_with_vs_cut", "fd", "fd_history_cut", "fd_to_teacher", "fd_to_teacher_history_cut",
@@ -79,12 +78,8 @@ def history_cut_rows(cfgs: list[LadderConfig], progress=print) -> list[dict]:
 
 
 def write_history_csv(rows: list[dict], path: str | Path) -> Path:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_CUT_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in HISTORY_CUT_FIELDS})
-    return atomic_write_bytes(path, buf.getvalue().encode())
+    """The ablation's rows (HISTORY_CUT_FIELDS), written atomically."""
+    return write_csv(rows, path, HISTORY_CUT_FIELDS)
 
 
 def history_cut_table(rows: list[dict]) -> str:

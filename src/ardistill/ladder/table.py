@@ -41,13 +41,13 @@ def row_order(r: dict) -> tuple:
             int(r["steps"]))
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """The ladder table (CSV_FIELDS), written atomically."""
+def write_csv(rows: list[dict], path: str | Path, fields: tuple[str, ...] = CSV_FIELDS) -> Path:
+    """The ladder table (``fields``: CSV_FIELDS), written atomically."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in CSV_FIELDS})
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields})
     return atomic_write_bytes(path, buf.getvalue().encode())
 
 
@@ -105,9 +105,10 @@ PAIRS = (("step distillation", "ARD (N_h = 1)"),
          ("step distillation, S=2", "ARD (N_h = 1), S=2"))
 
 
-def _pair_label(sd: str) -> str:
-    """The tables' ``heads`` column of a pair, from its step-distillation name."""
-    return "per-step" if "per-step" in sd else "shared, S = 2" if "S=2" in sd else "shared"
+def _by_pair(rows: list[dict], per_budget) -> list[tuple[str, dict]]:
+    """``per_budget(rows, sd, ard)`` of every pair of PAIRS, each dict with its ``heads`` column."""
+    return [("per-step" if "per-step" in sd else "shared, S = 2" if "S=2" in sd else "shared", d)
+            for sd, ard in PAIRS for d in per_budget(rows, sd, ard)]
 
 
 def ratio_table(rows: list[dict]) -> str:
@@ -116,16 +117,14 @@ def ratio_table(rows: list[dict]) -> str:
     lines = ["| teacher | heads | steps | teacher FD | SD FD | ARD FD | SD FD to teacher | ARD FD to teacher | "
              "FD-degradation ratio (per-seed range) | FD-to-teacher ratio (range) | seeds | SD excess / SD std |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sd, ard in PAIRS:
-        heads = _pair_label(sd)
-        for d in degradation_ratios(rows, sd, ard):
-            lines.append(
-                f"| {d['teacher']} | {heads} | {d['steps']} | {d['teacher_fd']:.1f} | {d['sd_fd']:.1f} ± {d['sd_fd_std']:.1f} | "
-                f"{d['ard_fd']:.1f} ± {d['ard_fd_std']:.1f} | {d['sd_fd_to_teacher']:.1f} ± {d['sd_fd_to_teacher_std']:.1f} | "
-                f"{d['ard_fd_to_teacher']:.1f} ± {d['ard_fd_to_teacher_std']:.1f} | {d['ratio']:.2f} "
-                f"({d['ratio_range'][0]:.2f}-{d['ratio_range'][1]:.2f}) | {d['ratio_to_teacher']:.2f} "
-                f"({d['ratio_to_teacher_range'][0]:.2f}-{d['ratio_to_teacher_range'][1]:.2f}) | {d['seeds']} | "
-                f"{'-' if math.isnan(d['sd_excess_over_std']) else format(d['sd_excess_over_std'], '.0f')} |")
+    for heads, d in _by_pair(rows, degradation_ratios):
+        lines.append(
+            f"| {d['teacher']} | {heads} | {d['steps']} | {d['teacher_fd']:.1f} | {d['sd_fd']:.1f} ± {d['sd_fd_std']:.1f} | "
+            f"{d['ard_fd']:.1f} ± {d['ard_fd_std']:.1f} | {d['sd_fd_to_teacher']:.1f} ± {d['sd_fd_to_teacher_std']:.1f} | "
+            f"{d['ard_fd_to_teacher']:.1f} ± {d['ard_fd_to_teacher_std']:.1f} | {d['ratio']:.2f} "
+            f"({d['ratio_range'][0]:.2f}-{d['ratio_range'][1]:.2f}) | {d['ratio_to_teacher']:.2f} "
+            f"({d['ratio_to_teacher_range'][0]:.2f}-{d['ratio_to_teacher_range'][1]:.2f}) | {d['seeds']} | "
+            f"{'-' if math.isnan(d['sd_excess_over_std']) else format(d['sd_excess_over_std'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -197,10 +196,8 @@ def error_table(rows: list[dict]) -> str:
     lines = ["| teacher | heads | steps | SD forced | ARD forced | SD free | ARD free | SD free / forced | "
              "ARD free / forced | SD held-out / train | ARD held-out / train |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sd, ard in PAIRS:
-        heads = _pair_label(sd)
-        for d in error_accumulation(rows, sd, ard):
-            lines.append(f"| {d['teacher']} | {heads} | {d['steps']} | {d['sd_forced']:.5f} | {d['ard_forced']:.5f} | "
-                         f"{d['sd_free']:.5f} | {d['ard_free']:.5f} | {d['sd_accumulation']:.2f} | "
-                         f"{d['ard_accumulation']:.2f} | {d['sd_generalisation']:.2f} | {d['ard_generalisation']:.2f} |")
+    for heads, d in _by_pair(rows, error_accumulation):
+        lines.append(f"| {d['teacher']} | {heads} | {d['steps']} | {d['sd_forced']:.5f} | {d['ard_forced']:.5f} | "
+                     f"{d['sd_free']:.5f} | {d['ard_free']:.5f} | {d['sd_accumulation']:.2f} | "
+                     f"{d['ard_accumulation']:.2f} | {d['sd_generalisation']:.2f} | {d['ard_generalisation']:.2f} |")
     return "\n".join(lines)
