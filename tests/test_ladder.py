@@ -196,6 +196,9 @@ def test_ladder_rungs_equal_runs_stopped_there_and_rows_are_complete(tmp_path):
         assert r["mse_with_vs_cut"] >= 0 and math.isfinite(r["fd_to_teacher_history_cut"])  # how much: test_student
     stamp = history_cut_json(runs[1], 6).stat().st_mtime_ns
     assert history_cut_rows([cfg], progress=None) == cut and history_cut_json(runs[1], 6).stat().st_mtime_ns == stamp
+    other = history_cut_json(runs[1], 3)
+    other.write_text(other.read_text().replace(cut[0]["weights_sha256"], "0" * 64))  # stale: weights changed
+    assert history_cut_rows([cfg], progress=None) == cut and json.loads(other.read_text()) == cut[0]
     table = history_cut_table(read_csv(write_history_csv(cut, tmp_path / "cut.csv")))
     assert "| tiny | ARD (N_h = 1) | 6 | 1 |" in table
 

@@ -6,8 +6,8 @@ distillation student would). Both are compared with the teacher's samples from t
 MSE and FD to the teacher) and with each other. A student that ignores its history samples the same
 either way; one that relies on it gets worse without it.
 
-Rows are cached beside the rung's weights (``rungs/step_XXXXXXXX.history_cut.json``), so rerunning only
-evaluates new rungs. This only reads a ladder: it can run beside the ladder's own jobs, and evaluates the
+Rows are cached beside the rung's weights (``rungs/step_XXXXXXXX.history_cut.json``, with the weights'
+sha256), so rerunning only evaluates new rungs, and rungs whose weights changed since. This only reads a ladder: it can run beside the ladder's own jobs, and evaluates the
 rungs whose weights exist.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ardistill.io.fileio import atomic_write_json, read_json
+from ardistill.io.fileio import atomic_write_json, read_json, sha256_file
 from ardistill.ladder.config import LADDER_STUDENTS, LadderConfig
 from ardistill.ladder.runs import LadderRun, ladder_runs
 from ardistill.ladder.table import write_csv
@@ -36,16 +36,26 @@ def history_runs(cfg: LadderConfig) -> list[LadderRun]:
     return [r for r in ladder_runs(cfg) if LADDER_STUDENTS[r.student].get("history_layers", 0) > 0]
 
 
+def cached_history_cut(run: LadderRun, steps: int) -> dict | None:
+    """The saved row of ``run`` at ``steps``, or None when there is none or its rung's weights changed since."""
+    path = history_cut_json(run, steps)
+    if not path.is_file():
+        return None
+    row = read_json(path, "ladder history-cut row")
+    return row if row.get("weights_sha256") == sha256_file(run.rung_weights(steps)) else None
+
+
 def history_cut_row(cfg: LadderConfig, run: LadderRun, steps: int, evaluator) -> dict:
     """The ablation of ``run`` at ``steps`` (cached beside its weights); ``evaluator``: the ladder's Evaluator."""
-    path = history_cut_json(run, steps)
-    if path.is_file():
-        return read_json(path, "ladder history-cut row")
+    row = cached_history_cut(run, steps)
+    if row is not None:
+        return row
     from ardistill.evaluation.evaluate import history_dependence, image_metrics, run_sampler
     from ardistill.io.student_io import load_student
     from ardistill.ladder.evaluation import code_commit
     ev, dev = evaluator.ev, cfg.device
-    student = load_student(run.rung_weights(steps), device=dev)
+    weights = run.rung_weights(steps)
+    student = load_student(weights, device=dev)
     samples = run_sampler(student.sample, ev.noise, ev.labels, device=dev)
     h = history_dependence(student, ev, samples=samples, device=dev)
     metrics = [image_metrics(x, evaluator.real, evaluator.net, teacher_features=evaluator.teacher_features)
@@ -54,8 +64,8 @@ def history_cut_row(cfg: LadderConfig, run: LadderRun, steps: int, evaluator) ->
            "mse_to_teacher": h["mse_to_teacher"], "mse_to_teacher_history_cut": h["mse_to_teacher_history_cut"],
            "mse_with_vs_cut": h["mse_with_vs_cut"], "fd": metrics[0].fd, "fd_history_cut": metrics[1].fd,
            "fd_to_teacher": metrics[0].fd_teacher, "fd_to_teacher_history_cut": metrics[1].fd_teacher,
-           "commit": code_commit()}
-    atomic_write_json(path, row)
+           "commit": code_commit(), "weights_sha256": sha256_file(weights)}
+    atomic_write_json(history_cut_json(run, steps), row)
     return row
 
 
@@ -69,7 +79,7 @@ def history_cut_rows(cfgs: list[LadderConfig], progress=print) -> list[dict]:
             for rung in cfg.rungs:
                 if not (run.rung_json(rung).is_file() and run.rung_weights(rung).is_file()):
                     continue
-                if evaluator is None and not history_cut_json(run, rung).is_file():
+                if evaluator is None and cached_history_cut(run, rung) is None:
                     evaluator = Evaluator(cfg)
                 rows.append(history_cut_row(cfg, run, rung, evaluator))
                 if progress:
