@@ -14,7 +14,8 @@
 #   6. ladder       scripts/photos_ladder.py on the GPU: step distillation and ARD (N_h = 1) on the shipped photos
 #                   teacher to --ladder-steps (30000), evaluated at 1k, 3k, 10k and the last rung as on the CPU;
 #                   two jobs share the GPU; then the GAN stage from the last rung (factors 0.3, 1, 3, 10 and the
-#                   regression-only control, --ladder-steps / 10 steps each, ardistill/ladder/gan.py).
+#                   regression-only control, --ladder-steps / 10 steps each, ardistill/ladder/gan.py), and the
+#                   history-cut ablation at every ARD rung (ardistill/ladder/history.py).
 #                   Resumable: run the same command again to continue where it stopped.
 # Stages 1-5 take a few minutes on an H100; the ladder takes what is left (--skip-ladder leaves it out).
 set -euo pipefail
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift ;;
     --ladder-steps) ladder_steps="$2"; shift ;;
     --skip-ladder) skip_ladder=1 ;;
-    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
     *) echo "gpu_run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -121,6 +122,11 @@ if [ "$skip_ladder" = 0 ]; then
   "$py" scripts/photos_ladder.py --out "$out/ladder" --device "$dev" --jobs 2 \
     --seeds "step distillation=0;ARD (N_h = 1)=0" "${ladder_args[@]}" \
     --csv "$out/photos_ladder_gpu.csv" --figure "$out/photos_ladder_gpu.png" | tee "$out/ladder.md"
+  # does the ARD student read its history? every ARD rung sampled with and without it (trains nothing)
+  echo >> "$out/ladder.md"
+  "$py" scripts/photos_ladder.py --out "$out/ladder" --device "$dev" \
+    --seeds "step distillation=0;ARD (N_h = 1)=0" "${ladder_args[@]}" \
+    --history-cut "$out/photos_ladder_history_cut_gpu.csv" | tee -a "$out/ladder.md"
 fi
 
 {

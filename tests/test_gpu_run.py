@@ -23,7 +23,7 @@ def test_gpu_run_tiny_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for name in ("env.md", "gpu_check.json", "attention.json", "photos_step.json", "parallel.md",
-                 "photos_ladder_gpu.csv", "gpu_run.md"):
+                 "photos_ladder_gpu.csv", "photos_ladder_history_cut_gpu.csv", "gpu_run.md"):
         assert (out / name).is_file(), name
     assert json.loads((out / "photos_step.json").read_text())["median_s"].keys() == {"eager", "foreach", "compile"}
     par = (out / "parallel.md").read_text()
@@ -33,4 +33,4 @@ def test_gpu_run_tiny_end_to_end(tmp_path):
                                                           ("ARD (N_h = 1), GAN control", "6"),
                                                           ("ARD (N_h = 1), GAN (factor 1)", "6")}
     md = (out / "gpu_run.md").read_text()
-    assert "## attention" in md and "## ladder" in md and "FD-degradation ratio" in md
+    assert "## attention" in md and "## ladder" in md and "FD-degradation ratio" in md and "history cut" in md
