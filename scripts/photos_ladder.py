@@ -18,7 +18,8 @@ samples that ladder's students in n steps instead of ``--num-steps`` (e.g. ``DiT
 ``--gan-seeds`` fine-tuned ``--gan-steps`` more steps per factor and once as its regression-only control;
 its jobs start as soon as their base rung is evaluated. ``--report`` prints the ratio tables from the
 CSV (and with ``--figure`` draws the figure from it) and exits. ``--history-cut CSV`` samples the ARD runs'
-evaluated rungs with their history cut (does the student use it?) and exits. Run it from a worktree pinned at one
+evaluated rungs with their history cut (does the student use it?) and exits; ``--status`` prints where
+every run stands and the hours to go, and exits. Run it from a worktree pinned at one
 commit (the rows carry that commit).
 """
 
@@ -115,6 +116,9 @@ def main(argv=None):
     p.add_argument("--gan-warmup", type=float, default=0.01,
                    help="GAN-free warm-up, as a fraction of the base rung's steps (the paper: 0.01)")
     p.add_argument("--report", action="store_true", help="print the tables of --csv and exit")
+    p.add_argument("--status", action="store_true",
+                   help="with the same --out, --ladder and --gan-* flags: print where every run and GAN arm stands "
+                        "(rungs done, checkpoint, speed, hours to go) and exit; reads only")
     p.add_argument("--history-cut", default=None, metavar="CSV",
                    help="the history-cut ablation (ardistill/ladder/history.py): with --out and --ladder, sample every "
                         "evaluated rung of the ARD runs with and without their history, write CSV, print its table "
@@ -149,6 +153,10 @@ def main(argv=None):
             common["gan_students"] = _students(args.gan_seeds)
     out = Path(args.out).resolve()
     ladders = [parse_ladder(s, out, **common) for s in args.ladder]
+    if args.status:
+        from ardistill.ladder.status import ladder_status, status_table
+        print(status_table(ladder_status(ladders)))
+        return
     if args.history_cut:
         write_history_csv(history_cut_rows(ladders), args.history_cut)
         print(history_cut_table(read_csv(args.history_cut)))

@@ -334,3 +334,30 @@ def test_resume_check_compares_two_codes_continuing_a_run(tmp_path):
     # a path without the package is refused (an installed ardistill would otherwise be compared with itself)
     res = subprocess.run(cmd[:-1] + [str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 1 and "the new code" in res.stdout and "no ardistill package" in res.stdout
+
+
+def test_status_says_where_each_run_stands_and_the_time_to_go(tmp_path):
+    """Rungs done, checkpoint, the median of the recent logged speeds, and an estimate (the ladder's median
+    speed) for a job that has not logged yet; a GAN arm counts from its base rung. Reads files only."""
+    from ardistill.ladder.status import ladder_status, status_table
+    cfg = LadderConfig(out=str(tmp_path / "l"), teacher_name="tiny", rungs=(3, 6), warmup_steps=1, batch_size=8,
+                       students={"step distillation": [0], "ARD (N_h = 1)": [0]}, gan_factors=(1.0,), gan_steps=4)
+    sd, ard = ladder_runs(cfg)
+    (sd.run_dir / "rungs").mkdir(parents=True)
+    sd.rung_json(3).write_text("{}")
+    (sd.run_dir / "checkpoints").mkdir()
+    (sd.run_dir / "checkpoints" / "latest.json").write_text(json.dumps({"dir": "step_00000004", "step": 4}))
+    # 16 samples/s (2 s a step at batch 8) in the median of the recent windows; an old slow window is ignored
+    speeds = [1.0] + [16.0] * 6 + [4.0] * 4
+    (sd.run_dir / "log.jsonl").write_text("".join(json.dumps({"step": i, "samples_per_s": v}) + "\n"
+                                                  for i, v in enumerate(speeds)))
+    st = {(d["student"], d["seed"]): d for d in ladder_status([cfg])}
+    a = st[("step distillation", 0)]
+    assert (a["rungs_done"], a["step"], a["next_rung"], a["steps_to_end"]) == ([3], 4, 6, 2)
+    assert a["s_per_step"] == pytest.approx(8 / 16) and not a["estimated"]
+    assert a["seconds_to_end"] == pytest.approx(1.0)
+    b = st[("ARD (N_h = 1)", 0)]  # never ran: 6 steps at the ladder's median speed
+    assert b["estimated"] and (b["step"], b["steps_to_end"]) == (0, 6) and b["seconds_to_end"] == pytest.approx(3.0)
+    arm = st[("ARD (N_h = 1), GAN (factor 1)", 0)]
+    assert (arm["step"], arm["next_rung"], arm["steps_to_end"]) == (6, 10, 4)
+    assert len(st) == 6 and "To go: 0.0 job-hours" in status_table(list(st.values()))

@@ -23,8 +23,8 @@ At the longest rung, the GAN stage (``gan.py``) fine-tunes chosen runs with regr
 factors, each against its regression-only control of the same length.
 
 Modules: ``config`` (LadderConfig), ``runs`` (recordings, training runs, rungs), ``evaluation`` (one
-row per rung), ``gan`` (the GAN stage), ``history`` (the history-cut ablation at every rung), ``table``
-(CSV, degradation ratios, error accumulation), ``figure``.
+row per rung), ``gan`` (the GAN stage), ``history`` (the history-cut ablation at every rung), ``status``
+(where each run stands), ``table`` (CSV, degradation ratios, error accumulation), ``figure``.
 """
 
 from ardistill.ladder.config import CSV_FIELDS, LADDER_STUDENTS, TEACHER_ROW, LadderConfig
