@@ -280,21 +280,22 @@ def test_script_runs_the_ladder_and_continues(tmp_path):
     assert (tmp_path / "l.png").stat().st_size > 0
 
 
-def test_figure_draws_the_gan_stage_beside_the_ladder(tmp_path):
+def test_figure_draws_the_ladder_its_error_accumulation_and_the_gan_stage(tmp_path):
     from ardistill.ladder import plot_ladder
     rows = [{"teacher": "t", "student": "teacher", "seed": "", "steps": 0, "fd": 100.0, "fd_to_teacher": 0.0}]
     for name, steps, fd in (("step distillation", 10, 150.0), ("step distillation", 30, 130.0),
                             ("step distillation, GAN control", 33, 125.0), ("step distillation, GAN (factor 1)", 33, 120.0),
                             ("step distillation, GAN (factor 3)", 33, 118.0), ("ARD (N_h = 1)", 10, 140.0)):
-        rows.append({"teacher": "t", "student": name, "seed": 0, "steps": steps, "fd": fd, "fd_to_teacher": fd - 95})
+        rows.append({"teacher": "t", "student": name, "seed": 0, "steps": steps, "fd": fd, "fd_to_teacher": fd - 95,
+                     "mse_free": f"0.1 {fd / 1000}", "mse_forced": "0.1 0.05"})
     path = plot_ladder(rows, tmp_path / "f.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image as mpimg
     h, w = mpimg.imread(path).shape[:2]
-    assert h > w  # two rows of panels: the ladder, then the GAN stage
+    assert h > 2 * w  # three rows of panels: FD to teacher, error accumulation, the GAN stage
     plot_ladder(rows[:3] + rows[-1:], tmp_path / "g.png")
     h, w = mpimg.imread(tmp_path / "g.png").shape[:2]
-    assert h < w  # no GAN rows: one row
+    assert w < h < 2 * w  # no GAN rows: two rows
 
 
 def test_a_ladder_spec_can_sample_in_other_step_counts(tmp_path):

@@ -1,4 +1,4 @@
-"""The ladder's figure: FD to the teacher against training steps."""
+"""The ladder's figure: FD to the teacher, and the error the students' own steps add, against training steps."""
 
 from __future__ import annotations
 
@@ -13,46 +13,34 @@ from ardistill.ladder.gan import parse_row_name
 
 
 def plot_ladder(rows: list[dict], path: str | Path) -> Path:
-    """FD to teacher vs training steps (log x), one panel per teacher, one line per student: the seed
-    mean, with the seeds' range shaded (students with one seed show their points only). With GAN-stage
-    rows, a second row of panels: FD (to real held-out images, the paper's measure: a GAN pulls the student
-    towards the real data, away from the teacher's samples) vs the GAN factor, each base student's control
-    dashed, the teacher's FD dotted."""
+    """One column per teacher. First row: FD to teacher vs training steps (log x), one line per student:
+    the seed mean, with the seeds' range shaded (students with one seed show their points only). Second
+    row: the error the students' own steps add, final-step free-running over teacher-forced MSE, the same
+    way. With GAN-stage rows, a third row: FD (to real held-out images, the paper's measure: a GAN pulls
+    the student towards the real data, away from the teacher's samples) vs the GAN factor, each base
+    student's control dashed, the teacher's FD dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     teachers = sorted({r["teacher"] for r in rows})
     is_gan = lambda name: parse_row_name(name).gan
     has_gan = any(is_gan(r["student"]) for r in rows)
-    fig, axes = plt.subplots(2 if has_gan else 1, len(teachers), figsize=(5.2 * len(teachers), 8 if has_gan else 4),
+    fig, axes = plt.subplots(3 if has_gan else 2, len(teachers), figsize=(5.2 * len(teachers), 12 if has_gan else 8),
                              squeeze=False)
-    for ax, t in zip(axes[0], teachers):
+    final = lambda r, k: float(r[k].split()[-1])
+    for i, t in enumerate(teachers):
         students = [s for s in dict.fromkeys(r["student"] for r in rows if r["teacher"] == t)
                     if s != TEACHER_ROW and not is_gan(s)]
-        for s in students:
-            rs = [r for r in rows if r["teacher"] == t and r["student"] == s]
-            steps = sorted({int(r["steps"]) for r in rs})
-            vals = [[float(r["fd_to_teacher"]) for r in rs if int(r["steps"]) == n] for n in steps]
-            mean = [float(np.mean(v)) for v in vals]
-            color, ls = _style(s)
-            n = max(len(v) for v in vals)
-            ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=f"{s} ({n} seed{'s' if n > 1 else ''})")
-            if n > 1:  # the seeds' range: a band between rungs, a bar at each rung
-                lo, hi = [min(v) for v in vals], [max(v) for v in vals]
-                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
-                ax.errorbar(steps, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
-                            fmt="none", ecolor=color, capsize=3, lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training steps (batch 64)")
-        ax.set_ylabel("FD to the teacher's samples (same noise)")
+        mine = [r for r in rows if r["teacher"] == t]
         sizes = {s.rpartition(", S=")[2] for s in students if ", S=" in s}
-        ax.set_title(f"teacher {t}, S = {', '.join(sorted(sizes)) or 4}")
-        ax.grid(True, which="both", alpha=0.3)
-        if students:
-            ax.legend(fontsize=7)
+        title = f"teacher {t}, S = {', '.join(sorted(sizes)) or 4}"
+        _plot_curves(axes[0][i], mine, students, lambda r: float(r["fd_to_teacher"]),
+                     "FD to the teacher's samples (same noise)", title, log_y=True)
+        _plot_curves(axes[1][i], mine, students, lambda r: final(r, "mse_free") / final(r, "mse_forced"),
+                     "final-step MSE to teacher: free-running / teacher-forced",
+                     f"{title}: error added by the student's own steps", log_y=False)
     if has_gan:
-        for ax, t in zip(axes[1], teachers):
+        for ax, t in zip(axes[2], teachers):
             trow = [r for r in rows if r["teacher"] == t and r["student"] == TEACHER_ROW]
             _plot_gan(ax, [r for r in rows if r["teacher"] == t and is_gan(r["student"])], t,
                       float(trow[0]["fd"]) if trow else None)
@@ -61,6 +49,36 @@ def plot_ladder(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_curves(ax, rows: list[dict], students: list[str], value, ylabel: str, title: str, log_y: bool) -> None:
+    """``value(row)`` vs training steps for each student: seed mean, the seeds' range as band and bars."""
+    from matplotlib.ticker import NullFormatter
+    for s in students:
+        rs = [r for r in rows if r["student"] == s]
+        steps = sorted({int(r["steps"]) for r in rs})
+        vals = [[value(r) for r in rs if int(r["steps"]) == n] for n in steps]
+        mean = [float(np.mean(v)) for v in vals]
+        color, ls = _style(s)
+        n = max(len(v) for v in vals)
+        ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=f"{s} ({n} seed{'s' if n > 1 else ''})")
+        if n > 1:  # the seeds' range: a band between rungs, a bar at each rung
+            lo, hi = [min(v) for v in vals], [max(v) for v in vals]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+            ax.errorbar(steps, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
+                        fmt="none", ecolor=color, capsize=3, lw=1)
+    ax.set_xscale("log")
+    rungs = sorted({int(r["steps"]) for r in rows if r["student"] in students})
+    ax.set_xticks(rungs, [f"{n:,}" for n in rungs])  # the rungs, not the log axis' crowded minor labels
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("training steps (batch 64)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if students:
+        ax.legend(fontsize=7)
 
 
 def _style(student: str) -> tuple:
