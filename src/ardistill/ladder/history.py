@@ -7,8 +7,8 @@ MSE and FD to the teacher) and with each other. A student that ignores its histo
 either way; one that relies on it gets worse without it.
 
 Rows are cached beside the rung's weights (``rungs/step_XXXXXXXX.history_cut.json``, with the weights'
-sha256), so rerunning only evaluates new rungs, and rungs whose weights changed since. This only reads a ladder: it can run beside the ladder's own jobs, and evaluates the
-rungs whose weights exist.
+sha256), so rerunning only evaluates new rungs, and rungs whose weights changed since. This only reads
+a ladder: it can run beside the ladder's own jobs, and evaluates the rungs whose weights exist.
 """
 
 from __future__ import annotations

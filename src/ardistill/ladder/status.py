@@ -1,8 +1,8 @@
 """Where a ladder stands: each run's evaluated rungs, its latest checkpoint, its speed and its time to go.
 
 Reads only (the runs' ``rungs/``, ``checkpoints/latest.json`` and ``log.jsonl``), so it can be asked
-while the ladder runs; ``scripts/photos_ladder.py --status`` prints it. A job's speed is that of its
-last logged window, so on a machine shared with other jobs the times to go are the shared machine's.
+while the ladder runs; ``scripts/photos_ladder.py --status`` prints it. A job's speed is the median of
+its last logged windows, so on a machine shared with other jobs the times to go are the shared machine's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ardistill.io.fileio import read_json
 from ardistill.ladder.config import LadderConfig
 from ardistill.ladder.gan import gan_arms
 from ardistill.ladder.runs import ladder_runs
@@ -21,7 +22,7 @@ from ardistill.ladder.runs import ladder_runs
 def checkpoint_step(run_dir: Path) -> int:
     """The step of a run's latest checkpoint (0 when it has none)."""
     pointer = run_dir / "checkpoints" / "latest.json"
-    return int(json.loads(pointer.read_text())["step"]) if pointer.is_file() else 0
+    return int(read_json(pointer, "checkpoint pointer")["step"]) if pointer.is_file() else 0
 
 
 def recent_speed(run_dir: Path, windows: int = 10) -> float:
