@@ -201,6 +201,9 @@ def test_ladder_rungs_equal_runs_stopped_there_and_rows_are_complete(tmp_path):
     assert history_cut_rows([cfg], progress=None) == cut and json.loads(other.read_text()) == cut[0]
     table = history_cut_table(read_csv(write_history_csv(cut, tmp_path / "cut.csv")))
     assert "| tiny | ARD (N_h = 1) | 6 | 1 |" in table
+    # neither the cached ablation rows beside the rungs nor any other json there are read as rung rows
+    (runs[0].run_dir / "rungs" / "step_00000006.notes.json").write_text("{}")
+    assert ladder_rows([cfg]) == rows
 
 
 def test_a_changed_ladder_is_refused(tmp_path):

@@ -6,7 +6,7 @@ distillation student would). Both are compared with the teacher's samples from t
 MSE and FD to the teacher) and with each other. A student that ignores its history samples the same
 either way; one that relies on it gets worse without it.
 
-Rows are cached beside the rung's weights (``rungs/step_XXXXXXXX.history_cut.json``, with the weights'
+Rows are cached beside the rung's weights (``rungs/history_cut_XXXXXXXX.json``, with the weights'
 sha256), so rerunning only evaluates new rungs, and rungs whose weights changed since. This only reads
 a ladder: it can run beside the ladder's own jobs, and evaluates the rungs whose weights exist.
 """
@@ -28,7 +28,8 @@ HISTORY_CUT_FIELDS = ("teacher", "student", "seed", "steps", "mse_to_teacher", "
 
 
 def history_cut_json(run: LadderRun, steps: int) -> Path:
-    return run.run_dir / "rungs" / f"step_{steps:08d}.history_cut.json"
+    """Beside the rung's weights, under a name the rung rows' pattern (``step_XXXXXXXX.json``) cannot match."""
+    return run.run_dir / "rungs" / f"history_cut_{steps:08d}.json"
 
 
 def history_runs(cfg: LadderConfig) -> list[LadderRun]:

@@ -23,7 +23,8 @@ def ladder_rows(cfgs: list[LadderConfig]) -> list[dict]:
         if t.is_file():
             rows.append(read_json(t, "ladder teacher evaluation"))
         for run in [*ladder_runs(cfg), *(arm.as_run(cfg) for arm in gan_arms(cfg))]:
-            for p in sorted((run.run_dir / "rungs").glob("step_*.json")):
+            # exactly the rung rows (LadderRun.rung_json), not other files kept beside them
+            for p in sorted((run.run_dir / "rungs").glob("step_" + "[0-9]" * 8 + ".json")):
                 rows.append(read_json(p, "ladder rung"))
     rows.sort(key=row_order)
     return rows
