@@ -2,9 +2,10 @@
 
 Runs the jobs of ``ardistill.ladder`` in ``--jobs`` processes (one torch thread each), rung by rung
 across all ladders (the cheapest pending rung first, so every budget's rows arrive before the next
-budget's), and after every finished job rewrites the CSV and, with ``--figure``, the figure. Stop it
-at any time: the same command continues where it stopped (finished rungs are kept, a run in progress
-resumes from its latest checkpoint, recordings resume).
+budget's), and after every finished job rewrites the CSV and, with ``--figure``, the figure (a failure
+there is reported and the jobs go on; only the last rewrite fails the command). Stop it at any time:
+the same command continues where it stopped (finished rungs are kept, a run in progress resumes from
+its latest checkpoint, recordings resume).
 
   python scripts/photos_ladder.py --out /work/ladder/runs \\
       --ladder DiT-photos-S:300,1000,3000,10000 \\
@@ -30,6 +31,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -162,12 +164,20 @@ def main(argv=None):
         print(history_cut_table(read_csv(args.history_cut)))
         return
 
-    def publish():
-        rows = ladder_rows(ladders)
-        if args.csv:
-            write_csv(rows, args.csv)
-        if args.figure and any(r["student"] != "teacher" for r in rows):
-            plot_ladder(rows, args.figure)
+    def publish(final: bool = False):
+        """The table and figure from every saved rung. While jobs run a failure here is reported and
+        training goes on (the rungs are saved; --report redraws); the last one raises."""
+        try:
+            rows = ladder_rows(ladders)
+            if args.csv:
+                write_csv(rows, args.csv)
+            if args.figure and any(r["student"] != "teacher" for r in rows):
+                plot_ladder(rows, args.figure)
+        except Exception:
+            if final:
+                raise
+            print("[ladder] writing the table or figure failed; the rungs are saved and training goes on:\n"
+                  + traceback.format_exc(), file=sys.stderr, flush=True)
 
     ctx = mp.get_context("spawn")
     # a fresh process per job: torch.compile's cache is per process and guards on the model object, so a
@@ -236,7 +246,7 @@ def main(argv=None):
                         del pending[k]
                     print(f"[{t}] {run[0]} seed {run[1]}: rung {steps} done ({sec:.0f} s)", flush=True)
                 publish()
-    publish()
+    publish(final=True)
     if args.csv:
         print_tables(read_csv(args.csv))
 
