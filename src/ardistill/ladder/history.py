@@ -47,10 +47,7 @@ def cached_history_cut(run: LadderRun, steps: int) -> dict | None:
 
 
 def history_cut_row(cfg: LadderConfig, run: LadderRun, steps: int, evaluator) -> dict:
-    """The ablation of ``run`` at ``steps`` (cached beside its weights); ``evaluator``: the ladder's Evaluator."""
-    row = cached_history_cut(run, steps)
-    if row is not None:
-        return row
+    """The ablation of ``run`` at ``steps``, saved beside its weights; ``evaluator``: the ladder's Evaluator."""
     from ardistill.evaluation.evaluate import history_dependence, image_metrics, run_sampler
     from ardistill.io.student_io import load_student
     from ardistill.ladder.evaluation import code_commit
@@ -80,9 +77,11 @@ def history_cut_rows(cfgs: list[LadderConfig], progress=print) -> list[dict]:
             for rung in cfg.rungs:
                 if not (run.rung_json(rung).is_file() and run.rung_weights(rung).is_file()):
                     continue
-                if evaluator is None and cached_history_cut(run, rung) is None:
-                    evaluator = Evaluator(cfg)
-                rows.append(history_cut_row(cfg, run, rung, evaluator))
+                row = cached_history_cut(run, rung)
+                if row is None:
+                    evaluator = evaluator or Evaluator(cfg)
+                    row = history_cut_row(cfg, run, rung, evaluator)
+                rows.append(row)
                 if progress:
                     progress(f"[{cfg.teacher_name}] {run.student} seed {run.seed}: history cut at {rung}")
     return rows
