@@ -74,11 +74,14 @@ def parse_ladder(spec: str, out: Path, **common):
 
 
 def print_tables(rows: list[dict]) -> None:
-    """The ratio table, the error-accumulation table, and the GAN stage's table when the rows have one."""
-    from ardistill.ladder import error_table, gan_table, parse_row_name, ratio_table
+    """The ratio table, the error-accumulation table, the convergence table, and the GAN stage's table when
+    the rows have one."""
+    from ardistill.ladder import convergence_table, error_table, gan_table, parse_row_name, ratio_table
     print(ratio_table(rows))
     print()
     print(error_table(rows))
+    print()
+    print(convergence_table(rows))
     if any(parse_row_name(r["student"]).gan for r in rows):
         print()
         print(gan_table(rows))

@@ -13,7 +13,7 @@ import torch
 
 from ardistill.io.checkpoints import save_checkpoint_safetensors
 from ardistill.io.student_io import read_student_file
-from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, degradation_ratios, error_accumulation, error_table,
+from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, convergence, convergence_table, degradation_ratios, error_accumulation, error_table,
                               gan_arms, gan_table, ladder_rows, ladder_runs, prepare, ratio_table, read_csv, row_order, run_arm, run_rung, teacher_row,
                               train_to, write_csv)
 from ardistill.ladder.history import history_cut_json, history_cut_rows, history_cut_table, write_history_csv
@@ -258,6 +258,36 @@ def test_error_accumulation_splits_the_final_error_into_training_and_sampling():
     assert (d["sd_accumulation"], d["ard_accumulation"]) == pytest.approx((3.0, 2.0))
     assert (d["sd_generalisation"], d["ard_generalisation"]) == pytest.approx((2.0, 1.0))
     assert "| t | shared | 10 | 1.50000 | 1.50000 | 4.50000 | 3.00000 | 3.00 | 2.00 | 2.00 | 1.00 |" in error_table(rows)
+
+
+def test_convergence_gives_each_students_log_log_slope_between_rungs():
+    """Seed means per rung; slope = log(y_n / y_prev) / log(n / prev); the first rung and non-positive
+    values have none; GAN arms and the teacher row are left out; students in the table's order."""
+    rows = [{"teacher": "t", "student": "teacher", "seed": "", "steps": 0, "fd": 100.0, "fd_to_teacher": 0.0}]
+    for seed in (0, 1):
+        for n, ftt, fd in ((100, 400.0, 300.0), (1000, 40.0, 130.0), (10000, 40.0, 110.0)):
+            rows.append({"teacher": "t", "student": "ARD (N_h = 1)", "seed": seed, "steps": n,
+                         "fd_to_teacher": ftt + seed, "fd": fd + seed})
+    rows.append({"teacher": "t", "student": "step distillation", "seed": 0, "steps": 100, "fd_to_teacher": 9.0,
+                 "fd": 99.0})  # below the teacher's FD: no slope from it
+    rows.append({"teacher": "t", "student": "step distillation", "seed": 0, "steps": 1000, "fd_to_teacher": 1.0,
+                 "fd": 110.0})
+    rows.append({"teacher": "t", "student": "step distillation, GAN (factor 1)", "seed": 0, "steps": 1100,
+                 "fd_to_teacher": 1.0, "fd": 50.0})
+    c = convergence(rows)
+    assert [(d["student"], d["steps"]) for d in c] == [("step distillation", 100), ("step distillation", 1000),
+                                                       ("ARD (N_h = 1)", 100), ("ARD (N_h = 1)", 1000),
+                                                       ("ARD (N_h = 1)", 10000)]
+    sd0, sd1, a0, a1, a2 = c
+    assert math.isnan(sd0["fd_to_teacher_slope"]) and sd1["fd_to_teacher_slope"] == pytest.approx(-math.log10(9))
+    assert sd0["excess"] == pytest.approx(-1.0) and math.isnan(sd1["excess_slope"])
+    assert a1["seeds"] == 2 and a1["fd_to_teacher"] == pytest.approx(40.5)
+    assert a1["fd_to_teacher_slope"] == pytest.approx(math.log(40.5 / 400.5) / math.log(10))
+    assert a2["fd_to_teacher_slope"] == pytest.approx(0.0)  # a plateau
+    assert (a2["excess"], a2["excess_slope"]) == pytest.approx((10.5, math.log(10.5 / 30.5) / math.log(10)))
+    table = convergence_table(rows)
+    assert "| t | ARD (N_h = 1) | 10000 | 2 | 40.50 | +0.00 | 10.5 | -0.46 |" in table
+    assert "| t | step distillation | 1000 | 1 | 1.00 | -0.95 | 10.0 | - |" in table
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ factors, each against its regression-only control of the same length.
 
 Modules: ``config`` (LadderConfig), ``runs`` (recordings, training runs, rungs), ``evaluation`` (one
 row per rung), ``gan`` (the GAN stage), ``history`` (the history-cut ablation at every rung), ``status``
-(where each run stands), ``table`` (CSV, degradation ratios, error accumulation), ``figure``.
+(where each run stands), ``table`` (CSV, degradation ratios, error accumulation, convergence slopes), ``figure``.
 """
 
 from ardistill.ladder.config import CSV_FIELDS, LADDER_STUDENTS, TEACHER_ROW, LadderConfig
@@ -32,11 +32,11 @@ from ardistill.ladder.evaluation import Evaluator, code_commit, run_rung, teache
 from ardistill.ladder.figure import plot_ladder
 from ardistill.ladder.gan import GANArm, gan_arms, gan_config, parse_row_name, run_arm, train_arm
 from ardistill.ladder.runs import LadderRun, distill_config, ladder_runs, prepare, recordings, train_to
-from ardistill.ladder.table import (PAIRS, degradation_ratios, error_accumulation, error_table, gan_table, ladder_rows,
+from ardistill.ladder.table import (PAIRS, convergence, convergence_table, degradation_ratios, error_accumulation, error_table, gan_table, ladder_rows,
                                     ratio_table, read_csv, row_order, write_csv)
 
 __all__ = ["CSV_FIELDS", "LADDER_STUDENTS", "TEACHER_ROW", "LadderConfig", "Evaluator", "code_commit", "run_rung",
            "teacher_row", "training_seconds", "plot_ladder", "GANArm", "gan_arms", "gan_config", "parse_row_name", "run_arm", "train_arm",
-           "LadderRun", "distill_config", "ladder_runs", "prepare", "recordings", "train_to", "PAIRS",
+           "LadderRun", "distill_config", "ladder_runs", "prepare", "recordings", "train_to", "PAIRS", "convergence", "convergence_table",
            "degradation_ratios", "error_accumulation", "error_table", "gan_table", "ladder_rows", "ratio_table", "read_csv",
            "row_order", "write_csv"]

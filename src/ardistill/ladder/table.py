@@ -202,3 +202,45 @@ def error_table(rows: list[dict]) -> str:
                      f"{d['sd_free']:.5f} | {d['ard_free']:.5f} | {d['sd_accumulation']:.2f} | "
                      f"{d['ard_accumulation']:.2f} | {d['sd_generalisation']:.2f} | {d['ard_generalisation']:.2f} |")
     return "\n".join(lines)
+
+
+def convergence(rows: list[dict]) -> list[dict]:
+    """How fast each regression student still approaches its teacher, rung by rung (seed means).
+
+    Per teacher, student (GAN arms excluded) and budget: FD to the teacher's own samples and the FD excess
+    over the teacher (FD - teacher FD), each with its local log-log slope from the previous rung,
+    ``log(y_n / y_prev) / log(n / prev)``: a power law y ~ n^slope between the two budgets. A plateau shows
+    as a slope near 0; nan where there is no previous rung or a value is not positive."""
+    out = []
+    for t in sorted({r["teacher"] for r in rows}):
+        trow = [r for r in rows if r["teacher"] == t and r["student"] == TEACHER_ROW]
+        tfd = float(trow[0]["fd"]) if trow else math.nan
+        mine = [r for r in rows if r["teacher"] == t and r["student"] != TEACHER_ROW
+                and not parse_row_name(r["student"]).gan]
+        for name in sorted({r["student"] for r in mine}, key=lambda s: row_order({"teacher": t, "student": s,
+                                                                                    "seed": "", "steps": 0})):
+            prev = None
+            for n in sorted({int(r["steps"]) for r in mine if r["student"] == name}):
+                rs = [r for r in mine if r["student"] == name and int(r["steps"]) == n]
+                d = {"teacher": t, "student": name, "steps": n, "seeds": len(rs),
+                     "fd_to_teacher": float(np.mean([float(r["fd_to_teacher"]) for r in rs])),
+                     "excess": float(np.mean([float(r["fd"]) for r in rs])) - tfd}
+                for key in ("fd_to_teacher", "excess"):
+                    ok = prev is not None and d[key] > 0 and prev[key] > 0
+                    d[f"{key}_slope"] = (math.log(d[key] / prev[key]) / math.log(n / prev["steps"]) if ok
+                                         else math.nan)
+                out.append(d)
+                prev = d
+    return out
+
+
+def convergence_table(rows: list[dict]) -> str:
+    """Markdown of ``convergence``: per teacher, student and budget, FD to teacher and FD excess over the
+    teacher (seed means), each with its log-log slope from the previous rung (0 = a plateau)."""
+    lines = ["| teacher | student | steps | seeds | FD to teacher | slope | FD - teacher FD | slope |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "-" if math.isnan(v) else f"{v:+.2f}"  # noqa: E731
+    for d in convergence(rows):
+        lines.append(f"| {d['teacher']} | {d['student']} | {d['steps']} | {d['seeds']} | {d['fd_to_teacher']:.2f} | "
+                     f"{f(d['fd_to_teacher_slope'])} | {d['excess']:.1f} | {f(d['excess_slope'])} |")
+    return "\n".join(lines)
