@@ -20,7 +20,7 @@ samples that ladder's students in n steps instead of ``--num-steps`` (e.g. ``DiT
 its jobs start as soon as their base rung is evaluated. ``--report`` prints the ratio tables from the
 CSV (and with ``--figure`` draws the figure from it) and exits. ``--history-cut CSV`` samples the ARD runs'
 evaluated rungs with their history cut (does the student use it?) and exits; ``--status`` prints where
-every run stands and the hours to go, and exits. Run it from a worktree pinned at one
+every run stands, the hours to go and the wall time at ``--jobs`` (the scheduler's order replayed), and exits. Run it from a worktree pinned at one
 commit (the rows carry that commit).
 """
 
@@ -129,7 +129,8 @@ def main(argv=None):
                         "evaluated rung of the ARD runs with and without their history, write CSV, print its table "
                         "and exit (trains nothing; can run beside the ladder); with --report, print CSV's table")
     args = p.parse_args(argv)
-    from ardistill.ladder import gan_arms, ladder_rows, ladder_runs, plot_ladder, read_csv, write_csv
+    from ardistill.ladder import ladder_rows, plot_ladder, read_csv, write_csv
+    from ardistill.ladder.schedule import next_jobs, pending_jobs
     from ardistill.ladder.history import history_cut_rows, history_cut_table, write_history_csv
 
     if args.report:
@@ -159,8 +160,8 @@ def main(argv=None):
     out = Path(args.out).resolve()
     ladders = [parse_ladder(s, out, **common) for s in args.ladder]
     if args.status:
-        from ardistill.ladder.status import ladder_status, status_table
-        print(status_table(ladder_status(ladders)))
+        from ardistill.ladder.status import ladder_status, status_table, wall_seconds
+        print(status_table(ladder_status(ladders), wall=(args.jobs, wall_seconds(ladders, args.jobs, args.max_rung))))
         return
     if args.history_cut:
         write_history_csv(history_cut_rows(ladders), args.history_cut)
@@ -194,43 +195,19 @@ def main(argv=None):
         for f in cf.as_completed([pool.submit(_job, "teacher", c.to_dict(), None, None) for c in ladders]):
             print(f"[{f.result()[1]}] teacher evaluated", flush=True)
         publish()
-        # 2. the rungs: a run's next rung once its previous one is done; lowest rung index first, then the
-        #    cheaper ladder (listed last is assumed no cheaper: order by rung steps); a GAN arm once its base
-        #    rung is evaluated, after the other ladders' rungs of the same index
-        pending = {}
-        for li, c in enumerate(ladders):
-            for r in ladder_runs(c):
-                rungs = [n for n in c.rungs if args.max_rung is None or n <= args.max_rung]
-                todo = [n for n in rungs if not r.rung_json(n).is_file()]
-                if todo:
-                    pending[("rung", li, r.student, r.seed)] = (c, r, todo)
-            for arm in gan_arms(c):
-                if (args.max_rung is None or arm.start <= args.max_rung) and \
-                        not arm.as_run(c).rung_json(arm.total_steps).is_file():
-                    pending[("gan", li, arm.run_dir.name)] = (c, arm, None)
-
-        def ready(k):
-            c, r, todo = pending[k]
-            return k[0] == "rung" or r.base.rung_json(r.start).is_file()
-
-        def order(k):
-            c, r, todo = pending[k]
-            if k[0] == "rung":
-                return (c.rungs.index(todo[0]), todo[0], k)
-            return (c.rungs.index(r.start) + 0.5, r.start, k)
-
+        # 2. the rungs and GAN arms, in ardistill/ladder/schedule.py's order: a run's next rung once its
+        #    previous one is done, lowest rung index first; a GAN arm once its base rung is evaluated
+        pending = pending_jobs(ladders, args.max_rung)
         running = {}
         while pending or running:
-            free = args.jobs - len(running)
-            idle = [k for k in pending if k not in set(running.values()) and ready(k)]
-            idle.sort(key=order)
-            for k in idle[:free]:
-                c, r, todo = pending[k]
-                if k[0] == "rung":
-                    fut = pool.submit(_job, "rung", c.to_dict(), (r.student, r.seed, str(r.run_dir)), todo[0])
+            for k in next_jobs(pending, set(running.values()), args.jobs - len(running)):
+                j = pending[k]
+                if j.kind == "rung":
+                    fut = pool.submit(_job, "rung", j.cfg.to_dict(), (j.run.student, j.run.seed, str(j.run.run_dir)),
+                                      j.todo[0])
                 else:
-                    fut = pool.submit(_job, "gan", c.to_dict(), (r.base.student, r.base.seed, str(r.run_dir)),
-                                      r.total_steps)
+                    fut = pool.submit(_job, "gan", j.cfg.to_dict(),
+                                      (j.run.base.student, j.run.base.seed, str(j.run.run_dir)), j.run.total_steps)
                 running[fut] = k
             if not running:
                 raise SystemExit(f"nothing can run: {sorted(pending)} wait for rungs this invocation does not train "
@@ -239,14 +216,13 @@ def main(argv=None):
             for f in done:
                 k = running.pop(f)
                 kind, t, run, steps, sec = f.result()
-                c, r, todo = pending[k]
-                if kind == "gan":
+                j = pending[k]
+                j.todo.pop(0)
+                if not j.todo:
                     del pending[k]
-                    print(f"[{t}] {r.name(c)} seed {run[1]}: {steps} steps done ({sec:.0f} s)", flush=True)
+                if kind == "gan":
+                    print(f"[{t}] {j.run.name(j.cfg)} seed {run[1]}: {steps} steps done ({sec:.0f} s)", flush=True)
                 else:
-                    todo.pop(0)
-                    if not todo:
-                        del pending[k]
                     print(f"[{t}] {run[0]} seed {run[1]}: rung {steps} done ({sec:.0f} s)", flush=True)
                 publish()
     publish(final=True)

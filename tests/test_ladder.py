@@ -318,6 +318,10 @@ def test_script_runs_the_ladder_and_continues(tmp_path):
     assert "rung 3 done" not in out  # the finished rungs were kept
     assert "FD-degradation ratio" in out and "FD-degradation ratio vs SD control" in out
     assert (tmp_path / "l.png").stat().st_size > 0
+    status = subprocess.run(cmd[:-6] + ["--batch-size", "8", "--teacher-steps", "6"] + gan + ["--status"], check=True,
+                            capture_output=True, text=True, timeout=600).stdout
+    assert "| tiny | ARD (N_h = 1), GAN (factor 1) | 0 | 8 | 8 | done |" in status
+    assert "Wall time at 2 parallel jobs, in the scheduler's order: 0.0 hours." in status
 
 
 def test_figure_draws_the_ladder_its_error_accumulation_and_the_gan_stage(tmp_path):
@@ -402,3 +406,41 @@ def test_status_says_where_each_run_stands_and_the_time_to_go(tmp_path):
     arm = st[("ARD (N_h = 1), GAN (factor 1)", 0)]
     assert (arm["step"], arm["next_rung"], arm["steps_to_end"]) == (6, 10, 4)
     assert len(st) == 6 and "To go: 0.0 job-hours" in status_table(list(st.values()))
+    from ardistill.ladder.status import wall_seconds
+    # the whole ladder at 0.5 s/step, 2 jobs at a time: SD's 2 steps (0-1 s), then its arms one after the
+    # other (1-3, 3-5) beside ARD's 6 steps (0-3) and its first arm (3-5); its second arm alone (5-7)
+    assert wall_seconds([cfg], 2) == pytest.approx(7.0)
+    assert "Wall time at 2 parallel jobs, in the scheduler's order: 0.0 hours" in \
+        status_table(list(st.values()), wall=(2, wall_seconds([cfg], 2)))
+
+
+def test_schedule_orders_rungs_before_gan_arms_and_replays_the_wall_time(tmp_path):
+    """Lowest rung index first; a run queues again after each rung; a GAN arm starts once its base rung
+    is evaluated (on disk or in the replay); evaluated rungs are not pending; the replay's total is the
+    hand-computed one; an arm whose base rung cannot come is an error."""
+    from ardistill.ladder.schedule import next_jobs, pending_jobs, simulate
+    cfg = LadderConfig(out=str(tmp_path / "l"), teacher_name="tiny", rungs=(3, 6), warmup_steps=1, batch_size=8,
+                       students={"step distillation": [0], "ARD (N_h = 1)": [0]}, gan_factors=(1.0,), gan_steps=2)
+    sd, ard = ladder_runs(cfg)
+    pending = pending_jobs([cfg])
+    sd_key, ard_key = ("rung", 0, "step distillation", 0), ("rung", 0, "ARD (N_h = 1)", 0)
+    arms = sorted(k for k in pending if k[0] == "gan")
+    assert len(pending) == 6 and pending[sd_key].todo == [3, 6] and len(arms) == 4
+    assert next_jobs(pending, set(), 3) == [ard_key, sd_key]  # arms wait for their base rung
+    (sd.run_dir / "rungs").mkdir(parents=True)
+    for n in (3, 6):
+        sd.rung_json(n).write_text("{}")
+    done_sd = pending_jobs([cfg])
+    assert sd_key not in done_sd and next_jobs(done_sd, {ard_key}, 3) == [
+        ("gan", 0, "step-distillation-seed0-from6-control"), ("gan", 0, "step-distillation-seed0-from6-gan1")]
+    for n in (3, 6):
+        sd.rung_json(n).unlink()
+    # SD 1 s/step, ARD 2 s/step, arms 1 s/step, 2 jobs: SD 0-3-6 (rung 3 then 6), ARD 0-6 (rung 3) then 6-12
+    # (rung 6; it sorts before SD's arms, which start at 6 and 8 in the other slot), ARD's arms 12-14
+    speed = {k: (2.0 if k == ard_key else 1.0) for k in pending}
+    at = {k: (6 if k[0] == "gan" else 0) for k in pending}
+    assert simulate(pending, 2, at, speed) == pytest.approx(14.0)
+    assert simulate(pending, 1, at, speed) == pytest.approx(3 + 6 + 3 + 6 + 4 * 2)
+    assert pending[sd_key].todo == [3, 6]  # the replay leaves the jobs as they were
+    with pytest.raises(ValueError, match="nothing can run"):
+        simulate({k: j for k, j in pending.items() if k != ard_key}, 2, at, speed)

@@ -23,8 +23,8 @@ At the longest rung, the GAN stage (``gan.py``) fine-tunes chosen runs with regr
 factors, each against its regression-only control of the same length.
 
 Modules: ``config`` (LadderConfig), ``runs`` (recordings, training runs, rungs), ``evaluation`` (one
-row per rung), ``gan`` (the GAN stage), ``history`` (the history-cut ablation at every rung), ``status``
-(where each run stands), ``table`` (CSV, degradation ratios, error accumulation, convergence slopes), ``figure``.
+row per rung), ``gan`` (the GAN stage), ``history`` (the history-cut ablation at every rung), ``schedule`` (the jobs' order and a
+replay of it for the wall time), ``status`` (where each run stands), ``table`` (CSV, degradation ratios, error accumulation, convergence slopes), ``figure``.
 """
 
 from ardistill.ladder.config import CSV_FIELDS, LADDER_STUDENTS, TEACHER_ROW, LadderConfig

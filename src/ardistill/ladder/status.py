@@ -3,6 +3,8 @@
 Reads only (the runs' ``rungs/``, ``checkpoints/latest.json`` and ``log.jsonl``), so it can be asked
 while the ladder runs; ``scripts/photos_ladder.py --status`` prints it. A job's speed is the median of
 its last logged windows, so on a machine shared with other jobs the times to go are the shared machine's.
+``wall_seconds`` replays the scheduler's order (``schedule.simulate``) with those speeds: the wall time
+of the whole ladder at a given number of parallel jobs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ardistill.io.fileio import read_json
 from ardistill.ladder.config import LadderConfig
 from ardistill.ladder.gan import gan_arms
 from ardistill.ladder.runs import ladder_runs
+from ardistill.ladder.schedule import pending_jobs, simulate
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -35,6 +38,27 @@ def recent_speed(run_dir: Path, windows: int = 10) -> float:
     return float(np.median([json.loads(x)["samples_per_s"] for x in lines])) if lines else math.nan
 
 
+def _typical_speed(cfg: LadderConfig) -> float:
+    """The median recent speed (samples/s) of a ladder's regression runs (nan when none has logged)."""
+    known = [v for v in (recent_speed(r.run_dir) for r in ladder_runs(cfg)) if not math.isnan(v)]
+    return float(np.median(known)) if known else math.nan
+
+
+def wall_seconds(cfgs: list[LadderConfig], jobs: int, max_rung: int | None = None) -> float:
+    """Seconds until the ladders are done with ``jobs`` jobs at a time, in the scheduler's order, each job
+    at its recent speed (a job that has not logged: its ladder's median, as ``ladder_status``); nan when
+    a job has no speed at all. Times are the machine's as it was while the speeds were logged."""
+    pending = pending_jobs(cfgs, max_rung)
+    typical = {cfg.out: _typical_speed(cfg) for cfg in cfgs}
+    step, per_step = {}, {}
+    for k, j in pending.items():
+        offset = j.run.start if j.kind == "gan" else 0
+        step[k] = offset + checkpoint_step(j.run.run_dir)
+        speed = recent_speed(j.run.run_dir)
+        per_step[k] = j.cfg.batch_size / (typical[j.cfg.out] if math.isnan(speed) else speed)
+    return simulate(pending, jobs, step, per_step)
+
+
 def ladder_status(cfgs: list[LadderConfig]) -> list[dict]:
     """One dict per run and GAN arm: rungs evaluated, checkpoint step, next rung, steps and seconds to go
     (to the next rung and to the job's last), at the job's recent speed. A job that has not logged yet is
@@ -46,8 +70,7 @@ def ladder_status(cfgs: list[LadderConfig]) -> list[dict]:
         jobs = [(cfg.row_name(r.student), r.seed, r.run_dir, 0, list(cfg.rungs), r.rung_json) for r in runs]
         jobs += [(a.name(cfg), a.base.seed, a.run_dir, a.start, [a.total_steps], a.as_run(cfg).rung_json)
                  for a in gan_arms(cfg)]
-        known = [v for v in (recent_speed(r.run_dir) for r in runs) if not math.isnan(v)]
-        typical = float(np.median(known)) if known else math.nan
+        typical = _typical_speed(cfg)
         for name, seed, run_dir, offset, rungs, rung_json in jobs:
             done = [n for n in rungs if rung_json(n).is_file()]
             todo = [n for n in rungs if n not in done]
@@ -65,8 +88,9 @@ def ladder_status(cfgs: list[LadderConfig]) -> list[dict]:
     return out
 
 
-def status_table(status: list[dict]) -> str:
-    """Markdown of ``ladder_status`` (``~``: estimated from the ladder's other runs), and the job-hours to go."""
+def status_table(status: list[dict], wall: tuple[int, float] | None = None) -> str:
+    """Markdown of ``ladder_status`` (``~``: estimated from the ladder's other runs), and the job-hours to go;
+    ``wall`` = (jobs, ``wall_seconds``) adds the wall time at that many parallel jobs."""
     h = lambda s: "-" if math.isnan(s) else f"{s / 3600:.1f}"
     lines = ["| ladder | student | seed | rungs done | checkpoint step | next rung | s/step | "
              "hours to next rung | hours to last rung |", "|---|---|---|---|---|---|---|---|---|"]
@@ -79,4 +103,7 @@ def status_table(status: list[dict]) -> str:
     left = [d["seconds_to_end"] for d in status]
     lines.append(f"\nTo go: {sum(x for x in left if not math.isnan(x)) / 3600:.1f} job-hours at the jobs' recent "
                  f"speeds ({sum(math.isnan(x) for x in left)} jobs without an estimate).")
+    if wall is not None:
+        lines.append(f"Wall time at {wall[0]} parallel job{'s' if wall[0] != 1 else ''}, in the scheduler's order: "
+                     f"{h(wall[1])} hours.")
     return "\n".join(lines)
