@@ -131,7 +131,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from ardistill.ladder import ladder_rows, plot_ladder, read_csv, write_csv
     from ardistill.ladder.schedule import next_jobs, pending_jobs
-    from ardistill.ladder.history import history_cut_rows, history_cut_table, write_history_csv
+    from ardistill.ladder.history import history_cut_rows, history_cut_table, history_swap_table, write_history_csv
 
     if args.report:
         if not args.csv:
@@ -142,7 +142,10 @@ def main(argv=None):
             plot_ladder(rows, args.figure)
         if args.history_cut:
             print()
-            print(history_cut_table(read_csv(args.history_cut)))
+            cut = read_csv(args.history_cut)
+            print(history_cut_table(cut))
+            print()
+            print(history_swap_table(cut))
         return
     if not args.out or not args.ladder:
         p.error("--out and --ladder are required (except with --report)")
@@ -165,7 +168,10 @@ def main(argv=None):
         return
     if args.history_cut:
         write_history_csv(history_cut_rows(ladders), args.history_cut)
-        print(history_cut_table(read_csv(args.history_cut)))
+        cut = read_csv(args.history_cut)
+        print(history_cut_table(cut))
+        print()
+        print(history_swap_table(cut))
         return
 
     def publish(final: bool = False):

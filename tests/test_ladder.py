@@ -16,7 +16,8 @@ from ardistill.io.student_io import read_student_file
 from ardistill.ladder import (CSV_FIELDS, LadderConfig, LadderRun, convergence, convergence_table, degradation_ratios, error_accumulation, error_table,
                               gan_arms, gan_table, ladder_rows, ladder_runs, prepare, ratio_table, read_csv, row_order, run_arm, run_rung, teacher_row,
                               train_to, write_csv)
-from ardistill.ladder.history import history_cut_json, history_cut_rows, history_cut_table, write_history_csv
+from ardistill.ladder.history import (history_cut_json, history_cut_rows, history_cut_table, history_swap_table,
+                                     write_history_csv)
 from ardistill.models.dit import build_dit
 from tiny_teachers import random_from_global_rng
 
@@ -194,13 +195,20 @@ def test_ladder_rungs_equal_runs_stopped_there_and_rows_are_complete(tmp_path):
         assert r["fd"] == pytest.approx(own["fd"], rel=1e-4)
         assert r["mse_to_teacher"] == pytest.approx(float(own["mse_free"].split()[-1]), rel=1e-4)
         assert r["mse_with_vs_cut"] >= 0 and math.isfinite(r["fd_to_teacher_history_cut"])  # how much: test_student
+        assert (r["mse_free"], r["mse_forced"]) == (own["mse_free"], own["mse_forced"])
+        for key in ("mse_teacher_history", "mse_other_history"):  # their meaning: test_student.py
+            assert len(r[key].split()) == cfg.num_steps and min(float(x) for x in r[key].split()) >= 0
     stamp = history_cut_json(runs[1], 6).stat().st_mtime_ns
     assert history_cut_rows([cfg], progress=None) == cut and history_cut_json(runs[1], 6).stat().st_mtime_ns == stamp
     other = history_cut_json(runs[1], 3)
     other.write_text(other.read_text().replace(cut[0]["weights_sha256"], "0" * 64))  # stale: weights changed
     assert history_cut_rows([cfg], progress=None) == cut and json.loads(other.read_text()) == cut[0]
+    older = {k: v for k, v in cut[0].items() if k != "mse_other_history"}  # a row of an older version
+    other.write_text(json.dumps(older))
+    assert history_cut_rows([cfg], progress=None) == cut and json.loads(other.read_text()) == cut[0]
     table = history_cut_table(read_csv(write_history_csv(cut, tmp_path / "cut.csv")))
     assert "| tiny | ARD (N_h = 1) | 6 | 1 |" in table
+    assert "| tiny | ARD (N_h = 1) | 6 | 1 |" in history_swap_table(read_csv(tmp_path / "cut.csv"))
     # neither the cached ablation rows beside the rungs nor any other json there are read as rung rows
     (runs[0].run_dir / "rungs" / "step_00000006.notes.json").write_text("{}")
     assert ladder_rows([cfg]) == rows
@@ -444,3 +452,16 @@ def test_schedule_orders_rungs_before_gan_arms_and_replays_the_wall_time(tmp_pat
     assert pending[sd_key].todo == [3, 6]  # the replay leaves the jobs as they were
     with pytest.raises(ValueError, match="nothing can run"):
         simulate({k: j for k, j in pending.items() if k != ard_key}, 2, at, speed)
+
+
+def test_history_swap_table_reads_the_final_step_of_each_per_step_column():
+    """Seed means of the final step; excess removed = (free - teacher's history) / (free - forced); change =
+    another image's history over free-running, minus 1."""
+    rows = [{"teacher": "t", "student": "ARD (N_h = 1)", "seed": s, "steps": "10", "mse_to_teacher": 1.0,
+             "mse_to_teacher_history_cut": 2.0, "mse_with_vs_cut": 1.0, "fd": 5.0, "fd_history_cut": 6.0,
+             "fd_to_teacher": 1.0, "fd_to_teacher_history_cut": 2.0, "mse_forced": f"0.1 {1 + s}",
+             "mse_free": f"0.2 {4 + s}", "mse_teacher_history": f"0.2 {3 + s}", "mse_other_history": f"0.3 {4.5 + s}"}
+            for s in (0, 1)]
+    # final step means: forced 1.5, free 4.5, teacher's history 3.5 (removes 1/3), another image's 5.0 (+11.1%)
+    assert "| t | ARD (N_h = 1) | 10 | 2 | 1.50000 | 4.50000 | 3.50000 | +33% | 5.00000 | +11.1% |" in \
+        history_swap_table(rows)

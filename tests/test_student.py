@@ -219,3 +219,33 @@ def test_gradients_flow_and_checkpointing_matches():
         if pa.requires_grad:
             assert pa.grad is not None, n
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+
+
+def test_history_swap_errors_pair_the_students_own_state_with_the_teachers_history():
+    """Step 0 is the teacher-forced error (its input is the noise) and, with the teacher's history, step 1
+    the free-running one (its history is the same noise); a student without history gets its
+    free-running errors whatever the history; on a 'teacher' trajectory that is the student's own
+    rollout the teacher's history gives ~0; with history, another trajectory's history changes every step
+    from 1 and the teacher's every step from 2."""
+    from ardistill.evaluation.evaluate import EvalTrajectories, history_swap_errors, trajectory_errors
+    teacher = _teacher()
+    S, g = 4, torch.Generator().manual_seed(3)
+    ev = EvalTrajectories(states=torch.randn(6, S + 1, 4, 8, 8, generator=g), labels=torch.arange(6) % 10)
+    ard = build_student(teacher, num_steps=S, history_layers=2, block_times=_uniform_times(S)).eval()
+    sd = build_student(teacher, num_steps=S, history_layers=0, block_times=_uniform_times(S)).eval()
+    for student in (ard, sd):
+        e = trajectory_errors(student, ev)
+        o = history_swap_errors(student, ev, batch_size=4)  # batches of 4 and 2
+        x = history_swap_errors(student, ev, "other", batch_size=4)
+        assert o[0] == pytest.approx(e["teacher_forced"][0], rel=1e-5) and x[0] == pytest.approx(o[0], rel=1e-5)
+        assert o[1] == pytest.approx(e["free_running"][1], rel=1e-5)
+        if student is sd:
+            assert o == pytest.approx(e["free_running"], rel=1e-5) and x == pytest.approx(o, rel=1e-5)
+        else:
+            assert all(abs(a - b) > 1e-3 * b for a, b in zip(o[2:], e["free_running"][2:]))
+            assert all(abs(a - b) > 1e-3 * b for a, b in zip(x[1:], e["free_running"][1:]))
+        with torch.no_grad():
+            own = torch.cat([ev.noise[:, None], student.sample(ev.noise, ev.labels, return_all=True)], dim=1)
+        assert max(history_swap_errors(student, EvalTrajectories(states=own, labels=ev.labels))) < 1e-8
+    with pytest.raises(ValueError, match="history must be one of"):
+        history_swap_errors(sd, ev, "noise")

@@ -196,6 +196,46 @@ def history_dependence(student, ev: EvalTrajectories, samples: torch.Tensor | No
             "mse_with_vs_cut": gap / n, "samples_history_cut": torch.cat(cut)}
 
 
+HISTORY_SWAPS = ("teacher", "other")
+
+
+@torch.no_grad()
+def history_swap_errors(student, ev: EvalTrajectories, history: str = "teacher", batch_size: int = 256,
+                        device=None) -> list[float]:
+    """Per-step MSE to the teacher's trajectory when each step's *current* input is the student's own
+    (free-running) state but its *history* is swapped for the teacher's states:
+
+    - ``history="teacher"``: of the same trajectory, what the history could correct if it were perfect;
+    - ``history="other"``: of another trajectory (the next one of the set, another image and label), so
+      whether the history's content matters at all.
+
+    Step k is one teacher-forced pass over the history's inputs with block k replaced by the student's
+    own input there (blocks after k do not reach it: the mask is causal); the condition stays the
+    trajectory's own. Step 0's input is the noise, so it is the teacher-forced error; with the teacher's
+    history step 1 is the free-running error (its history is the same noise); for a student without
+    history every step is the free-running error. Compare with ``trajectory_errors``."""
+    if history not in HISTORY_SWAPS:
+        raise ValueError(f"history must be one of {HISTORY_SWAPS}, got {history!r}")
+    if ev.num_steps != student.cfg.num_steps:
+        raise ValueError(f"evaluation recording has {ev.num_steps} steps, the student {student.cfg.num_steps}")
+    inputs, targets = ev.inputs_targets(student.cfg.target)
+    hist = inputs if history == "teacher" else inputs.roll(1, dims=0)
+    S = ev.num_steps
+    err = torch.zeros(S, dtype=torch.float64)
+    student.eval()
+    for sl in _batches(len(inputs), batch_size):
+        cond = [c[sl].to(device) for c in ev.cond]
+        tgt = targets[sl].to(device).float()
+        outs = student.sample(ev.noise[sl].to(device), *cond, return_all=True).float()
+        own = torch.cat([inputs[sl, :1].to(device).float(), outs[:, :-1]], dim=1)  # each block's own input
+        for k in range(S):
+            mixed = hist[sl].to(device).float().clone()
+            mixed[:, k] = own[:, k]
+            out = student(mixed, *cond)[:, k].float()
+            err[k] += float((out - tgt[:, k]).square().flatten(1).mean(-1).sum())
+    return (err / len(inputs)).tolist()
+
+
 @torch.no_grad()
 def median_latency(sampler: Sampler, noise: torch.Tensor, cond, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time per image (seconds) of one batched call ``sampler(noise, *cond)``, after warm-up."""

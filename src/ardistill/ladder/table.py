@@ -156,7 +156,7 @@ def gan_table(rows: list[dict], sd_control: str = "step distillation, GAN contro
     return "\n".join(lines)
 
 
-def _final(r: dict, key: str) -> float:
+def final_step(r: dict, key: str) -> float:
     """The last step's value of a per-step MSE column (space-separated in the CSV, a list in a rung json)."""
     v = r[key]
     return float((v.split() if isinstance(v, str) else v)[-1])
@@ -179,9 +179,9 @@ def error_accumulation(rows: list[dict], sd: str = "step distillation", ard: str
                 mine = [r for r in rows if r["teacher"] == t and r["student"] == name and int(r["steps"]) == n]
                 if not mine:
                     break
-                forced = np.array([_final(r, "mse_forced") for r in mine])
-                free = np.array([_final(r, "mse_free") for r in mine])
-                train = np.array([_final(r, "mse_free_train") for r in mine])
+                forced = np.array([final_step(r, "mse_forced") for r in mine])
+                free = np.array([final_step(r, "mse_free") for r in mine])
+                train = np.array([final_step(r, "mse_free_train") for r in mine])
                 d.update({f"{key}_forced": forced.mean(), f"{key}_free": free.mean(),
                           f"{key}_accumulation": float(np.mean(free / forced)),
                           f"{key}_generalisation": float(np.mean(free / train)), f"{key}_seeds": len(mine)})
