@@ -148,20 +148,30 @@ def sample_student(student, ev: EvalTrajectories, batch_size: int = 256, device=
     return run_sampler(student.sample, ev.noise, ev.cond, batch_size, desc=desc, device=device)
 
 
+def _teacher_trajectory(student, ev: EvalTrajectories) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The set's teacher-forced inputs and targets for ``student``'s parameterisation, and S (checked)."""
+    if ev.num_steps != student.cfg.num_steps:
+        raise ValueError(f"evaluation recording has {ev.num_steps} steps, the student {student.cfg.num_steps}")
+    return (*ev.inputs_targets(student.cfg.target), ev.num_steps)
+
+
+def _rollouts(student, ev: EvalTrajectories, targets: torch.Tensor, batch_size: int, device):
+    """Per batch of the set (student in eval mode): its slice, its condition and targets on ``device``, and
+    the student's free-running outputs of every step (B, S, C, H, W)."""
+    student.eval()
+    for sl in _batches(len(targets), batch_size):
+        cond = [c[sl].to(device) for c in ev.cond]
+        outs = student.sample(ev.noise[sl].to(device), *cond, return_all=True).float()
+        yield sl, cond, targets[sl].to(device).float(), outs
+
+
 @torch.no_grad()
 def trajectory_errors(student, ev: EvalTrajectories, batch_size: int = 256, device=None) -> dict:
     """Per-step MSE of the free-running and teacher-forced student against the teacher's trajectory."""
-    if ev.num_steps != student.cfg.num_steps:
-        raise ValueError(f"evaluation recording has {ev.num_steps} steps, the student {student.cfg.num_steps}")
-    inputs, targets = ev.inputs_targets(student.cfg.target)
-    S = ev.num_steps
+    inputs, targets, S = _teacher_trajectory(student, ev)
     free = torch.zeros(S, dtype=torch.float64)
     forced = torch.zeros(S, dtype=torch.float64)
-    student.eval()
-    for sl in _batches(len(inputs), batch_size):
-        cond = [c[sl].to(device) for c in ev.cond]
-        tgt = targets[sl].to(device).float()
-        outs = student.sample(ev.noise[sl].to(device), *cond, return_all=True).float()
+    for sl, cond, tgt, outs in _rollouts(student, ev, targets, batch_size, device):
         tf = student(inputs[sl].to(device), *cond).float()
         free += (outs - tgt).square().flatten(2).mean(-1).sum(0).double().cpu()
         forced += (tf - tgt).square().flatten(2).mean(-1).sum(0).double().cpu()
@@ -216,17 +226,10 @@ def history_swap_errors(student, ev: EvalTrajectories, history: str = "teacher",
     history every step is the free-running error. Compare with ``trajectory_errors``."""
     if history not in HISTORY_SWAPS:
         raise ValueError(f"history must be one of {HISTORY_SWAPS}, got {history!r}")
-    if ev.num_steps != student.cfg.num_steps:
-        raise ValueError(f"evaluation recording has {ev.num_steps} steps, the student {student.cfg.num_steps}")
-    inputs, targets = ev.inputs_targets(student.cfg.target)
+    inputs, targets, S = _teacher_trajectory(student, ev)
     hist = inputs if history == "teacher" else inputs.roll(1, dims=0)
-    S = ev.num_steps
     err = torch.zeros(S, dtype=torch.float64)
-    student.eval()
-    for sl in _batches(len(inputs), batch_size):
-        cond = [c[sl].to(device) for c in ev.cond]
-        tgt = targets[sl].to(device).float()
-        outs = student.sample(ev.noise[sl].to(device), *cond, return_all=True).float()
+    for sl, cond, tgt, outs in _rollouts(student, ev, targets, batch_size, device):
         own = torch.cat([inputs[sl, :1].to(device).float(), outs[:, :-1]], dim=1)  # each block's own input
         for k in range(S):
             mixed = hist[sl].to(device).float().clone()
