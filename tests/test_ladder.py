@@ -348,6 +348,9 @@ def test_figure_draws_the_ladder_its_error_accumulation_and_the_gan_stage(tmp_pa
     plot_ladder(rows[:3] + rows[-1:], tmp_path / "g.png")
     h, w = mpimg.imread(tmp_path / "g.png").shape[:2]
     assert w < h < 2 * w  # no GAN rows: two rows
+    from ardistill.ladder.figure import curve_label
+    assert curve_label("step distillation", [300, 10000], [2, 1]) == "step distillation (2 seeds; 1 at 10,000)"
+    assert curve_label("ARD (N_h = 1)", [300], [1]) == "ARD (N_h = 1) (1 seed)"
 
 
 def test_a_ladder_spec_can_sample_in_other_step_counts(tmp_path):

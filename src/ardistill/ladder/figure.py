@@ -51,6 +51,14 @@ def plot_ladder(rows: list[dict], path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def curve_label(student: str, steps: list[int], seeds: list[int]) -> str:
+    """A curve's legend: the student and its seed count, with the rungs that have fewer seeds (still
+    training), e.g. 'step distillation (2 seeds; 1 at 10,000)'."""
+    n = max(seeds)
+    fewer = "".join(f"; {k} at {m:,}" for m, k in zip(steps, seeds) if k < n)
+    return f"{student} ({n} seed{'s' if n > 1 else ''}{fewer})"
+
+
 def _plot_curves(ax, rows: list[dict], students: list[str], value, ylabel: str, title: str, log_y: bool) -> None:
     """``value(row)`` vs training steps for each student: seed mean, the seeds' range as band and bars."""
     from matplotlib.ticker import NullFormatter
@@ -61,7 +69,7 @@ def _plot_curves(ax, rows: list[dict], students: list[str], value, ylabel: str, 
         mean = [float(np.mean(v)) for v in vals]
         color, ls = _style(s)
         n = max(len(v) for v in vals)
-        ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=f"{s} ({n} seed{'s' if n > 1 else ''})")
+        ax.plot(steps, mean, ls, marker="o", ms=3, color=color, label=curve_label(s, steps, [len(v) for v in vals]))
         if n > 1:  # the seeds' range: a band between rungs, a bar at each rung
             lo, hi = [min(v) for v in vals], [max(v) for v in vals]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
