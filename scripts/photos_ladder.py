@@ -19,9 +19,9 @@ samples that ladder's students in n steps instead of ``--num-steps`` (e.g. ``DiT
 ``--gan-seeds`` fine-tuned ``--gan-steps`` more steps per factor and once as its regression-only control;
 its jobs start as soon as their base rung is evaluated. ``--report`` prints the ratio tables from the
 CSV (and with ``--figure`` draws the figure from it) and exits. ``--history-cut CSV`` samples the ARD runs'
-evaluated rungs with their history cut (does the student use it?) and exits; ``--status`` prints where
-every run stands, the hours to go and the wall time at ``--jobs`` (the scheduler's order replayed), and exits. Run it from a worktree pinned at one
-commit (the rows carry that commit).
+evaluated rungs with their history cut and swapped (does the student use it, and what for?) and exits;
+``--status`` prints where every run stands, the hours to go and the wall time at ``--jobs`` (the
+scheduler's order replayed), and exits. Run it from a worktree pinned at one commit (the rows carry it).
 """
 
 from __future__ import annotations
@@ -87,6 +87,16 @@ def print_tables(rows: list[dict]) -> None:
         print(gan_table(rows))
 
 
+def print_history_tables(path: str) -> None:
+    """The history-cut and history-swap tables of a ``--history-cut`` CSV."""
+    from ardistill.ladder import read_csv
+    from ardistill.ladder.history import history_cut_table, history_swap_table
+    rows = read_csv(path)
+    print(history_cut_table(rows))
+    print()
+    print(history_swap_table(rows))
+
+
 def _students(spec: str) -> dict:
     return {k.strip(): [int(s) for s in v.split(",")] for k, _, v in (item.rpartition("=") for item in spec.split(";"))}
 
@@ -131,7 +141,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from ardistill.ladder import ladder_rows, plot_ladder, read_csv, write_csv
     from ardistill.ladder.schedule import next_jobs, pending_jobs
-    from ardistill.ladder.history import history_cut_rows, history_cut_table, history_swap_table, write_history_csv
+    from ardistill.ladder.history import history_cut_rows, write_history_csv
 
     if args.report:
         if not args.csv:
@@ -142,10 +152,7 @@ def main(argv=None):
             plot_ladder(rows, args.figure)
         if args.history_cut:
             print()
-            cut = read_csv(args.history_cut)
-            print(history_cut_table(cut))
-            print()
-            print(history_swap_table(cut))
+            print_history_tables(args.history_cut)
         return
     if not args.out or not args.ladder:
         p.error("--out and --ladder are required (except with --report)")
@@ -168,10 +175,7 @@ def main(argv=None):
         return
     if args.history_cut:
         write_history_csv(history_cut_rows(ladders), args.history_cut)
-        cut = read_csv(args.history_cut)
-        print(history_cut_table(cut))
-        print()
-        print(history_swap_table(cut))
+        print_history_tables(args.history_cut)
         return
 
     def publish(final: bool = False):
