@@ -468,3 +468,8 @@ def test_history_swap_table_reads_the_final_step_of_each_per_step_column():
     # final step means: forced 1.5, free 4.5, teacher's history 3.5 (removes 1/3), another image's 5.0 (+11.1%)
     assert "| t | ARD (N_h = 1) | 10 | 2 | 1.50000 | 4.50000 | 3.50000 | +33% | 5.00000 | +11.1% |" in \
         history_swap_table(rows)
+    # no excess over teacher-forced (e.g. a one-step student): nothing to remove, no division
+    one = dict(rows[0], steps="20", mse_forced="0.2", mse_free="0.2", mse_teacher_history="0.2",
+               mse_other_history="0.2")
+    assert "| t | ARD (N_h = 1) | 20 | 1 | 0.20000 | 0.20000 | 0.20000 | - | 0.20000 | +0.0% |" in \
+        history_swap_table(rows + [one])

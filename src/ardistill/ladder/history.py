@@ -6,8 +6,8 @@ distillation student would). Both are compared with the teacher's samples from t
 MSE and FD to the teacher) and with each other. A student that ignores its history samples the same
 either way; one that relies on it gets worse without it.
 
-The same rows ask what the history is read *for*, with the student's own current state at the final step
-and its history swapped (``history_swap_errors``): for the teacher's states of the same trajectory (could
+The same rows ask what the history is read *for*, with the student's own current state at every step
+(per-step columns; the table shows the final step) and its history swapped (``history_swap_errors``): for the teacher's states of the same trajectory (could
 a perfect history correct the student's errors? the error then sits between the rung's free-running and
 teacher-forced ones, near free-running if not), and for the teacher's states of another image (does the
 history's content matter at all? near free-running if not).
@@ -28,12 +28,12 @@ from ardistill.ladder.config import LADDER_STUDENTS, LadderConfig
 from ardistill.ladder.runs import LadderRun, ladder_runs
 from ardistill.ladder.table import final_step, write_csv
 
-HISTORY_CUT_FIELDS = ("teacher", "student", "seed", "steps", "mse_to_teacher", "mse_to_teacher_history_cut",
-                      "mse_with_vs_cut", "fd", "fd_history_cut", "fd_to_teacher", "fd_to_teacher_history_cut",
-                      "mse_forced", "mse_free", "mse_teacher_history", "mse_other_history", "commit")
+SCALAR_FIELDS = ("mse_to_teacher", "mse_to_teacher_history_cut", "mse_with_vs_cut", "fd", "fd_history_cut",
+                 "fd_to_teacher", "fd_to_teacher_history_cut")
 # per-step MSE to the teacher's trajectory (space-separated, as the ladder's CSV): the rung's teacher-forced
 # and free-running errors, and the student's own state with the history swapped (history_swap_errors)
-PER_STEP_FIELDS = HISTORY_CUT_FIELDS[11:15]
+PER_STEP_FIELDS = ("mse_forced", "mse_free", "mse_teacher_history", "mse_other_history")
+HISTORY_CUT_FIELDS = ("teacher", "student", "seed", "steps", *SCALAR_FIELDS, *PER_STEP_FIELDS, "commit")
 
 
 def history_cut_json(run: LadderRun, steps: int) -> Path:
@@ -114,7 +114,7 @@ def _seed_means(rows: list[dict]) -> list[tuple[tuple, int, dict]]:
         groups.setdefault((r["teacher"], r["student"], int(r["steps"])), []).append(r)
     out = []
     for k, rs in sorted(groups.items()):
-        m = {c: float(np.mean([float(r[c]) for r in rs])) for c in HISTORY_CUT_FIELDS[4:11]}
+        m = {c: float(np.mean([float(r[c]) for r in rs])) for c in SCALAR_FIELDS}
         m.update({"final" + c[3:]: float(np.mean([final_step(r, c) for r in rs])) for c in PER_STEP_FIELDS})
         out.append((k, len(rs), m))
     return out
@@ -146,7 +146,8 @@ def history_swap_table(rows: list[dict]) -> str:
              "change |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (t, name, n), seeds, m in _seed_means(rows):
         forced, free = m["final_forced"], m["final_free"]
+        removed = f"{(free - m['final_teacher_history']) / (free - forced):+.0%}" if free > forced else "-"
         lines.append(f"| {t} | {name} | {n} | {seeds} | {forced:.5f} | {free:.5f} | {m['final_teacher_history']:.5f} | "
-                     f"{(free - m['final_teacher_history']) / (free - forced):+.0%} | "
+                     f"{removed} | "
                      f"{m['final_other_history']:.5f} | {m['final_other_history'] / free - 1:+.1%} |")
     return "\n".join(lines)
